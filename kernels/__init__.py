@@ -1,0 +1,68 @@
+"""floe kernels: grouped GEMMs for the expert MLPs.
+
+`grouped_mm` and `grouped_swiglu` dispatch to a backend:
+  - "reference": pure PyTorch (kernels/reference.py), any device; the test oracle.
+  - "triton":    Triton kernels (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1).
+The backend is chosen, in order, by `set_backend(...)` (the launcher calls it from the
+config), the environment variable FLOE_KERNELS=reference|triton, or automatically
+(triton for CUDA tensors when Triton is importable, reference otherwise).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from kernels import reference
+
+BACKENDS = ("reference", "triton")
+_forced: str | None = None
+
+
+def set_backend(name: str | None) -> None:
+    """Force a backend for every later call ("reference", "triton"), or None for automatic."""
+    global _forced
+    if name is not None and name not in BACKENDS and name != "auto":
+        raise ValueError(f"kernels backend must be one of {BACKENDS} or 'auto', got {name!r}")
+    _forced = None if name == "auto" else name
+
+
+def resolve_backend(x: torch.Tensor) -> str:
+    """The backend a call on tensor `x` will use."""
+    name = _forced or os.environ.get("FLOE_KERNELS") or "auto"
+    if name == "auto":
+        return "triton" if x.is_cuda and _triton_available() else "reference"
+    if name not in BACKENDS:
+        raise ValueError(f"FLOE_KERNELS must be one of {BACKENDS} or 'auto', got {name!r}")
+    return name
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _triton_ops():
+    from kernels import ops  # imported lazily: Triton is optional on CPU-only machines
+
+    return ops
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor) -> torch.Tensor:
+    """x [N, K] rows sorted by group, w [G, K, M] (any strides), group_sizes [G] -> [N, M]."""
+    if resolve_backend(x) == "triton":
+        return _triton_ops().grouped_mm(x, w, group_sizes)
+    return reference.grouped_mm(x, w, group_sizes)
+
+
+def grouped_swiglu(x, w1, w3, w2, group_sizes):
+    """Expert SwiGLU; x [N, D], w1/w3 [G, F, D], w2 [G, D, F], group_sizes [G] -> [N, D]."""
+    if resolve_backend(x) == "triton":
+        return _triton_ops().grouped_swiglu(x, w1, w3, w2, group_sizes)
+    return reference.grouped_swiglu(x, w1, w3, w2, group_sizes)
+
+
+__all__ = ["grouped_mm", "grouped_swiglu", "set_backend", "resolve_backend", "BACKENDS"]

@@ -1,0 +1,205 @@
+"""ArcticForCausalLM: a dense-residual MoE transformer in plain single-device PyTorch.
+
+Each block, with x its input:
+    h   = x + Attention(norm_in(x))
+    out = h + DenseMLP(norm_res(h)) + MoE(norm_moe(x))
+The MoE reads x, not h, so its dispatch does not wait for attention.
+
+Shape legend: B batch, S sequence, D hidden, H query heads, G kv heads, Dh head dim,
+V vocab, T = tokens entering the MoE (B*S minus padding).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from moe.config import ModelConfig
+from moe.layer import MoELayer, MoEStats
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor  # [B, S, V]
+    loss: torch.Tensor | None  # lm_loss + aux_loss (None without labels)
+    lm_loss: torch.Tensor | None  # mean cross-entropy over this batch's loss tokens
+    lm_loss_sum: torch.Tensor | None  # summed cross-entropy (for normalising by a global token count)
+    num_loss_tokens: torch.Tensor | None  # scalar long
+    aux_loss: torch.Tensor  # balance_coef * sum_l balance_l + z_loss_coef * sum_l z_l
+    balance_loss: torch.Tensor  # sum over layers of the normalised GShard loss, before the coefficient
+    router_stats: list[MoEStats] = field(default_factory=list)
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Rotary(nn.Module):
+    """Neox-style RoPE: cos/sin per position id, so positions may restart inside a row."""
+
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, position_ids_BS: torch.Tensor, dtype: torch.dtype):
+        freqs_BSh = position_ids_BS.float()[..., None] * self.inv_freq  # (B, S, Dh/2)
+        emb_BSDh = torch.cat((freqs_BSh, freqs_BSh), dim=-1)[:, None]  # (B, 1, S, Dh)
+        return emb_BSDh.cos().to(dtype), emb_BSDh.sin().to(dtype)
+
+
+class Attention(nn.Module):
+    """Causal grouped-query attention through scaled_dot_product_attention."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        d, hd = config.hidden_size, config.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, hd
+        self.q_proj = nn.Linear(d, config.num_heads * hd, bias=False)
+        self.k_proj = nn.Linear(d, config.num_kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(d, config.num_kv_heads * hd, bias=False)
+        self.o_proj = nn.Linear(config.num_heads * hd, d, bias=False)
+
+    def forward(self, x_BSD, rope, attn_mask):
+        b, s, _ = x_BSD.shape
+        q = self.q_proj(x_BSD).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, S, Dh)
+        k = self.k_proj(x_BSD).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, G, S, Dh)
+        v = self.v_proj(x_BSD).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, G, S, Dh)
+        cos, sin = rope
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        gqa = self.num_heads != self.num_kv_heads
+        if attn_mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
+        return self.o_proj(y.transpose(1, 2).reshape(b, s, -1))  # (B, S, D)
+
+
+class DenseMLP(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, hidden: int, ffn: int):
+        super().__init__()
+        self.w1 = nn.Linear(hidden, ffn, bias=False)
+        self.w3 = nn.Linear(hidden, ffn, bias=False)
+        self.w2 = nn.Linear(ffn, hidden, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class ArcticBlock(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        d, eps = config.hidden_size, config.norm_eps
+        self.norm_in = nn.RMSNorm(d, eps=eps)
+        self.attn = Attention(config)
+        self.norm_res = nn.RMSNorm(d, eps=eps)
+        self.mlp = DenseMLP(d, config.dense_ffn)
+        self.norm_moe = nn.RMSNorm(d, eps=eps)
+        self.moe = MoELayer(config)
+
+    def forward(self, x_BSD, rope, attn_mask, moe_tokens):
+        b, s, d = x_BSD.shape
+        moe_in_TD = self.norm_moe(x_BSD).reshape(b * s, d)
+        if moe_tokens is not None:
+            moe_in_TD = moe_in_TD[moe_tokens]  # padding stays out of routing, capacity and stats
+        pending = self.moe.start(moe_in_TD)  # the MoE reads the block input, not h
+        h = x_BSD + self.attn(self.norm_in(x_BSD), rope, attn_mask)
+        out = h + self.mlp(self.norm_res(h))
+        moe_out_TD, stats = self.moe.finish(pending)
+        if moe_tokens is not None:
+            moe_out_TD = moe_out_TD.new_zeros(b * s, d).index_copy(0, moe_tokens, moe_out_TD)
+        return out + moe_out_TD.view(b, s, d), stats
+
+
+def packed_attention_mask(position_ids_BS: torch.Tensor) -> torch.Tensor:
+    """Causal mask (B, 1, S, S) that also keeps each packed example to itself.
+
+    An example starts wherever position_ids restart at 0, as varlen attention derives it.
+    """
+    doc_BS = torch.cumsum(position_ids_BS == 0, dim=1)
+    same_doc = doc_BS[:, :, None] == doc_BS[:, None, :]  # (B, S, S)
+    s = position_ids_BS.shape[1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=position_ids_BS.device).tril()
+    return (same_doc & causal)[:, None]
+
+
+class ArcticForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(ArcticBlock(config) for _ in range(config.num_layers))
+        self.norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rotary = Rotary(config.head_dim, config.rope_theta)
+        self.reset_parameters()
+        if config.freeze_moe:
+            for block in self.layers:
+                block.moe.requires_grad_(False)
+
+    def reset_parameters(self):
+        std = self.config.init_std
+        # Residual-branch outputs shrink with depth (GPT-2): each block adds three of them.
+        out_std = std / math.sqrt(2 * self.config.num_layers)
+        for name, p in self.named_parameters():
+            if p.dim() < 2:
+                continue  # norm weights keep their ones
+            is_output = name.endswith(("o_proj.weight", "mlp.w2.weight", "moe.w2"))
+            nn.init.normal_(p, mean=0.0, std=out_std if is_output else std)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> CausalLMOutput:
+        """input_ids [B, S]; position_ids [B, S] restart at 0 at each packed example;
+        labels [B, S] aligned with input_ids (-100 = no loss); attention_mask [B, S] (0 = padding)."""
+        b, s = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(s, device=input_ids.device).expand(b, s)
+            attn_mask = None  # one example per row: plain causal attention
+        else:
+            attn_mask = packed_attention_mask(position_ids)
+        moe_tokens = None
+        if attention_mask is not None:
+            # NOTE: device-to-host sync (nonzero) to size the MoE's token set.
+            moe_tokens = attention_mask.reshape(-1).bool().nonzero().squeeze(1)
+
+        x = self.embed_tokens(input_ids)
+        rope = self.rotary(position_ids, x.dtype)
+        stats = []
+        for block in self.layers:
+            x, layer_stats = block(x, rope, attn_mask, moe_tokens)
+            stats.append(layer_stats)
+        logits = self.lm_head(self.norm(x))
+
+        cfg = self.config
+        balance = torch.stack([st.balance_loss for st in stats]).sum()
+        aux = cfg.balance_coef * balance
+        if cfg.z_loss_coef > 0:
+            aux = aux + cfg.z_loss_coef * torch.stack([st.z_loss for st in stats]).sum()
+        out = CausalLMOutput(logits=logits, loss=None, lm_loss=None, lm_loss_sum=None, num_loss_tokens=None,
+                             aux_loss=aux, balance_loss=balance, router_stats=stats)
+        if labels is not None:
+            targets = labels[:, 1:].masked_fill(position_ids[:, 1:] == 0, IGNORE_INDEX)  # never across examples
+            loss_sum = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                       targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+            num = (targets != IGNORE_INDEX).sum()
+            out.lm_loss_sum, out.num_loss_tokens = loss_sum, num
+            out.lm_loss = loss_sum / num.clamp(min=1)
+            out.loss = out.lm_loss + aux
+        return out
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
