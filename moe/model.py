@@ -120,6 +120,12 @@ class ArcticBlock(nn.Module):
         return out + moe_out_TD.view(b, s, d), stats
 
 
+def shift_targets(labels_BS: torch.Tensor, position_ids_BS: torch.Tensor) -> torch.Tensor:
+    """Targets [B, S-1] for logits[:, :-1]: labels shifted left, and -100 wherever a new example
+    starts, so the last token of one packed example never predicts the first of the next."""
+    return labels_BS[:, 1:].masked_fill(position_ids_BS[:, 1:] == 0, IGNORE_INDEX)
+
+
 def packed_attention_mask(position_ids_BS: torch.Tensor) -> torch.Tensor:
     """Causal mask (B, 1, S, S) that also keeps each packed example to itself.
 
@@ -192,7 +198,7 @@ class ArcticForCausalLM(nn.Module):
         out = CausalLMOutput(logits=logits, loss=None, lm_loss=None, lm_loss_sum=None, num_loss_tokens=None,
                              aux_loss=aux, balance_loss=balance, router_stats=stats)
         if labels is not None:
-            targets = labels[:, 1:].masked_fill(position_ids[:, 1:] == 0, IGNORE_INDEX)  # never across examples
+            targets = shift_targets(labels, position_ids)
             loss_sum = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
                                        targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
             num = (targets != IGNORE_INDEX).sum()

@@ -1,0 +1,58 @@
+"""Optimizer parameter groups and the learning-rate schedule (warmup + cosine decay)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    warmup_ratio: float = 0.05  # share of the total steps spent warming up linearly from 0
+    min_lr_ratio: float = 0.1  # the cosine decays to lr * min_lr_ratio
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0  # max global gradient norm (dense and expert gradients together); 0 = off
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+
+    def __post_init__(self):
+        errors = []
+        if not self.lr > 0:
+            errors.append(f"optim.lr must be > 0, got {self.lr!r}")
+        if not 0 <= self.warmup_ratio < 1:
+            errors.append(f"optim.warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            errors.append(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
+        if not self.weight_decay >= 0:
+            errors.append(f"optim.weight_decay must be >= 0, got {self.weight_decay!r}")
+        if not self.grad_clip >= 0:
+            errors.append(f"optim.grad_clip must be >= 0 (0 = off), got {self.grad_clip!r}")
+        if errors:
+            raise ValueError("invalid optim config:\n  " + "\n  ".join(errors))
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups: matrices (and stacked experts) decay; norms and other vectors do not."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+    return [g for g in groups if g["params"]]
+
+
+def lr_lambda(total_steps: int, warmup_ratio: float, min_lr_ratio: float):
+    """Multiplier of the peak lr at optimizer step `step` (0-based): linear warmup, then cosine."""
+    warmup = int(math.ceil(warmup_ratio * total_steps))
+
+    def fn(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return fn

@@ -1,0 +1,43 @@
+import pytest
+import torch
+
+from moe.config import PRESETS, ModelConfig
+from moe.model import ArcticForCausalLM
+
+
+def built_counts(cfg):
+    with torch.device("meta"):  # no memory: shapes only
+        model = ArcticForCausalLM(cfg)
+    total = sum(p.numel() for p in model.parameters())
+    experts = sum(p.numel() for n, p in model.named_parameters() if n.endswith(("moe.w1", "moe.w2", "moe.w3")))
+    active = total - experts + experts * cfg.top_k // cfg.num_experts
+    return total, active
+
+
+@pytest.mark.parametrize("name", ["tiny", "small"])
+def test_num_params_matches_built_model(name):
+    assert PRESETS[name].num_params() == built_counts(PRESETS[name])
+
+
+def test_arctic_480b_shape():
+    cfg = PRESETS["arctic_480b"]
+    assert (cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads) == (7168, 35, 56, 8)
+    assert (cfg.vocab_size, cfg.dense_ffn, cfg.num_experts, cfg.expert_ffn, cfg.top_k) == (32000, 7168, 128, 4864, 2)
+    total, active = cfg.num_params()
+    assert total == built_counts(cfg)[0]
+    assert 470e9 < total < 490e9  # "480B"
+    assert 16.5e9 < active < 18e9  # "17B active"
+
+
+def test_validation_reports_every_problem_with_its_key():
+    with pytest.raises(ValueError) as err:
+        ModelConfig(hidden_size=100, num_heads=8, num_kv_heads=3, num_experts=4, top_k=5, capacity_factor=0,
+                    drop_policy="random")
+    msg = str(err.value)
+    for key in ("model.top_k", "model.hidden_size", "model.num_heads", "model.capacity_factor", "model.drop_policy"):
+        assert key in msg, key
+
+
+def test_dropless_and_valid_configs_accepted():
+    assert ModelConfig(capacity_factor=None).capacity_factor is None
+    assert PRESETS["tiny"].head_dim == 16

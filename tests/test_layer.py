@@ -1,0 +1,93 @@
+import pytest
+import torch
+
+from moe.config import ModelConfig
+from moe.layer import MoELayer
+from tests.naive_moe import naive_moe
+
+
+def tiny_moe_config(num_experts, top_k, capacity_factor, drop_policy="probs", **kw):
+    return ModelConfig(vocab_size=32, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1, dense_ffn=16,
+                       expert_ffn=12, num_experts=num_experts, top_k=top_k, capacity_factor=capacity_factor,
+                       drop_policy=drop_policy, **kw)
+
+
+CASES = [
+    # (num_experts, top_k, capacity_factor, num_tokens)
+    (1, 1, None, 7),
+    (4, 1, 0.5, 33),
+    (4, 2, 1.25, 33),
+    (4, 4, 0.5, 19),
+    (4, 2, None, 1),
+    (128, 2, 1.25, 61),
+    (128, 4, 0.5, 45),
+    (128, 1, None, 23),
+]
+
+
+@pytest.mark.parametrize("num_experts,top_k,capacity_factor,num_tokens", CASES)
+@pytest.mark.parametrize("drop_policy", ["probs", "position"])
+def test_layer_matches_naive_loop(num_experts, top_k, capacity_factor, num_tokens, drop_policy):
+    torch.manual_seed(num_experts * 1000 + top_k * 10 + num_tokens)
+    cfg = tiny_moe_config(num_experts, top_k, capacity_factor, drop_policy, init_std=0.3)
+    layer = MoELayer(cfg)
+    x = torch.randn(num_tokens, cfg.hidden_size, requires_grad=True)
+    proj = torch.randn(num_tokens, cfg.hidden_size)  # a random linear loss sees every output element
+
+    y, stats = layer(x)
+    (y * proj).sum().backward()
+    grads = [x.grad, layer.gate.weight.grad, layer.w1.grad, layer.w2.grad, layer.w3.grad]
+
+    params = [p.detach().clone().requires_grad_() for p in (layer.gate.weight, layer.w1, layer.w3, layer.w2)]
+    x_ref = x.detach().clone().requires_grad_()
+    y_ref, ids, kept = naive_moe(x_ref, *params, top_k, capacity_factor, drop_policy)
+    (y_ref * proj).sum().backward()
+    gate_ref, w1_ref, w3_ref, w2_ref = params
+    ref_grads = [x_ref.grad, gate_ref.grad, w1_ref.grad, w2_ref.grad, w3_ref.grad]
+
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+    for name, got, want in zip(("x", "gate", "w1", "w2", "w3"), grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=lambda m: f"grad {name}: {m}")
+
+    num_dropped = sum(not k for row in kept for k in row)
+    assert stats.dropped.item() == num_dropped
+    assert stats.num_assignments == num_tokens * top_k
+    counts = torch.zeros(num_experts, dtype=torch.long)
+    for row_ids, row_kept in zip(ids, kept):
+        for e, k in zip(row_ids, row_kept):
+            counts[e] += int(k)
+    assert torch.equal(stats.tokens_per_expert, counts)
+    if capacity_factor == 0.5 and num_tokens > 10:
+        assert num_dropped > 0  # the case really exercises dropping
+
+
+def test_fully_dropped_token_passes_nothing():
+    torch.manual_seed(0)
+    cfg = tiny_moe_config(2, 1, 0.5, "position")
+    layer = MoELayer(cfg)
+    with torch.no_grad():
+        layer.gate.weight.zero_()
+        layer.gate.weight[0] = 1.0  # every token prefers expert 0 (positive inputs)
+    x = torch.rand(8, cfg.hidden_size) + 0.1
+    y, stats = layer(x)
+    # capacity = ceil(0.5 * 1 * 8 / 2) = 2: tokens 2..7 are dropped and output exactly zero
+    assert stats.dropped.item() == 6
+    assert torch.count_nonzero(y[2:]) == 0
+    assert torch.count_nonzero(y[:2]) > 0
+
+
+def test_empty_input():
+    layer = MoELayer(tiny_moe_config(4, 2, 1.25))
+    x = torch.zeros(0, 16, requires_grad=True)
+    y, stats = layer(x)
+    y.sum().backward()
+    assert y.shape == (0, 16) and stats.dropped.item() == 0
+
+
+def test_expert_weight_layout_is_linear_out_in():
+    cfg = tiny_moe_config(4, 2, None)
+    layer = MoELayer(cfg)
+    assert layer.w1.shape == (4, cfg.expert_ffn, cfg.hidden_size)
+    assert layer.w3.shape == (4, cfg.expert_ffn, cfg.hidden_size)
+    assert layer.w2.shape == (4, cfg.hidden_size, cfg.expert_ffn)
+    assert layer.gate.weight.shape == (4, cfg.hidden_size)

@@ -1,0 +1,102 @@
+import torch
+
+from moe.config import PRESETS
+from moe.model import ArcticForCausalLM, packed_attention_mask, shift_targets
+
+
+def tiny_model(seed=0, **changes):
+    torch.manual_seed(seed)
+    cfg = PRESETS["tiny"].replace(capacity_factor=None, **changes)  # dropless: routing per token only
+    return ArcticForCausalLM(cfg).eval()
+
+
+def test_packed_row_equals_examples_alone():
+    model = tiny_model()
+    a = torch.randint(0, 1024, (1, 11))
+    b = torch.randint(0, 1024, (1, 6))
+    packed = torch.cat([a, b], dim=1)
+    position_ids = torch.cat([torch.arange(11), torch.arange(6)])[None]
+    with torch.no_grad():
+        logits_packed = model(packed, position_ids=position_ids).logits
+        logits_a = model(a).logits
+        logits_b = model(b).logits
+    torch.testing.assert_close(logits_packed[:, :11], logits_a, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits_packed[:, 11:], logits_b, rtol=1e-5, atol=1e-5)
+    # Sanity: without the restart, the second example would see the first and differ.
+    with torch.no_grad():
+        unpacked = model(packed).logits
+    assert not torch.allclose(unpacked[:, 11:], logits_b, atol=1e-3)
+
+
+def test_padding_stays_out_of_the_moe():
+    model = tiny_model()
+    ids = torch.randint(0, 1024, (1, 9))
+    padded = torch.cat([ids, torch.zeros(1, 5, dtype=torch.long)], dim=1)
+    position_ids = torch.cat([torch.arange(9), torch.arange(5)])[None]
+    mask = torch.cat([torch.ones(9), torch.zeros(5)])[None].bool()
+    with torch.no_grad():
+        out = model(padded, position_ids=position_ids, attention_mask=mask)
+        alone = model(ids)
+    torch.testing.assert_close(out.logits[:, :9], alone.logits, rtol=1e-5, atol=1e-5)
+    for st_pad, st_alone in zip(out.router_stats, alone.router_stats):
+        assert torch.equal(st_pad.tokens_per_expert, st_alone.tokens_per_expert)
+        assert st_pad.tokens_per_expert.sum() == 9 * 2
+        torch.testing.assert_close(st_pad.balance_loss, st_alone.balance_loss)
+
+
+def test_causality():
+    model = tiny_model()
+    ids = torch.randint(0, 1024, (2, 12))
+    changed = ids.clone()
+    changed[:, 8:] = torch.randint(0, 1024, (2, 4))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits[:, :8], model(changed).logits[:, :8])
+
+
+def test_moe_reads_block_input_not_attention_output():
+    # Zeroing attention's output projection changes h but must not change what the MoE computes.
+    model = tiny_model(num_layers=1)
+    block = model.layers[0]
+    x = torch.randn(2, 5, 64)
+    seen = []
+    block.moe.register_forward_hook(lambda m, inp, out: seen.append(inp[0].clone()))
+    rope = model.rotary(torch.arange(5).expand(2, 5), x.dtype)
+    with torch.no_grad():
+        pending = block.moe.start(block.norm_moe(x).reshape(10, 64))
+        expected, _ = block.moe.finish(pending)
+        out1, _ = block(x, rope, None, None)
+        block.attn.o_proj.weight.zero_()
+        out2, _ = block(x, rope, None, None)
+        h_only = x + block.mlp(block.norm_res(x))  # attention now adds zero
+    torch.testing.assert_close(out2, h_only + expected.view(2, 5, 64), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(out1, out2)
+
+
+def test_loss_is_completion_only_and_never_crosses_examples():
+    model = tiny_model()
+    ids = torch.randint(0, 1024, (1, 8))
+    position_ids = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]])
+    labels = torch.tensor([[-100, -100, 5, 6, 7, -100, 9, 10]])
+    targets = shift_targets(labels, position_ids)
+    # label 7 sits on the first token of the 2nd example: never predicted from the 1st example
+    assert targets.tolist() == [[-100, 5, 6, -100, -100, 9, 10]]
+    with torch.no_grad():
+        out = model(ids, position_ids=position_ids, labels=labels)
+    logp = torch.log_softmax(out.logits[0, :-1].float(), -1)
+    expected = -(logp[1, 5] + logp[2, 6] + logp[5, 9] + logp[6, 10]) / 4
+    torch.testing.assert_close(out.lm_loss, expected)
+    assert out.num_loss_tokens.item() == 4
+    torch.testing.assert_close(out.loss, out.lm_loss + 0.01 * out.balance_loss)
+
+
+def test_packed_mask_shape_and_blocks():
+    mask = packed_attention_mask(torch.tensor([[0, 1, 2, 0, 1]]))
+    expected = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [0, 0, 0, 1, 0], [0, 0, 0, 1, 1]])
+    assert torch.equal(mask[0, 0], expected.bool())
+
+
+def test_freeze_moe_trains_dense_only():
+    model = tiny_model(freeze_moe=True)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen and all(".moe." in n for n in frozen)
+    assert any(n.endswith("moe.gate.weight") for n in frozen)
