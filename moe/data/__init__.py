@@ -1,0 +1,22 @@
+"""floe's data pipeline: records -> ChatML tokens with completion-only labels -> packed rows -> steps.
+
+    from moe.data import DataConfig, build_dataset, StepLoader
+    tokenizer, dataset = build_dataset(DataConfig(**cfg.data), seed)
+    loader = StepLoader(dataset, global_batch_size=G, micro_batch_size=m, dp_rank=r, dp_size=n, seed=seed)
+    for micro in loader.next_step(): ...
+
+Each micro-batch is a dict of [micro, seq_len] tensors:
+    input_ids       long  token ids; pad_id in the padding tail of a row
+    labels          long  = input_ids where the token is trained, else -100 (aligned with input_ids:
+                          the model predicts labels[:, t+1] from position t); -100 on the first token
+                          of every example, on prompts, on template markers and on padding
+    position_ids    long  restart at 0 at every packed example and at the padding tail, so the
+                          model can find the example boundaries from the restarts
+    attention_mask  bool  False on padding (kept out of the loss, attention and router statistics)
+"""
+from moe.data.config import DataConfig
+from moe.data.dataset import PackedDataset, build_dataset
+from moe.data.loader import StepLoader
+from moe.data.tokenizer import Tokenizer
+
+__all__ = ["DataConfig", "PackedDataset", "StepLoader", "Tokenizer", "build_dataset"]

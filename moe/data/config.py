@@ -1,0 +1,81 @@
+"""DataConfig: the `data` config group (conf/data/*.yaml), validated on construction."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+from moe.data.synthetic import SOURCES
+
+NAMES = ("synthetic", "jsonl", "arctic_mix")
+EMBEDDED = ("synthetic", "arctic_mix")  # options that read the embedded sources
+DEFAULT_EMBEDDED_EXAMPLES = 4000
+
+
+@dataclass
+class DataConfig:
+    """What to train on and how to cut it into rows. Keys are `data.<field>` on the command line."""
+    name: str = "synthetic"            # synthetic | jsonl | arctic_mix (the data=<option>)
+    paths: list[str] = field(default_factory=list)  # jsonl: files or globs, one source each
+    sources: list[str] = field(default_factory=lambda: list(SOURCES))  # embedded source names
+    weights: list[float] | None = None  # share of each source (paths or sources); None: natural/equal
+    num_examples: int | None = None    # examples in an epoch's mix; None: all (jsonl) or 4000 (embedded)
+    seq_len: int = 256                 # tokens per packed row
+    strict: bool = True                # stop at the first unusable line (else skip and count)
+    overlong: str = "truncate"         # truncate | drop examples longer than seq_len
+    tokenizer: str | None = None       # SentencePiece .model; None: floe's embedded tokenizer
+    cache_dir: str | None = None       # None: $FLOE_CACHE or ~/.cache/floe
+    num_workers: int = 0               # tokenizer threads; 0: all cores
+
+    def __post_init__(self):
+        # Hydra hands over ListConfig and friends; keep plain Python types.
+        self.paths = [str(p) for p in (self.paths or [])]
+        self.sources = [str(s) for s in (self.sources or [])]
+        if self.weights is not None:
+            self.weights = [float(w) for w in self.weights]
+        problems = []
+        if self.name not in NAMES:
+            problems.append(f"data.name must be one of {', '.join(NAMES)}, got {self.name!r}")
+        embedded = self.name in EMBEDDED
+        if self.name == "jsonl" and not self.paths:
+            problems.append("data.paths must list at least one JSONL file or glob for data=jsonl")
+        if embedded and self.paths:
+            problems.append(f"data.paths is for data=jsonl; data={self.name} reads data.sources")
+        if embedded:
+            if not self.sources:
+                problems.append("data.sources must name at least one embedded source")
+            unknown = [s for s in self.sources if s not in SOURCES]
+            if unknown:
+                problems.append(f"data.sources: unknown {unknown}; known: {', '.join(SOURCES)}")
+            if len(set(self.sources)) != len(self.sources):
+                problems.append("data.sources lists a source twice")
+        if self.weights is not None:
+            n = len(self.sources if embedded else self.paths)
+            what = "data.sources" if embedded else "data.paths"
+            if len(self.weights) != n:
+                problems.append(f"data.weights has {len(self.weights)} entries but {what} has {n}")
+            if any(not w > 0 for w in self.weights):  # also catches nan
+                problems.append(f"data.weights must all be positive, got {self.weights}")
+        if self.num_examples is not None and (not isinstance(self.num_examples, int) or self.num_examples < 1):
+            problems.append(f"data.num_examples must be a positive integer or null, got {self.num_examples!r}")
+        if not isinstance(self.seq_len, int) or self.seq_len < 2:
+            problems.append(f"data.seq_len must be an integer >= 2, got {self.seq_len!r}")
+        if self.overlong not in ("truncate", "drop"):
+            problems.append(f"data.overlong must be 'truncate' or 'drop', got {self.overlong!r}")
+        if not isinstance(self.strict, bool):
+            problems.append(f"data.strict must be true or false, got {self.strict!r}")
+        if not isinstance(self.num_workers, int) or self.num_workers < 0:
+            problems.append(f"data.num_workers must be an integer >= 0, got {self.num_workers!r}")
+        if problems:
+            raise ValueError("invalid data config:\n  " + "\n  ".join(problems))
+
+    @property
+    def source_names(self) -> list[str]:
+        """One name per source, in the order of data.weights."""
+        return list(self.sources) if self.name in EMBEDDED else list(self.paths)
+
+    def cache_fields(self) -> dict:
+        """The fields that change the built rows (the cache key); not where or how fast."""
+        skip = {"cache_dir", "num_workers", "tokenizer"}  # tokenizer enters by content hash
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
+        if self.name not in EMBEDDED:
+            out.pop("sources")
+        return out

@@ -1,0 +1,70 @@
+"""ChatML template and completion-only labels, built from token spans (never by searching text).
+
+    <|im_start|>{role}\\n{content}<|im_end|>\\n      for each turn of a conversation
+
+Trained tokens: the content of every assistant turn and the <|im_end|> that closes it (so the
+model learns to stop). A prompt/completion record is a user turn plus an assistant turn.
+A plain-text example is its tokens plus </s> (when the tokenizer has one), all trained.
+The first token of every example is never trained: nothing in the example predicts it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from moe.data.formats import ROLES, TEXT, Example
+from moe.data.tokenizer import Tokenizer
+
+
+@dataclass
+class Encoded:
+    """Examples as flat arrays: example i is tokens[offsets[i]:offsets[i+1]]."""
+    tokens: np.ndarray   # int32 [num_tokens]
+    trained: np.ndarray  # bool [num_tokens]: the token is a loss target
+    lengths: np.ndarray  # int64 [num_examples]
+
+    @property
+    def offsets(self) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum(self.lengths)])
+
+    def example(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        o = self.offsets
+        return self.tokens[o[i]:o[i + 1]], self.trained[o[i]:o[i + 1]]
+
+
+def render(example: Example) -> str:
+    """The exact text the tokens spell (for tokenizer training and for reading)."""
+    return "".join(c if role == TEXT else f"<|im_start|>{role}\n{c}<|im_end|>\n" for role, c in example)
+
+
+def encode_examples(tok: Tokenizer, examples: list[Example], num_threads: int = 1) -> Encoded:
+    """Tokenise examples through the template; contents are encoded in one batched call."""
+    ids = tok.encode_batch([content for ex in examples for _, content in ex], num_threads)
+    header = {role: tok.im_start + tok.encode(f"{role}\n") for role in ROLES}
+    footer = tok.im_end + tok.encode("\n")
+    num_end = len(tok.im_end)
+    eos = [tok.eos_id] if tok.eos_id >= 0 else []
+    tokens: list[int] = []
+    trained: list[bool] = []
+    lengths = np.empty(len(examples), dtype=np.int64)
+    k = 0
+    for e, ex in enumerate(examples):
+        start = len(tokens)
+        for role, _ in ex:
+            content = ids[k]
+            k += 1
+            if role == TEXT:
+                tokens += content + eos
+                trained += [True] * (len(content) + len(eos))
+                continue
+            is_assistant = role == "assistant"
+            tokens += header[role]
+            tokens += content
+            tokens += footer
+            trained += [False] * len(header[role])
+            trained += [is_assistant] * (len(content) + num_end)
+            trained += [False] * (len(footer) - num_end)
+        trained[start] = False
+        lengths[e] = len(tokens) - start
+    return Encoded(np.asarray(tokens, dtype=np.int32), np.asarray(trained, dtype=bool), lengths)
