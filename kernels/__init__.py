@@ -46,8 +46,13 @@ def _triton_available() -> bool:
 
 
 def _triton_ops():
-    from kernels import ops  # imported lazily: Triton is optional on CPU-only machines
-
+    try:
+        from kernels import ops  # imported lazily: Triton is optional on CPU-only machines
+    except ImportError as e:
+        raise RuntimeError(
+            f"kernels backend 'triton' was selected (set_backend or FLOE_KERNELS) but Triton "
+            f"cannot be imported ({e}); install triton or use FLOE_KERNELS=reference"
+        ) from e
     return ops
 
 

@@ -1,0 +1,351 @@
+"""Triton grouped GEMMs (kernels/ops.py) against the reference (kernels/reference.py).
+
+Without CUDA the kernels run under the Triton interpreter on CPU tensors: TRITON_INTERPRET=1
+is set while kernels.triton_grouped_mm is (re)imported (triton.jit decides at decoration time
+whether it interprets) and, through monkeypatch, during each test here (the interpreter reads
+it again at run time); it is restored in between, so other test modules in the same session
+and the processes they start see the environment unchanged. With CUDA the same tests run the compiled
+kernels, plus the bf16 tests the interpreter cannot run.
+
+Every output buffer of the Triton path is NaN-poisoned (tgm._empty is patched), every test
+counts the kernel launches, and the reference is made to raise inside the Triton calls, so
+an unwritten element, a silent fallback or a skipped kernel fails the test.
+
+Shape legend: N rows, K input width, M output width, G groups, D hidden, F expert ffn.
+"""
+from __future__ import annotations
+
+import collections
+import importlib
+import importlib.util
+import math
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton is not installed", allow_module_level=True)
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+
+
+def _triton_would_interpret() -> bool:
+    """Whether Triton runs (or, not yet imported, will run) its own jit'd library functions
+    (tl.zeros, tl.cdiv...) in the interpreter: decided once, when triton is first imported."""
+    if "triton" not in sys.modules:
+        return True
+    from triton.language import standard
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(standard.zeros, InterpretedFunction)
+
+
+# Without a GPU, if something imported triton before this module without TRITON_INTERPRET,
+# the interpreter cannot work in this process: the tests then run in a fresh one.
+RUN_IN_SUBPROCESS = not ON_GPU and not _triton_would_interpret()
+
+
+def _import_triton_modules():
+    """kernels.triton_grouped_mm and kernels.ops, decorated for the interpreter when there is no GPU."""
+    if ON_GPU:
+        from kernels import ops, triton_grouped_mm
+
+        return triton_grouped_mm, ops
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import triton  # noqa: F401  (first import: its library is decorated for the interpreter)
+
+        if "kernels.triton_grouped_mm" in sys.modules and not sys.modules["kernels.triton_grouped_mm"].INTERPRETED:
+            importlib.reload(sys.modules["kernels.triton_grouped_mm"])  # imported earlier, compiled mode
+        from kernels import ops, triton_grouped_mm
+    finally:
+        if saved is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
+    assert triton_grouped_mm.INTERPRETED
+    return triton_grouped_mm, ops
+
+
+tgm, ops = (None, None) if RUN_IN_SUBPROCESS else _import_triton_modules()
+import kernels
+from kernels import reference
+
+REF_GROUPED_MM = reference.grouped_mm  # the oracle
+REF_GROUPED_SWIGLU = reference.grouped_swiglu
+
+KERNEL_NAMES = ("_grouped_mm_kernel", "_grouped_mm_dw_kernel", "_swiglu_gate_up_kernel")
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+
+
+class _CountingKernel:
+    """Stands in for an (autotuned) kernel; counts `kernel[grid](...)` launches."""
+
+    def __init__(self, kernel, name, counts):
+        self.kernel, self.name, self.counts = kernel, name, counts
+
+    def __getitem__(self, grid):
+        self.counts[self.name] += 1
+        return self.kernel[grid]
+
+
+def _nan_empty(*size, dtype=None, device=None):
+    out = torch.empty(*size, dtype=dtype, device=device)
+    return out.fill_(float("nan"))
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Counter of kernel launches, with every Triton-path buffer poisoned and the reference
+    disabled inside kernels.* calls, so only the Triton kernels can produce the results."""
+    counts = collections.Counter()
+    for name in KERNEL_NAMES:
+        monkeypatch.setattr(tgm, name, _CountingKernel(getattr(tgm, name), name, counts))
+    monkeypatch.setattr(tgm, "_empty", _nan_empty)
+
+    def no_fallback(*args, **kwargs):
+        raise AssertionError("reference backend called while the Triton backend was forced")
+
+    # kernels/__init__ reaches the reference through its module attribute `reference`.
+    monkeypatch.setattr(kernels, "reference", types.SimpleNamespace(grouped_mm=no_fallback, grouped_swiglu=no_fallback))
+    kernels.set_backend("triton")
+    yield counts
+    kernels.set_backend(None)
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_and_backend(request, monkeypatch):
+    """TRITON_INTERPRET=1 for the duration of each test (the interpreter reads it again at
+    run time), and the automatic backend back afterwards."""
+    if RUN_IN_SUBPROCESS and request.function is not test_kernels_in_fresh_interpreter_process:
+        pytest.skip("triton was imported without TRITON_INTERPRET: run by test_kernels_in_fresh_interpreter_process")
+    if not ON_GPU:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    yield
+    kernels.set_backend(None)
+
+
+def test_kernels_in_fresh_interpreter_process():
+    """The whole module in a new process with TRITON_INTERPRET=1 from the start."""
+    if not RUN_IN_SUBPROCESS:
+        pytest.skip("the tests of this module run in this process")
+    repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__)],
+        cwd=repo_root, env={**os.environ, "TRITON_INTERPRET": "1"},
+        capture_output=True, text=True, timeout=900, check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert " passed" in proc.stdout
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert out.shape == ref.shape
+    assert torch.isfinite(out).all(), "unwritten (NaN-poisoned) or non-finite elements"
+    denom = ref.double().norm().item()
+    err = (out.double() - ref.double()).norm().item()
+    return err if denom == 0 else err / denom
+
+
+# (group sizes, K, M): empty groups, a one-row group, all rows in one group, sizes and
+# widths that are not multiples of the tiles (BM 16, BN/BK 32 under the interpreter),
+# every group empty, and 128 random groups (drawn in the test).
+SHAPES = {
+    "empty_groups": ([0, 5, 1, 0, 30, 7, 0], 40, 24),
+    "one_row": ([1], 16, 16),
+    "one_group_has_all": ([0, 0, 37, 0], 24, 40),
+    "odd_sizes": ([17, 33, 2], 48, 40),
+    "all_empty": ([0, 0, 0], 16, 24),
+    "g128_random": (None, 16, 24),
+}
+
+
+def _sizes(spec):
+    if spec is not None:
+        return torch.tensor(spec, dtype=torch.long)
+    sizes = torch.randint(0, 5, (128,))
+    sizes[torch.randperm(128)[:16]] = 0  # some empty groups for sure
+    return sizes
+
+
+def _leaf(t):
+    return t.detach().requires_grad_(True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))
+def test_grouped_mm_matches_reference(shape, dtype, launches):
+    spec, k, m = SHAPES[shape]
+    sizes_G = _sizes(spec)
+    num_groups, num_rows = sizes_G.numel(), int(sizes_G.sum())
+    x_NK = _leaf(torch.randn(num_rows, k, device=DEVICE).to(dtype))
+    # As the layer does: a [G, out, in] parameter passed as its transposed view.
+    w_GMK = _leaf((torch.randn(num_groups, m, k, device=DEVICE) / math.sqrt(k)).to(dtype))
+    y_NM = kernels.grouped_mm(x_NK, w_GMK.transpose(1, 2), sizes_G.to(DEVICE))
+    dy_NM = torch.randn_like(y_NM)
+    y_NM.backward(dy_NM)
+
+    x_ref, w_ref = _leaf(x_NK.detach().float().cpu()), _leaf(w_GMK.detach().float().cpu())
+    y_ref = REF_GROUPED_MM(x_ref, w_ref.transpose(1, 2), sizes_G)
+    y_ref.backward(dy_NM.float().cpu())
+
+    tol = TOL[dtype]
+    assert _rel_err(y_NM.float().cpu(), y_ref) < tol
+    assert _rel_err(x_NK.grad.float().cpu(), x_ref.grad) < tol
+    assert _rel_err(w_GMK.grad.float().cpu(), w_ref.grad) < tol
+    assert (w_GMK.grad[sizes_G.to(DEVICE) == 0] == 0).all(), "empty groups need an exact zero gradient"
+    assert w_GMK.grad.is_contiguous(), "dW of a transposed view should land contiguous in the parameter"
+    expected = {"_grouped_mm_dw_kernel": 1}  # launched even with no rows: it writes the zeros
+    if num_rows:
+        expected["_grouped_mm_kernel"] = 2  # forward and dX; with no rows there is nothing to launch
+    assert launches == expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))
+def test_grouped_swiglu_matches_reference(shape, dtype, launches):
+    spec, d, f = SHAPES[shape]
+    sizes_G = _sizes(spec)
+    num_groups, num_rows = sizes_G.numel(), int(sizes_G.sum())
+    x_ND = _leaf(torch.randn(num_rows, d, device=DEVICE).to(dtype))
+    w1_GFD = _leaf((torch.randn(num_groups, f, d, device=DEVICE) / math.sqrt(d)).to(dtype))
+    w3_GFD = _leaf((torch.randn(num_groups, f, d, device=DEVICE) / math.sqrt(d)).to(dtype))
+    w2_GDF = _leaf((torch.randn(num_groups, d, f, device=DEVICE) / math.sqrt(f)).to(dtype))
+    params = (x_ND, w1_GFD, w3_GFD, w2_GDF)
+    y_ND = kernels.grouped_swiglu(*params, sizes_G.to(DEVICE))
+    dy_ND = torch.randn_like(y_ND)
+    y_ND.backward(dy_ND)
+
+    refs = [_leaf(p.detach().float().cpu()) for p in params]
+    y_ref = REF_GROUPED_SWIGLU(*refs, sizes_G)
+    y_ref.backward(dy_ND.float().cpu())
+
+    tol = TOL[dtype]
+    assert _rel_err(y_ND.float().cpu(), y_ref) < tol
+    for name, p, r in zip(("x", "w1", "w3", "w2"), params, refs):
+        assert _rel_err(p.grad.float().cpu(), r.grad) < tol, f"d{name}"
+        assert p.grad.is_contiguous(), f"d{name} layout"
+    expected = {"_grouped_mm_dw_kernel": 2}  # dW2, then dW1 and dW3 together
+    if num_rows:
+        # forward: gate/up + down; backward: recompute + dX (both products in one launch)
+        expected.update({"_swiglu_gate_up_kernel": 2, "_grouped_mm_kernel": 2})
+    assert launches == expected
+
+
+def test_grouped_swiglu_frozen_experts_skip_weight_grads(launches):
+    """model.freeze_moe: no weight gradient is requested, so no dW kernel runs."""
+    sizes_G = torch.tensor([3, 0, 9])
+    x_ND = _leaf(torch.randn(12, 16, device=DEVICE))
+    w1, w3 = torch.randn(3, 24, 16, device=DEVICE), torch.randn(3, 24, 16, device=DEVICE)
+    w2 = torch.randn(3, 16, 24, device=DEVICE)
+    kernels.grouped_swiglu(x_ND, w1, w3, w2, sizes_G.to(DEVICE)).sum().backward()
+    x_ref = _leaf(x_ND.detach().cpu())
+    REF_GROUPED_SWIGLU(x_ref, w1.cpu(), w3.cpu(), w2.cpu(), sizes_G).sum().backward()
+    assert _rel_err(x_ND.grad.cpu(), x_ref.grad) < 1e-5
+    assert launches["_grouped_mm_dw_kernel"] == 0
+    assert launches["_swiglu_gate_up_kernel"] == 2
+
+
+def test_contiguous_weights_and_strided_input(launches):
+    """w [G, K, M] stored contiguous (not a view) and x a column slice of a wider tensor."""
+    sizes_G = torch.tensor([5, 0, 12])
+    x_wide = torch.randn(17, 40, device=DEVICE)
+    x_NK = x_wide[:, 3:35]  # row stride 40, not 32
+    w_GKM = torch.randn(3, 32, 24, device=DEVICE)
+    y_NM = kernels.grouped_mm(x_NK, w_GKM, sizes_G.to(DEVICE))
+    assert _rel_err(y_NM.cpu(), REF_GROUPED_MM(x_NK.cpu(), w_GKM.cpu(), sizes_G)) < 1e-5
+    assert launches["_grouped_mm_kernel"] == 1
+
+
+def test_row_schedule_covers_every_row_once_and_skips_empty_groups():
+    sizes_G = torch.tensor([0, 1, 16, 17, 0, 0, 40, 3])
+    block_m = 16
+    sched = tgm.build_row_schedule(sizes_G, int(sizes_G.sum()), block_m)
+    group_T, start_T, end_T = sched.tiles_3T.tolist()
+    real = [(g, s, e) for g, s, e in zip(group_T, start_T, end_T) if e > s]
+    assert len(real) == sum(math.ceil(s / block_m) for s in sizes_G.tolist())
+    assert all(e == s == 0 for g, s, e in zip(group_T, start_T, end_T) if e <= s)  # padding tiles
+    bounds = [0] + torch.cumsum(sizes_G, 0).tolist()
+    covered = []
+    for g, s, e in real:
+        assert sizes_G[g] > 0 and bounds[g] <= s < e == bounds[g + 1]
+        covered.extend(range(s, min(s + block_m, e)))
+    assert covered == list(range(int(sizes_G.sum())))
+    assert sched.bounds_G1.tolist() == bounds
+
+
+def test_bad_group_sizes_raise():
+    x_NK, w_GKM = torch.randn(5, 16, device=DEVICE), torch.randn(2, 16, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="sum to x.shape"):
+        ops.grouped_mm(x_NK, w_GKM, torch.tensor([2, 2]))
+    with pytest.raises(ValueError, match="expected x"):
+        ops.grouped_mm(x_NK, w_GKM, torch.tensor([5]))
+
+
+@pytest.mark.skipif(ON_GPU, reason="checks the CPU error message")
+def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        ops.grouped_mm(torch.randn(4, 16), torch.randn(1, 16, 16), torch.tensor([4]))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(tgm, "INTERPRETED", False)  # decorated without the interpreter
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        ops.grouped_mm(torch.randn(4, 16), torch.randn(1, 16, 16), torch.tensor([4]))
+
+
+def test_backend_switch(monkeypatch, launches):
+    x_NK, w_GKM, sizes_G = torch.randn(6, 16, device=DEVICE), torch.randn(2, 16, 16, device=DEVICE), torch.tensor([2, 4])
+    monkeypatch.setattr(kernels, "reference", reference)  # this test wants both paths
+
+    kernels.set_backend("reference")
+    monkeypatch.setenv("FLOE_KERNELS", "triton")  # set_backend wins over the environment
+    assert kernels.resolve_backend(x_NK) == "reference"
+    kernels.grouped_mm(x_NK, w_GKM, sizes_G.to(DEVICE))
+    assert sum(launches.values()) == 0
+
+    kernels.set_backend(None)  # now the environment decides
+    assert kernels.resolve_backend(x_NK) == "triton"
+    kernels.grouped_mm(x_NK, w_GKM, sizes_G.to(DEVICE))
+    assert launches["_grouped_mm_kernel"] == 1
+
+    monkeypatch.setenv("FLOE_KERNELS", "reference")
+    assert kernels.resolve_backend(x_NK) == "reference"
+    monkeypatch.setenv("FLOE_KERNELS", "auto")
+    assert kernels.resolve_backend(x_NK) == ("triton" if ON_GPU else "reference")
+    monkeypatch.delenv("FLOE_KERNELS")
+    assert kernels.resolve_backend(torch.randn(1, 1)) == "reference"  # auto: CPU -> reference
+
+    monkeypatch.setenv("FLOE_KERNELS", "cuda")
+    with pytest.raises(ValueError, match="FLOE_KERNELS"):
+        kernels.resolve_backend(x_NK)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        kernels.set_backend("cutlass")
+
+
+@pytest.mark.skipif(not ON_GPU, reason="bf16 needs a GPU (the Triton interpreter has no bf16 dot)")
+@pytest.mark.parametrize("shape", ["empty_groups", "odd_sizes", "g128_random"])
+def test_bf16_on_gpu(shape, launches):
+    spec, d, f = SHAPES[shape]
+    sizes_G = _sizes(spec)
+    num_groups, num_rows = sizes_G.numel(), int(sizes_G.sum())
+    x_ND = _leaf(torch.randn(num_rows, d, device="cuda", dtype=torch.bfloat16))
+    ws = [
+        _leaf((torch.randn(num_groups, *s, device="cuda") / math.sqrt(s[1])).to(torch.bfloat16))
+        for s in ((f, d), (f, d), (d, f))
+    ]
+    y_ND = kernels.grouped_swiglu(x_ND, *ws, sizes_G.cuda())
+    dy_ND = torch.randn_like(y_ND)
+    y_ND.backward(dy_ND)
+    refs = [_leaf(p.detach().float().cpu()) for p in (x_ND, *ws)]
+    y_ref = REF_GROUPED_SWIGLU(*refs, sizes_G)
+    y_ref.backward(dy_ND.float().cpu())
+    assert _rel_err(y_ND.float().cpu(), y_ref) < TOL[torch.bfloat16]
+    for p, r in zip((x_ND, *ws), refs):
+        assert _rel_err(p.grad.float().cpu(), r.grad) < TOL[torch.bfloat16]
+    assert launches["_swiglu_gate_up_kernel"] == 2

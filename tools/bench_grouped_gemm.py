@@ -1,0 +1,202 @@
+"""Benchmark floe's Triton grouped GEMM against torch._grouped_mm, a per-expert loop and a dense GEMM.
+
+    python tools/bench_grouped_gemm.py                      # both shapes, uniform and skewed routing
+    python tools/bench_grouped_gemm.py --shapes arctic --routings skewed --json out.jsonl
+
+bf16 on one CUDA GPU; medians of triton.testing.do_bench (CUDA events). For each shape and
+routing it times one expert projection y = x W_g (weights stored [G, out, in] and read as
+transposed views, as the MoE layer does), forward and forward+backward (dX and dW), for:
+  ours     kernels.ops.grouped_mm (Triton)
+  torch    torch._grouped_mm (CUTLASS grouped GEMM; int32 cumulative offsets)
+  loop     kernels.reference.grouped_mm (one torch.mm per expert)
+  dense    one torch.mm with the same FLOPs: the ceiling
+and then the whole expert SwiGLU MLP: ours (kernels.ops.grouped_swiglu, fused gate/up, recompute
+in backward) against three torch._grouped_mm calls with silu * up between them.
+Without a GPU it says so and measures nothing (exit 0).
+
+Shape legend: N routed rows, K input width, M output width, G local experts, D hidden, F expert ffn.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+DEVICE = "cuda"
+
+# name: (G local experts, K in, M out, N routed rows)
+SHAPES = {
+    # Arctic experts as one rank sees them under 8-way expert parallelism: 128 / 8 = 16 local
+    # experts, hidden 7168 -> expert ffn 4864, 512 rows per expert on average.
+    "arctic": (16, 7168, 4864, 16 * 512),
+    # fine-grained MoE: many small experts.
+    "fine": (128, 2048, 768, 32768),
+}
+
+
+def group_sizes_for(routing: str, num_groups: int, num_rows: int, seed: int = 0) -> torch.Tensor:
+    """Rows per expert: exactly even, or skewed (Zipf-like popularity, multinomial draws)."""
+    if routing == "uniform":
+        sizes = torch.full((num_groups,), num_rows // num_groups, dtype=torch.long)
+        sizes[: num_rows - int(sizes.sum())] += 1
+        return sizes
+    gen = torch.Generator().manual_seed(seed)
+    popularity = 1.0 / torch.arange(1, num_groups + 1, dtype=torch.float64) ** 1.2
+    popularity = popularity[torch.randperm(num_groups, generator=gen)]
+    picks = torch.multinomial(popularity, num_rows, replacement=True, generator=gen)
+    return torch.bincount(picks, minlength=num_groups)
+
+
+def _median_ms(fn, grad_to_none=None) -> float:
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=25, rep=200, grad_to_none=grad_to_none, return_mode="median")
+
+
+def _measure(name, forward, leaves, dy, flops_fwd, rows, ref_out):
+    """Time forward and forward+backward of `forward()`; append a result row (or its error)."""
+    row = {"impl": name}
+    out = None
+    try:
+        with torch.no_grad():
+            out = forward()
+        row["rel_err_vs_torch"] = (
+            ((out.float() - ref_out.float()).norm() / ref_out.float().norm()).item() if ref_out is not None else None
+        )
+
+        def fwd_bwd():
+            forward().backward(dy)
+
+        fwd_bwd()  # autotuning and allocator warm-up outside the timed region
+        with torch.no_grad():
+            ms_fwd = _median_ms(forward)
+        ms_fb = _median_ms(fwd_bwd, grad_to_none=leaves)
+        row.update(
+            fwd_ms=ms_fwd, fwd_tflops=flops_fwd / ms_fwd / 1e9,
+            fwd_bwd_ms=ms_fb, fwd_bwd_tflops=3 * flops_fwd / ms_fb / 1e9,
+        )
+    except Exception as e:  # noqa: BLE001  (one failing implementation must not hide the others' numbers)
+        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    rows.append(row)
+    return None if "error" in row else out
+
+
+def bench_grouped_mm(shape: str, routing: str) -> list[dict]:
+    from kernels import ops, reference
+
+    num_groups, k, m, num_rows = SHAPES[shape]
+    dev, dt = DEVICE, torch.bfloat16
+    sizes_G = group_sizes_for(routing, num_groups, num_rows)
+    sizes_dev_G = sizes_G.to(dev)
+    offs_G = torch.cumsum(sizes_dev_G, 0).to(torch.int32)  # torch._grouped_mm: int32 cumulative ends
+    x_NK = torch.randn(num_rows, k, device=dev, dtype=dt, requires_grad=True)
+    w_GMK = (torch.randn(num_groups, m, k, device=dev, dtype=dt) / k**0.5).requires_grad_(True)  # [G, out, in]
+    w_dense_MK = (torch.randn(m, k, device=dev, dtype=dt) / k**0.5).requires_grad_(True)
+    dy_NM = torch.randn(num_rows, m, device=dev, dtype=dt)
+    flops = 2.0 * num_rows * k * m
+    leaves = [x_NK, w_GMK]
+
+    rows: list[dict] = []
+    ref = _measure("torch", lambda: torch._grouped_mm(x_NK, w_GMK.transpose(1, 2), offs=offs_G),
+                   leaves, dy_NM, flops, rows, None)
+    _measure("ours", lambda: ops.grouped_mm(x_NK, w_GMK.transpose(1, 2), sizes_dev_G),
+             leaves, dy_NM, flops, rows, ref)
+    # The loop gets its sizes on the host, so it pays no device-to-host sync per call.
+    _measure("loop", lambda: reference.grouped_mm(x_NK, w_GMK.transpose(1, 2), sizes_G),
+             leaves, dy_NM, flops, rows, ref)
+    _measure("dense", lambda: x_NK @ w_dense_MK.t(), [x_NK, w_dense_MK], dy_NM, flops, rows, None)
+    for r in rows:
+        r.update(shape=shape, routing=routing, op="grouped_mm", G=num_groups, K=k, M=m, N=num_rows,
+                 max_rows=int(sizes_G.max()), empty_groups=int((sizes_G == 0).sum()))
+    return rows
+
+
+def bench_swiglu(shape: str, routing: str) -> list[dict]:
+    from kernels import ops
+
+    num_groups, d, f, num_rows = SHAPES[shape]
+    dev, dt = DEVICE, torch.bfloat16
+    sizes_G = group_sizes_for(routing, num_groups, num_rows)
+    sizes_dev_G = sizes_G.to(dev)
+    offs_G = torch.cumsum(sizes_dev_G, 0).to(torch.int32)
+    x_ND = torch.randn(num_rows, d, device=dev, dtype=dt, requires_grad=True)
+    w1_GFD = (torch.randn(num_groups, f, d, device=dev, dtype=dt) / d**0.5).requires_grad_(True)
+    w3_GFD = (torch.randn(num_groups, f, d, device=dev, dtype=dt) / d**0.5).requires_grad_(True)
+    w2_GDF = (torch.randn(num_groups, d, f, device=dev, dtype=dt) / f**0.5).requires_grad_(True)
+    dy_ND = torch.randn(num_rows, d, device=dev, dtype=dt)
+    flops = 3 * 2.0 * num_rows * d * f
+    leaves = [x_ND, w1_GFD, w3_GFD, w2_GDF]
+
+    def torch_swiglu():
+        gate = torch._grouped_mm(x_ND, w1_GFD.transpose(1, 2), offs=offs_G)
+        up = torch._grouped_mm(x_ND, w3_GFD.transpose(1, 2), offs=offs_G)
+        return torch._grouped_mm(torch.nn.functional.silu(gate) * up, w2_GDF.transpose(1, 2), offs=offs_G)
+
+    rows: list[dict] = []
+    ref = _measure("torch", torch_swiglu, leaves, dy_ND, flops, rows, None)
+    _measure("ours", lambda: ops.grouped_swiglu(x_ND, w1_GFD, w3_GFD, w2_GDF, sizes_dev_G),
+             leaves, dy_ND, flops, rows, ref)
+    for r in rows:
+        r.update(shape=shape, routing=routing, op="swiglu", G=num_groups, K=d, M=f, N=num_rows,
+                 max_rows=int(sizes_G.max()), empty_groups=int((sizes_G == 0).sum()))
+    return rows
+
+
+def _print_table(rows: list[dict]) -> None:
+    dense = {(r["shape"], r["routing"]): r for r in rows if r["impl"] == "dense" and "error" not in r}
+    print(f"{'op':10} {'shape':7} {'routing':8} {'impl':6} {'fwd ms':>8} {'TFLOP/s':>8} "
+          f"{'f+b ms':>8} {'TFLOP/s':>8} {'%dense':>7} {'err':>8}")
+    for r in rows:
+        head = f"{r['op']:10} {r['shape']:7} {r['routing']:8} {r['impl']:6}"
+        if "error" in r:
+            print(f"{head} error: {r['error']}")
+            continue
+        d = dense.get((r["shape"], r["routing"]))
+        pct = f"{100 * r['fwd_bwd_tflops'] / d['fwd_bwd_tflops']:6.0f}%" if d and r["op"] == "grouped_mm" else "      -"
+        err = f"{r['rel_err_vs_torch']:.1e}" if r.get("rel_err_vs_torch") is not None else "-"
+        print(f"{head} {r['fwd_ms']:8.3f} {r['fwd_tflops']:8.1f} {r['fwd_bwd_ms']:8.3f} "
+              f"{r['fwd_bwd_tflops']:8.1f} {pct} {err:>8}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
+    parser.add_argument("--routings", nargs="+", choices=["uniform", "skewed"], default=["uniform", "skewed"])
+    parser.add_argument("--no-swiglu", action="store_true", help="only the single grouped GEMM")
+    parser.add_argument("--json", help="append one JSON object per result row to this file")
+    args = parser.parse_args(argv)
+
+    if not torch.cuda.is_available():
+        print("bench_grouped_gemm: needs a CUDA GPU and none is visible; measuring nothing.")
+        return 0
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("bench_grouped_gemm: unset TRITON_INTERPRET; the interpreter would be timed, not the kernels.")
+        return 1
+    props = torch.cuda.get_device_properties(0)
+    print(f"device: {props.name} (sm_{props.major}{props.minor}), torch {torch.__version__}, "
+          f"triton {__import__('triton').__version__}, bf16")
+
+    rows: list[dict] = []
+    for shape in args.shapes:
+        for routing in args.routings:
+            sizes = group_sizes_for(routing, SHAPES[shape][0], SHAPES[shape][3])
+            print(f"[{shape} {routing}] G={SHAPES[shape][0]} K={SHAPES[shape][1]} M={SHAPES[shape][2]} "
+                  f"N={SHAPES[shape][3]}; rows per expert min {int(sizes.min())} max {int(sizes.max())}", flush=True)
+            rows += bench_grouped_mm(shape, routing)
+            if not args.no_swiglu:
+                rows += bench_swiglu(shape, routing)
+            torch.cuda.empty_cache()
+    _print_table(rows)
+    if args.json:
+        with open(args.json, "a") as f:
+            f.writelines(json.dumps({"device": props.name, **r}) + "\n" for r in rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
