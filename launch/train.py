@@ -35,6 +35,9 @@ from moe.config import ModelConfig
 from moe.data import DataConfig, StepLoader, build_dataset
 from moe.model import IGNORE_INDEX, ArcticForCausalLM, shift_targets
 from moe.optim import OptimConfig, lr_lambda, param_groups
+from moe.parallel import (apply_deepspeed_moe, apply_expert_parallel, build_deepspeed_config, build_parallel_groups,
+                          check_deepspeed_version, fix_engine, global_grad_norm, parallel_errors,
+                          split_moe_param_groups)
 
 log = logging.getLogger("floe")
 
@@ -75,8 +78,13 @@ class TrainConfig:
 
 @dataclass
 class ParallelConfig:
-    ep_size: int = 1
-    zero_stage: int = 0
+    ep_size: int = 1  # ranks sharing one copy of the experts; each owns num_experts / ep_size
+    zero_stage: int = 0  # 0, 1 or 2
+    reduce_bucket_size: int = 500_000_000  # elements per ZeRO gradient-reduction bucket
+    allgather_bucket_size: int = 500_000_000  # elements per ZeRO parameter all-gather bucket
+    overlap_comm: bool | None = None  # None: on for CUDA, off on CPU
+    contiguous_gradients: bool = True
+    async_dispatch: bool = True  # expert-parallel all-to-all in flight during attention
 
 
 @dataclass
@@ -153,42 +161,22 @@ def pick_device(choice: str) -> str:
 
 def deepspeed_config(c: Configs, world_size: int, device_kind: str) -> dict:
     """DeepSpeed's JSON config from floe's: ZeRO stage, batch split, clipping, precision."""
-    micro = c.train.micro_batch_size
-    grad_accum = c.train.global_batch_size // (micro * world_size)
-    return {
-        "train_batch_size": c.train.global_batch_size,
-        "train_micro_batch_size_per_gpu": micro,
-        "gradient_accumulation_steps": grad_accum,
-        "gradient_clipping": c.optim.grad_clip,
-        "zero_optimization": {
-            "stage": c.parallel.zero_stage,
-            "overlap_comm": device_kind == "cuda",
-            "contiguous_gradients": True,
-            "reduce_bucket_size": 5e8,
-            "allgather_bucket_size": 5e8,
-        },
-        "bf16": {"enabled": device_kind == "cuda"},
-        "steps_per_print": 10**12,
-        "wall_clock_breakdown": False,
-    }
+    return build_deepspeed_config(
+        zero_stage=c.parallel.zero_stage, global_batch_size=c.train.global_batch_size,
+        micro_batch_size=c.train.micro_batch_size, dp_size=world_size, grad_clip=c.optim.grad_clip,
+        device=device_kind, reduce_bucket_size=c.parallel.reduce_bucket_size,
+        allgather_bucket_size=c.parallel.allgather_bucket_size, overlap_comm=c.parallel.overlap_comm,
+        contiguous_gradients=c.parallel.contiguous_gradients, steps_per_print=10**12)
 
 
 def _check_launch(c: Configs, world_size: int, vocab_size: int) -> None:
     """Config rules that depend on the launch or the data; raised before any collective."""
-    errors = []
-    per_step = c.train.micro_batch_size * world_size
-    if c.train.global_batch_size % per_step:
-        errors.append(f"train.global_batch_size ({c.train.global_batch_size}) must be divisible by "
-                      f"train.micro_batch_size ({c.train.micro_batch_size}) x world size ({world_size})")
+    # Expert parallelism, ZeRO stage and the batch split (moe/parallel/groups.py).
+    errors = parallel_errors(c.model, world_size, c.parallel.ep_size, c.parallel.zero_stage,
+                             c.train.global_batch_size, c.train.micro_batch_size)
     if vocab_size > c.model.vocab_size:
         errors.append(f"model.vocab_size ({c.model.vocab_size}) is smaller than the tokenizer's vocabulary "
                       f"({vocab_size}); set model.vocab_size >= {vocab_size}")
-    if c.parallel.zero_stage not in (0, 1, 2):
-        errors.append(f"parallel.zero_stage must be 0, 1 or 2, got {c.parallel.zero_stage} (stage 3 would "
-                      "partition expert weights, which floe's expert parallelism already shards)")
-    if c.parallel.ep_size != 1:
-        errors.append(f"parallel.ep_size={c.parallel.ep_size}: expert parallelism is not wired into this "
-                      "launcher yet; use parallel.ep_size=1")
     if errors:
         raise ValueError("invalid launch:\n  " + "\n  ".join(errors))
 
@@ -240,6 +228,7 @@ def train(cfg: DictConfig) -> dict:
     # Everything that can be checked without talking to other ranks is checked first.
     tokenizer, dataset = build_dataset(c.data, seed=c.train.seed)
     _check_launch(c, world_size, tokenizer.vocab_size)
+    check_deepspeed_version()
     kernels.set_backend(c.train.kernels)
 
     created_group = init_distributed(device_kind)
@@ -276,8 +265,18 @@ def _train(c: Configs, cfg: DictConfig, dataset, device_kind: str) -> dict:
         log.info("run dir %s; %d rank(s) on %s; data: %s", c.run_dir, world_size, device_kind,
                  json.dumps(dataset.stats))
 
+    deepspeed.init_distributed(dist_backend=dist.get_backend())  # DeepSpeed's comm wraps our group
+    groups = build_parallel_groups(c.parallel.ep_size) if c.parallel.ep_size > 1 else None
     torch.manual_seed(c.train.seed)  # same initial weights on every rank
     model = ArcticForCausalLM(c.model).to(device)
+    if groups is not None:
+        # Each rank keeps experts [ep_rank * E/ep, ...) and the engine must see them as MoE
+        # (expert-data-parallel gradient reduction, per-group optimizer partitions).
+        apply_expert_parallel(model, groups, async_dispatch=c.parallel.async_dispatch)
+        apply_deepspeed_moe(model)
+        log.info("expert parallel: ep_size %d, rank %d holds experts %d..%d of %d", groups.ep_size, rank,
+                 groups.ep_rank * c.model.num_experts // groups.ep_size,
+                 (groups.ep_rank + 1) * c.model.num_experts // groups.ep_size - 1, c.model.num_experts)
     total, active = c.model.num_params()
     log.info("model: %.2fM parameters, %.2fM active per token", total / 1e6, active / 1e6)
 
@@ -285,12 +284,15 @@ def _train(c: Configs, cfg: DictConfig, dataset, device_kind: str) -> dict:
                         micro_batch_size=c.train.micro_batch_size, dp_rank=rank, dp_size=world_size,
                         seed=c.train.seed)
     total_steps = c.train.max_steps or c.train.epochs * loader.steps_per_epoch
-    optimizer = torch.optim.AdamW(param_groups(model, c.optim.weight_decay), lr=c.optim.lr,
+    # Expert parameters go to DeepSpeed's per-expert-group optimizer groups (no-op without EP).
+    optimizer = torch.optim.AdamW(split_moe_param_groups(param_groups(model, c.optim.weight_decay)), lr=c.optim.lr,
                                   betas=(c.optim.beta1, c.optim.beta2), eps=c.optim.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(total_steps, c.optim.warmup_ratio, c.optim.min_lr_ratio))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(c, world_size, device_kind))
+    ep_group = groups.ep_group if groups is not None else None
+    fix_engine(engine, ep_group)  # stage-0 clipping over all experts; checks the engine saw the MoE
     grad_accum = engine.gradient_accumulation_steps()
 
     ckpt_dir = os.path.join(c.run_dir, "checkpoints")
@@ -331,7 +333,7 @@ def _train(c: Configs, cfg: DictConfig, dataset, device_kind: str) -> dict:
                              attention_mask=mb["attention_mask"])
                 engine.backward(out.lm_loss_sum * lm_scale + out.aux_loss)
                 if i == len(micro_batches) - 1 and c.parallel.zero_stage == 0:
-                    grad_norm = _grad_norm_unsharded(model)  # ZeRO-0 keeps no norm for a torch optimizer
+                    grad_norm = _grad_norm_unsharded(model, ep_group)  # ZeRO-0 keeps no norm for a torch optimizer
                 engine.step()  # DeepSpeed applies the update on the accumulation boundary only
                 sums += torch.stack([
                     out.lm_loss_sum.detach().double(), out.balance_loss.detach().double(),
@@ -392,10 +394,10 @@ def _all_reduce_sum(value: float, device) -> float:
     return float(t.item())  # NOTE: host sync
 
 
-def _grad_norm_unsharded(model: torch.nn.Module) -> float:
-    """L2 norm of all gradients, already reduced over ranks (ZeRO stage 0, before clipping)."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+def _grad_norm_unsharded(model: torch.nn.Module, ep_group=None) -> float:
+    """L2 norm of all gradients, already reduced over ranks (ZeRO stage 0, before clipping);
+    with expert parallelism the experts held by the other ranks of ep_group count too."""
+    return float(global_grad_norm(model.parameters(), ep_group))
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="config")

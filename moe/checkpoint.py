@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from moe.parallel.expert_checkpoint import load_model_state, save_expert_shards
+
 LATEST = "latest"
 
 
@@ -62,6 +64,7 @@ def save(engine, ckpt_dir: str, step: int, client_state: dict, keep_last: int = 
         shutil.rmtree(tmp_path, ignore_errors=True)  # left by a crash during an earlier save
     dist.barrier()
     engine.save_checkpoint(ckpt_dir, tag=tmp_tag, client_state=client_state, save_latest=False)
+    save_expert_shards(engine.module, tmp_path)  # experts by global id (DeepSpeed saves rank 0's shard only)
     torch.save(rng_state(), os.path.join(tmp_path, f"rng_rank{rank}.pt"))
     dist.barrier()  # every rank's files are on disk
     if rank == 0:
@@ -89,8 +92,9 @@ def _prune(ckpt_dir: str, keep_last: int) -> None:
 def load(engine, path: str) -> dict:
     """Restore model, optimizer, scheduler and this rank's RNG from `path`; returns the client state."""
     ckpt_dir, tag = os.path.split(path.rstrip("/"))
-    load_path, client_state = engine.load_checkpoint(ckpt_dir, tag=tag, load_optimizer_states=True,
-                                                     load_lr_scheduler_states=True)
+    load_path, client_state = engine.load_checkpoint(
+        ckpt_dir, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True,
+        custom_load_fn=lambda src, dst: load_model_state(dst, src, path))  # dense + experts by global id
     if load_path is None:
         raise ValueError(f"could not load checkpoint {path}: DeepSpeed found no model states there")
     rng_file = os.path.join(path, f"rng_rank{dist.get_rank()}.pt")
