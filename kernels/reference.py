@@ -51,14 +51,22 @@ class _GroupedMM(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dx_NK = x_NK.new_empty(x_NK.shape)
         if ctx.needs_input_grad[1]:
-            dw_GKM = w_GKM.new_zeros(w_GKM.shape)  # empty groups get a zero gradient
+            # dW in the weight's own memory layout (the layer passes transposed views of its
+            # [G, out, in] parameters), so autograd accumulates it without a strided copy.
+            dw_GKM = torch.empty_like(w_GKM)
+        # Write each group's dW as a contiguous [M, K] product when the layout is transposed.
+        dw_transposed = dw_GKM is not None and dw_GKM.stride(1) < dw_GKM.stride(2)
         for g in range(w_GKM.shape[0]):
             lo, hi = bounds[g], bounds[g + 1]
             if hi == lo:
+                if dw_GKM is not None:
+                    dw_GKM[g].zero_()  # an expert with no rows has a zero gradient
                 continue
             if dx_NK is not None:
                 torch.mm(dy_NM[lo:hi], w_GKM[g].t(), out=dx_NK[lo:hi])
-            if dw_GKM is not None:
+            if dw_transposed:
+                torch.mm(dy_NM[lo:hi].t(), x_NK[lo:hi], out=dw_GKM[g].t())
+            elif dw_GKM is not None:
                 torch.mm(x_NK[lo:hi].t(), dy_NM[lo:hi], out=dw_GKM[g])
         return dx_NK, dw_GKM, None
 

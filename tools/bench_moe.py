@@ -70,7 +70,8 @@ def build_pair(d, f, num_experts, top_k, capacity_factor):
     return ours, theirs
 
 
-def time_fwd_bwd(fn, x, grad_out):
+def time_fwd_bwd(fn, module, x, grad_out):
+    module.zero_grad(set_to_none=True)  # as an optimizer step leaves them: no accumulation
     x = x.detach().requires_grad_()
     t0 = time.perf_counter()
     y = fn(x)
@@ -121,12 +122,12 @@ def main():
         run_ours = lambda t: ours(t)[0]  # noqa: E731
         run_theirs = lambda t: theirs(t)[0]  # noqa: E731
         for _ in range(2):  # warm-up
-            time_fwd_bwd(run_ours, x, grad_out)
-            time_fwd_bwd(run_theirs, x, grad_out)
+            time_fwd_bwd(run_ours, ours, x, grad_out)
+            time_fwd_bwd(run_theirs, theirs, x, grad_out)
         t_ours, t_theirs = [], []
         for _ in range(args.repeats):
-            t_ours.append(time_fwd_bwd(run_ours, x, grad_out))
-            t_theirs.append(time_fwd_bwd(run_theirs, x, grad_out))
+            t_ours.append(time_fwd_bwd(run_ours, ours, x, grad_out))
+            t_theirs.append(time_fwd_bwd(run_theirs, theirs, x, grad_out))
         m_ours, m_theirs = statistics.median(t_ours), statistics.median(t_theirs)
         flops = kept * 3 * 2 * args.hidden * args.expert_ffn * 3
         row = {
