@@ -231,6 +231,7 @@ def train(cfg: DictConfig) -> dict:
     check_deepspeed_version()
     kernels.set_backend(c.train.kernels)
 
+    env_before = dict(os.environ)
     created_group = init_distributed(device_kind)
     try:
         return _train(c, cfg, dataset, device_kind)
@@ -239,6 +240,8 @@ def train(cfg: DictConfig) -> dict:
         if created_group:
             dist.destroy_process_group()
             _forget_deepspeed_groups()
+            for key in set(os.environ) - set(env_before):  # the 1-process rendezvous we made up
+                del os.environ[key]
 
 
 def _forget_deepspeed_groups() -> None:
@@ -327,14 +330,11 @@ def _train(c: Configs, cfg: DictConfig, dataset, device_kind: str) -> dict:
             # ranks; this factor undoes both for the LM term (the aux term stays a mean).
             lm_scale = grad_accum * world_size / max(global_tokens, 1.0)
             sums = torch.zeros(5, dtype=torch.float64, device=device)  # lm_sum, balance, aux, dropped, assigned
-            input_tokens, grad_norm = 0, None
+            input_tokens = 0
             for i, mb in enumerate(micro_batches):
                 out = engine(input_ids=mb["input_ids"], position_ids=mb["position_ids"], labels=mb["labels"],
                              attention_mask=mb["attention_mask"])
                 engine.backward(out.lm_loss_sum * lm_scale + out.aux_loss)
-                if i == len(micro_batches) - 1 and c.parallel.zero_stage == 0:
-                    grad_norm = _grad_norm_unsharded(model, ep_group)  # ZeRO-0 keeps no norm for a torch optimizer
-                engine.step()  # DeepSpeed applies the update on the accumulation boundary only
                 sums += torch.stack([
                     out.lm_loss_sum.detach().double(), out.balance_loss.detach().double(),
                     out.aux_loss.detach().double(),
@@ -342,14 +342,24 @@ def _train(c: Configs, cfg: DictConfig, dataset, device_kind: str) -> dict:
                     torch.tensor(float(sum(st.num_assignments for st in out.router_stats)), device=device,
                                  dtype=torch.float64)])
                 input_tokens += int(mb["attention_mask"].sum())
+                if i < len(micro_batches) - 1:
+                    engine.step()  # inside the accumulation window DeepSpeed only counts the micro-step
             step += 1
             dist.all_reduce(sums)
             # NOTE: host sync once per step for logging and the NaN check.
             lm_sum, balance, aux, dropped, assigned = sums.tolist()
             num_micro = grad_accum * world_size
             loss = lm_sum / max(global_tokens, 1.0)
-            if not math.isfinite(loss) or not math.isfinite(aux):  # the same verdict on every rank
-                raise FloatingPointError(f"non-finite loss at step {step}: lm {loss}, aux {aux}")
+            # Checked before the update is applied, with the same verdict on every rank, so no
+            # rank skips a collective the others enter and the last checkpoint stays clean.
+            if not math.isfinite(loss) or not math.isfinite(aux):
+                raise FloatingPointError(f"non-finite loss at step {step} (before its update was applied): "
+                                         f"lm {loss}, aux {aux}; resume from the last checkpoint with a lower "
+                                         "optim.lr or a higher optim.warmup_ratio")
+            grad_norm = None
+            if c.parallel.zero_stage == 0:  # ZeRO-0 keeps no norm for a torch optimizer; experts of all ranks count
+                grad_norm = float(global_grad_norm(model.parameters(), ep_group))
+            engine.step()  # the accumulation boundary: clip and update
             if grad_norm is None:
                 grad_norm = float(engine.get_global_grad_norm())
             elapsed = time.perf_counter() - t0
@@ -392,12 +402,6 @@ def _all_reduce_sum(value: float, device) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return float(t.item())  # NOTE: host sync
-
-
-def _grad_norm_unsharded(model: torch.nn.Module, ep_group=None) -> float:
-    """L2 norm of all gradients, already reduced over ranks (ZeRO stage 0, before clipping);
-    with expert parallelism the experts held by the other ranks of ep_group count too."""
-    return float(global_grad_norm(model.parameters(), ep_group))
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="config")

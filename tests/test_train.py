@@ -106,3 +106,11 @@ def test_every_config_composes(tmp_path):
             parse_config(make_cfg(tmp_path, *overrides))
     for exp in sorted(f[:-5] for f in os.listdir(os.path.join(CONF_DIR, "experiment")) if f.endswith(".yaml")):
         parse_config(make_cfg(tmp_path, f"+experiment={exp}"))
+
+
+def test_non_finite_loss_stops_before_the_update(tmp_path):
+    # Weights of 1e30 overflow the logits: the very first step's loss is not finite.
+    with pytest.raises(FloatingPointError, match="before its update was applied"):
+        train(make_cfg(tmp_path / "run", "model.init_std=1e30", "train.max_steps=3"))
+    assert not (tmp_path / "run" / "checkpoints" / "latest").exists()
+    assert "RANK" not in os.environ  # the made-up 1-process rendezvous is cleaned up
