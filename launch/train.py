@@ -38,6 +38,7 @@ from moe.optim import OptimConfig, lr_lambda, param_groups
 from moe.parallel import (apply_deepspeed_moe, apply_expert_parallel, build_deepspeed_config, build_parallel_groups,
                           check_deepspeed_version, fix_engine, global_grad_norm, parallel_errors,
                           split_moe_param_groups)
+from moe.parallel import init_distributed as parallel_init_distributed
 
 log = logging.getLogger("floe")
 
@@ -144,10 +145,8 @@ def init_distributed(device_kind: str) -> bool:
     if "RANK" not in os.environ:  # plain `python launch/train.py`: a group of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
-    backend = "nccl" if device_kind == "cuda" else "gloo"
-    if device_kind == "cuda":
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group(backend)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    parallel_init_distributed(torch.device(device_kind, local_rank if device_kind == "cuda" else None))
     return True
 
 
@@ -268,7 +267,6 @@ def _train(c: Configs, cfg: DictConfig, dataset, device_kind: str) -> dict:
         log.info("run dir %s; %d rank(s) on %s; data: %s", c.run_dir, world_size, device_kind,
                  json.dumps(dataset.stats))
 
-    deepspeed.init_distributed(dist_backend=dist.get_backend())  # DeepSpeed's comm wraps our group
     groups = build_parallel_groups(c.parallel.ep_size) if c.parallel.ep_size > 1 else None
     torch.manual_seed(c.train.seed)  # same initial weights on every rank
     model = ArcticForCausalLM(c.model).to(device)
