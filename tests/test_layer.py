@@ -91,3 +91,24 @@ def test_expert_weight_layout_is_linear_out_in():
     assert layer.w3.shape == (4, cfg.expert_ffn, cfg.hidden_size)
     assert layer.w2.shape == (4, cfg.hidden_size, cfg.expert_ffn)
     assert layer.gate.weight.shape == (4, cfg.hidden_size)
+
+
+def test_stacked_experts_enter_autograd_once():
+    """The classic trap: slicing w[e] per expert in a Python loop gives autograd one
+    full-size zero gradient per expert (O(E^2) traffic). Each stacked weight must reach the
+    graph through a single node, whatever the number of experts."""
+    layer = MoELayer(tiny_moe_config(128, 2, None))
+    y, _ = layer(torch.randn(300, 16))
+    stacked = {id(layer.w1), id(layer.w2), id(layer.w3)}
+    users, seen, stack = {}, set(), [y.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for child, _ in node.next_functions:
+            if child is not None and type(child).__name__ == "AccumulateGrad" and id(child.variable) in stacked:
+                users[id(child.variable)] = users.get(id(child.variable), 0) + 1
+            stack.append(child)
+    assert users == {i: 1 for i in stacked}, users
+    assert not any(type(n).__name__ in ("SelectBackward0", "UnbindBackward0") for n in seen)
