@@ -114,9 +114,10 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 @triton.jit
-def _tile_of(pid, num_tiles, num_cols, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """Row tile and column tile of program `pid`, GROUP_M row tiles at a time so that
-    neighbouring programs share B columns in L2 (Triton matmul tutorial swizzle)."""
+def _tile_of(pid, tiles_ptr, num_tiles, num_cols, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(group, first row, end row, column tile) of program `pid` from the row schedule, GROUP_M
+    row tiles at a time so that neighbouring programs share B columns in L2 (Triton matmul
+    tutorial swizzle). A padding program past the last real tile gets row_start >= row_end."""
     num_pid_n = tl.cdiv(num_cols, BLOCK_N)
     num_pid_in_band = GROUP_M * num_pid_n
     band = pid // num_pid_in_band
@@ -124,7 +125,10 @@ def _tile_of(pid, num_tiles, num_cols, BLOCK_N: tl.constexpr, GROUP_M: tl.conste
     band_size = tl.minimum(num_tiles - first_t, GROUP_M)
     t = first_t + (pid % num_pid_in_band) % band_size
     pid_n = (pid % num_pid_in_band) // band_size
-    return t, pid_n
+    g = tl.load(tiles_ptr + t).to(tl.int64)
+    row_start = tl.load(tiles_ptr + num_tiles + t)
+    row_end = tl.load(tiles_ptr + 2 * num_tiles + t)
+    return g, row_start, row_end, pid_n
 
 
 _MM_GPU_CONFIGS = [
@@ -153,10 +157,7 @@ def _grouped_mm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """C[rows of g] = A[rows of g] @ B[g] (+ A2[rows of g] @ B2[g] when HAS_SECOND)."""
-    t, pid_n = _tile_of(tl.program_id(0), num_tiles, N_OUT, BLOCK_N, GROUP_M)
-    g = tl.load(tiles_ptr + t).to(tl.int64)
-    row_start = tl.load(tiles_ptr + num_tiles + t)
-    row_end = tl.load(tiles_ptr + 2 * num_tiles + t)
+    g, row_start, row_end, pid_n = _tile_of(tl.program_id(0), tiles_ptr, num_tiles, N_OUT, BLOCK_N, GROUP_M)
     if row_start >= row_end:  # padding tile past the last real one
         return
     rows = row_start + tl.arange(0, BLOCK_M)
@@ -282,10 +283,7 @@ def _swiglu_gate_up_kernel(
     BACKWARD recomputes gate and up (nothing was stored in forward), also forms
     dH = dY W2_g in the same D loop, and writes H (for dW2), dGate and dUp; all three
     products reduce over D, so one program covers them."""
-    t, pid_n = _tile_of(tl.program_id(0), num_tiles, F, BLOCK_N, GROUP_M)
-    g = tl.load(tiles_ptr + t).to(tl.int64)
-    row_start = tl.load(tiles_ptr + num_tiles + t)
-    row_end = tl.load(tiles_ptr + 2 * num_tiles + t)
+    g, row_start, row_end, pid_n = _tile_of(tl.program_id(0), tiles_ptr, num_tiles, F, BLOCK_N, GROUP_M)
     if row_start >= row_end:
         return
     rows = row_start + tl.arange(0, BLOCK_M)
