@@ -173,6 +173,10 @@ def _check_launch(c: Configs, world_size: int, vocab_size: int) -> None:
     # Expert parallelism, ZeRO stage and the batch split (moe/parallel/groups.py).
     errors = parallel_errors(c.model, world_size, c.parallel.ep_size, c.parallel.zero_stage,
                              c.train.global_batch_size, c.train.micro_batch_size)
+    interpreter = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    if c.train.kernels == "triton" and pick_device(c.train.device) == "cpu" and not interpreter:
+        errors.append("train.kernels=triton on a CPU needs TRITON_INTERPRET=1 in the environment (slow: for "
+                      "checking the kernels); use train.kernels=auto or reference to train on a CPU")
     if vocab_size > c.model.vocab_size:
         errors.append(f"model.vocab_size ({c.model.vocab_size}) is smaller than the tokenizer's vocabulary "
                       f"({vocab_size}); set model.vocab_size >= {vocab_size}")

@@ -114,3 +114,10 @@ def test_non_finite_loss_stops_before_the_update(tmp_path):
         train(make_cfg(tmp_path / "run", "model.init_std=1e30", "train.max_steps=3"))
     assert not (tmp_path / "run" / "checkpoints" / "latest").exists()
     assert "RANK" not in os.environ  # the made-up 1-process rendezvous is cleaned up
+
+
+def test_triton_kernels_on_cpu_need_the_interpreter(tmp_path, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="train.kernels=triton"):
+        train(make_cfg(tmp_path, "train.kernels=triton", "train.device=cpu"))
+    assert not torch.distributed.is_initialized()
