@@ -272,16 +272,21 @@ def _train(c: Configs, cfg: DictConfig, dataset, device_kind: str) -> dict:
                  json.dumps(dataset.stats))
 
     groups = build_parallel_groups(c.parallel.ep_size) if c.parallel.ep_size > 1 else None
-    torch.manual_seed(c.train.seed)  # same initial weights on every rank
-    model = ArcticForCausalLM(c.model).to(device)
-    if groups is not None:
-        # Each rank keeps experts [ep_rank * E/ep, ...) and the engine must see them as MoE
-        # (expert-data-parallel gradient reduction, per-group optimizer partitions).
+    with torch.device("meta"):  # shapes only: no rank ever allocates experts it does not own
+        model = ArcticForCausalLM(c.model)
+    if groups is not None:  # each rank keeps experts [ep_rank * E/ep, (ep_rank + 1) * E/ep)
         apply_expert_parallel(model, groups, async_dispatch=c.parallel.async_dispatch)
-        apply_deepspeed_moe(model)
         log.info("expert parallel: ep_size %d, rank %d holds experts %d..%d of %d", groups.ep_size, rank,
                  groups.ep_rank * c.model.num_experts // groups.ep_size,
                  (groups.ep_rank + 1) * c.model.num_experts // groups.ep_size - 1, c.model.num_experts)
+    model.to_empty(device=device)
+    # Dense weights and each expert row are keyed by (seed, name, global expert id): every rank
+    # gets the weights the 1-process model would have, for the experts it holds.
+    model.reset_parameters(seed=c.train.seed)
+    if groups is not None:
+        # Last before initialize: the engine must see the experts as MoE (expert-data-parallel
+        # gradient reduction, per-group optimizer partitions, no broadcast from rank 0).
+        apply_deepspeed_moe(model)
     total, active = c.model.num_params()
     log.info("model: %.2fM parameters, %.2fM active per token", total / 1e6, active / 1e6)
 

@@ -10,6 +10,7 @@ V vocab, T = tokens entering the MoE (B*S minus padding).
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 
@@ -35,6 +36,13 @@ class CausalLMOutput:
     router_stats: list[MoEStats] = field(default_factory=list)
 
 
+def _seeded_normal_(t: torch.Tensor, std: float, *key) -> None:
+    """Fill t from N(0, std^2) with a generator seeded by `key` alone."""
+    digest = hashlib.sha256(repr(key).encode()).digest()
+    generator = torch.Generator(device=t.device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+    t.normal_(0.0, std, generator=generator)
+
+
 def rotate_half(x):
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -45,11 +53,13 @@ class Rotary(nn.Module):
 
     def __init__(self, head_dim: int, theta: float):
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.head_dim, self.theta = head_dim, theta  # frequencies are made per call: no buffer to
+        # materialise after building the model on the meta device
 
     def forward(self, position_ids_BS: torch.Tensor, dtype: torch.dtype):
-        freqs_BSh = position_ids_BS.float()[..., None] * self.inv_freq  # (B, S, Dh/2)
+        exponent = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=position_ids_BS.device)
+        inv_freq = 1.0 / (self.theta ** (exponent / self.head_dim))
+        freqs_BSh = position_ids_BS.float()[..., None] * inv_freq  # (B, S, Dh/2)
         emb_BSDh = torch.cat((freqs_BSh, freqs_BSh), dim=-1)[:, None]  # (B, 1, S, Dh)
         return emb_BSDh.cos().to(dtype), emb_BSDh.sin().to(dtype)
 
@@ -152,15 +162,36 @@ class ArcticForCausalLM(nn.Module):
             for block in self.layers:
                 block.moe.requires_grad_(False)
 
-    def reset_parameters(self):
+    @torch.no_grad()
+    def reset_parameters(self, seed: int | None = None) -> None:
+        """Initialise every weight from `seed` (None: drawn from torch's global RNG).
+
+        Each tensor, and each row of a stacked expert weight, draws from its own generator
+        keyed by (seed, parameter name, global expert id). So the values do not depend on the
+        order of initialisation, and a rank that holds only some experts (a model built on the
+        meta device, sharded, then materialised with to_empty) initialises exactly the rows
+        the full model would hold, without ever building the others.
+        """
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,), device="cpu"))
         std = self.config.init_std
         # Residual-branch outputs shrink with depth (GPT-2): each block adds three of them.
         out_std = std / math.sqrt(2 * self.config.num_layers)
-        for name, p in self.named_parameters():
-            if p.dim() < 2:
-                continue  # norm weights keep their ones
-            is_output = name.endswith(("o_proj.weight", "mlp.w2.weight", "moe.w2"))
-            nn.init.normal_(p, mean=0.0, std=out_std if is_output else std)
+        for module_name, module in self.named_modules():
+            for param_name, p in module.named_parameters(recurse=False):
+                name = f"{module_name}.{param_name}" if module_name else param_name
+                if p.is_meta:
+                    continue
+                if p.dim() < 2:
+                    p.fill_(1.0)  # RMSNorm weights (floe has no biases)
+                    continue
+                p_std = out_std if name.endswith(("o_proj.weight", "mlp.w2.weight", "moe.w2")) else std
+                if isinstance(module, MoELayer) and param_name in ("w1", "w2", "w3"):
+                    first = getattr(module, "first_expert", 0)  # set by expert-parallel shards
+                    for row in range(p.shape[0]):
+                        _seeded_normal_(p[row], p_std, seed, name, first + row)
+                else:
+                    _seeded_normal_(p, p_std, seed, name)
 
     def forward(
         self,

@@ -412,3 +412,69 @@ def test_deepspeed_engine_with_expert_parallel_matches_one_process():
                     torch.testing.assert_close(got[name] - init[name], ref[name] - init[name], rtol=1e-3,
                                                atol=1e-8, msg=f"rank {rank} zero {zero_stage} step {step}: {name}")
         assert "apply_deepspeed_moe" in res["unmarked"]
+
+
+def _fake_groups(ep_size, ep_rank):
+    """A rank's view of the layout, without process groups (construction needs none)."""
+    from moe.parallel import ParallelGroups
+
+    return ParallelGroups(ep_size=ep_size, ep_rank=ep_rank, ep_group=None, edp_group=None,
+                          group_name=f"ep_size_{ep_size}", ep_ranks=tuple(range(ep_size)), edp_ranks=(ep_rank,))
+
+
+@pytest.mark.parametrize("ep_rank", [0, 1])
+def test_meta_built_shard_initialises_the_full_models_rows(ep_rank):
+    """The launcher builds on the meta device, shards, materialises, then initialises: each
+    rank's dense weights and expert rows equal the 1-process model's, by global expert id."""
+    from moe.config import PRESETS
+    from moe.model import ArcticForCausalLM
+    from moe.parallel import apply_expert_parallel
+
+    cfg = PRESETS["tiny"]
+    full = ArcticForCausalLM(cfg)
+    full.reset_parameters(seed=3)
+    with torch.device("meta"):
+        shard = ArcticForCausalLM(cfg)
+    apply_expert_parallel(shard, _fake_groups(2, ep_rank))
+    shard.to_empty(device="cpu")
+    shard.reset_parameters(seed=3)
+    rows = slice(4 * ep_rank, 4 * ep_rank + 4)
+    reference = full.state_dict()
+    for name, tensor in shard.state_dict().items():
+        expected = reference[name][rows] if name.endswith(("moe.w1", "moe.w2", "moe.w3")) else reference[name]
+        assert torch.equal(tensor, expected), name
+
+
+def test_arctic_rank_materialises_only_its_experts():
+    from moe.config import PRESETS
+    from moe.model import ArcticForCausalLM
+    from moe.parallel import apply_expert_parallel
+
+    cfg = PRESETS["arctic_480b"]
+    with torch.device("meta"):
+        model = ArcticForCausalLM(cfg)
+    apply_expert_parallel(model, _fake_groups(128, 5))
+    held = sum(p.numel() for p in model.parameters())
+    total, active = cfg.num_params()
+    expert = 3 * cfg.hidden_size * cfg.expert_ffn
+    assert held == total - cfg.num_layers * expert * (cfg.num_experts - 1)  # one expert per layer
+    assert held < 14e9  # 13.7B on a rank (10.0B dense + 35 x 1 expert), not 478.6B
+
+
+def test_fix_engine_refuses_experts_without_deepspeed_markers():
+    """Module.to_empty replaces Parameter objects and so drops the markers: DeepSpeed would then
+    broadcast rank 0's experts to every rank. fix_engine must stop the run."""
+    import types
+
+    from moe.config import PRESETS
+    from moe.model import ArcticForCausalLM
+    from moe.parallel import apply_deepspeed_moe, apply_expert_parallel, fix_engine
+
+    with torch.device("meta"):
+        model = ArcticForCausalLM(PRESETS["tiny"])
+    apply_expert_parallel(model, _fake_groups(2, 0))
+    model.to_empty(device="cpu")  # markers gone with the old Parameter objects
+    with pytest.raises(RuntimeError, match="lost DeepSpeed's MoE markers"):
+        fix_engine(types.SimpleNamespace(module=model, has_moe_layers=True))
+    apply_deepspeed_moe(model)  # marks them again
+    fix_engine(types.SimpleNamespace(module=model, has_moe_layers=True))

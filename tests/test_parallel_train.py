@@ -99,7 +99,7 @@ def test_training_matches_one_process(tmp_path, one_process, procs, ep_size, zer
             # After one optimizer step: dense, router and every expert equal within fp32 rounding.
             for name in ref:
                 assert got[name].shape == ref[name].shape, name
-                torch.testing.assert_close(got[name], ref[name], rtol=0, atol=2e-5, msg=f"step 1: {name}")
+                torch.testing.assert_close(got[name], ref[name], rtol=0, atol=2e-5, msg=lambda m: f"step 1: {name}: {m}")
             ref_init = ref
         else:
             for name in ref:

@@ -59,8 +59,9 @@ def _deepspeed_moe_class():
 def apply_deepspeed_moe(model: nn.Module) -> nn.Module:
     """Make deepspeed.initialize recognise every ExpertParallelMoE in `model` (in place).
 
-    Call after apply_expert_parallel and before deepspeed.initialize. Then call
-    `fix_engine(engine)` on the engine it returns.
+    Call after apply_expert_parallel, once the model is materialised on its device, right
+    before deepspeed.initialize (the expert markers live on the Parameter objects, which
+    Module.to_empty replaces). Then call `fix_engine(engine)` on the engine it returns.
     """
     from moe.parallel.dispatch import expert_parallel_layers
 
@@ -95,8 +96,8 @@ def apply_deepspeed_moe(model: nn.Module) -> nn.Module:
     # ---- end of the one place ----
 
     for _, layer in expert_parallel_layers(model):
-        group_name = layer.w1.group_name
-        layer.deepspeed_moe_marker = _DeepSpeedSeesMoE(layer.config.num_experts, layer.ep_size, group_name)
+        layer.mark_expert_params()
+        layer.deepspeed_moe_marker = _DeepSpeedSeesMoE(layer.config.num_experts, layer.ep_size, layer.group_name)
     return model
 
 
@@ -160,10 +161,17 @@ def fix_engine(engine, ep_group=None) -> None:
     engine did see the expert-parallel layers (apply_deepspeed_moe before initialize)."""
     from moe.parallel.dispatch import expert_parallel_layers
 
-    if expert_parallel_layers(engine.module) and not engine.has_moe_layers:
+    layers = expert_parallel_layers(engine.module)
+    if layers and not engine.has_moe_layers:
         raise RuntimeError("DeepSpeed did not recognise floe's expert-parallel MoE layers, so it would treat the "
                            "expert shards as data-parallel: call moe.parallel.apply_deepspeed_moe(model) after "
                            "apply_expert_parallel and before deepspeed.initialize")
+    unmarked = [f"{name}.{w}" for name, layer in layers for w in ("w1", "w3", "w2")
+                if not is_expert_param(getattr(layer, w))]
+    if unmarked:  # the engine broadcast them from rank 0 and would average them over all ranks
+        raise RuntimeError(f"expert parameters {unmarked[:3]} lost DeepSpeed's MoE markers (replaced after "
+                           "apply_deepspeed_moe, e.g. by Module.to_empty or .to()): call apply_deepspeed_moe last, "
+                           "right before deepspeed.initialize")
     if ep_group is None or dist.get_world_size(ep_group) == 1:
         return
     if engine.zero_optimization() or engine.fp16_enabled() or engine.bfloat16_enabled():

@@ -101,15 +101,23 @@ class ExpertParallelMoE(MoELayer):
         self.first_expert = groups.ep_rank * self.num_local_experts  # global id of local expert 0
         self.async_dispatch = async_dispatch
         self.gate = moe.gate  # the router stays replicated and data-parallel
+        self.group_name = groups.group_name
         lo, hi = self.first_expert, self.first_expert + self.num_local_experts
         for name in ("w1", "w3", "w2"):
             full = getattr(moe, name)
-            shard = nn.Parameter(full.detach()[lo:hi].clone(), requires_grad=full.requires_grad)
-            # DeepSpeed's MoE markers (deepspeed.moe.utils.is_moe_param): not all-reduced over
-            # the data-parallel group but over the expert-data-parallel group of this name.
-            shard.allreduce = False
-            shard.group_name = groups.group_name
-            setattr(self, name, shard)
+            setattr(self, name, nn.Parameter(full.detach()[lo:hi].clone(), requires_grad=full.requires_grad))
+        self.mark_expert_params()
+
+    def mark_expert_params(self) -> None:
+        """DeepSpeed's MoE markers (deepspeed.moe.utils.is_moe_param): these shards are not
+        all-reduced over the data-parallel group but over the expert-data-parallel group of
+        this name. They live on the Parameter objects, so whatever replaces the parameters
+        (Module.to_empty after building on the meta device does) must mark them again:
+        apply_deepspeed_moe does, right before deepspeed.initialize."""
+        for name in ("w1", "w3", "w2"):
+            param = getattr(self, name)
+            param.allreduce = False
+            param.group_name = self.group_name
 
     def extra_repr(self) -> str:
         return (f"experts {self.first_expert}..{self.first_expert + self.num_local_experts - 1} "
