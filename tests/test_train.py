@@ -37,7 +37,8 @@ def test_entry_point_trains_tiny_and_loss_falls(tmp_path):
         assert all(isinstance(m[key], float) for m in metrics), key
     first, last = metrics[0]["loss"], sum(m["loss"] for m in metrics[-5:]) / 5
     assert first > 6.0 and last < first - 1.5, (first, last)
-    assert metrics[0]["balance_floor"] == 2.0 and all(m["balance_loss"] >= 2.0 - 1e-4 for m in metrics)
+    # 1.0 per layer under perfect balance (not a strict lower bound on a batch); stays near it
+    assert metrics[0]["balance_floor"] == 2.0 and all(abs(m["balance_loss"] - 2.0) < 0.2 for m in metrics)
     assert os.path.isfile(run_dir / "config.yaml")
     assert open(run_dir / "checkpoints" / "latest").read() == "step_00000030"
 
