@@ -37,6 +37,12 @@ def resolve_backend(x: torch.Tensor) -> str:
     return name
 
 
+def interpreter_enabled() -> bool:
+    """Whether TRITON_INTERPRET is set (Triton then runs kernels on CPU tensors); reads the
+    environment only, so callers need not import Triton to ask."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def _triton_available() -> bool:
     try:
         import triton  # noqa: F401
@@ -70,4 +76,4 @@ def grouped_swiglu(x, w1, w3, w2, group_sizes):
     return reference.grouped_swiglu(x, w1, w3, w2, group_sizes)
 
 
-__all__ = ["grouped_mm", "grouped_swiglu", "set_backend", "resolve_backend", "BACKENDS"]
+__all__ = ["grouped_mm", "grouped_swiglu", "set_backend", "resolve_backend", "interpreter_enabled", "BACKENDS"]

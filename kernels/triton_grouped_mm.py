@@ -24,27 +24,24 @@ T row tiles (upper bound), BM/BN/BK/BR block sizes.
 """
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-
-def _interpret_env() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+from kernels import interpreter_enabled
 
 
 # Decided at import, as triton.jit decides at decoration time whether it interprets.
-INTERPRETED = _interpret_env()
+INTERPRETED = interpreter_enabled()
 
 
 def interpreting() -> bool:
     """Whether the kernels can run on CPU tensors now: they were decorated under
     TRITON_INTERPRET=1, and the interpreter, which reads the variable again at run time,
     still sees it."""
-    return INTERPRETED and _interpret_env()
+    return INTERPRETED and interpreter_enabled()
 
 
 # Every output buffer of the Triton path is allocated here, so a test can poison them all

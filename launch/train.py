@@ -37,7 +37,7 @@ from moe.model import IGNORE_INDEX, ArcticForCausalLM, shift_targets
 from moe.optim import OptimConfig, lr_lambda, param_groups
 from moe.parallel import (apply_deepspeed_moe, apply_expert_parallel, build_deepspeed_config, build_parallel_groups,
                           check_deepspeed_version, fix_engine, global_grad_norm, parallel_errors,
-                          split_moe_param_groups)
+                          read_launch_env, split_moe_param_groups)
 from moe.parallel import init_distributed as parallel_init_distributed
 
 log = logging.getLogger("floe")
@@ -145,7 +145,7 @@ def init_distributed(device_kind: str) -> bool:
     if "RANK" not in os.environ:  # plain `python launch/train.py`: a group of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_rank = read_launch_env().local_rank
     parallel_init_distributed(torch.device(device_kind, local_rank if device_kind == "cuda" else None))
     return True
 
@@ -173,8 +173,7 @@ def _check_launch(c: Configs, world_size: int, vocab_size: int) -> None:
     # Expert parallelism, ZeRO stage and the batch split (moe/parallel/groups.py).
     errors = parallel_errors(c.model, world_size, c.parallel.ep_size, c.parallel.zero_stage,
                              c.train.global_batch_size, c.train.micro_batch_size)
-    interpreter = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    if c.train.kernels == "triton" and pick_device(c.train.device) == "cpu" and not interpreter:
+    if c.train.kernels == "triton" and pick_device(c.train.device) == "cpu" and not kernels.interpreter_enabled():
         errors.append("train.kernels=triton on a CPU needs TRITON_INTERPRET=1 in the environment (slow: for "
                       "checking the kernels); use train.kernels=auto or reference to train on a CPU")
     if vocab_size > c.model.vocab_size:
@@ -223,8 +222,8 @@ def train(cfg: DictConfig) -> dict:
     """Run training as configured; returns the last step's metrics (on every rank)."""
     c = parse_config(cfg)
     device_kind = pick_device(c.train.device)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    launch = read_launch_env()  # torchrun's RANK / WORLD_SIZE, checked before any collective
+    world_size, rank = launch.world_size, launch.rank
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="[%(asctime)s floe] %(message)s", datefmt="%H:%M:%S", force=True)
 
@@ -264,7 +263,7 @@ def _train(c: Configs, cfg: DictConfig, dataset, device_kind: str) -> dict:
     import deepspeed
 
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    device = torch.device(device_kind, int(os.environ.get("LOCAL_RANK", 0)) if device_kind == "cuda" else None)
+    device = torch.device(device_kind, read_launch_env().local_rank if device_kind == "cuda" else None)
     if rank == 0:
         os.makedirs(c.run_dir, exist_ok=True)
         OmegaConf.save(cfg, os.path.join(c.run_dir, "config.yaml"), resolve=True)
@@ -336,8 +335,8 @@ def _train(c: Configs, cfg: DictConfig, dataset, device_kind: str) -> dict:
             # DeepSpeed divides each micro-batch loss by grad_accum and averages gradients over
             # ranks; this factor undoes both for the LM term (the aux term stays a mean).
             lm_scale = grad_accum * world_size / max(global_tokens, 1.0)
-            sums = torch.zeros(5, dtype=torch.float64, device=device)  # lm_sum, balance, aux, dropped, assigned
-            input_tokens = 0
+            # lm_sum, balance, aux, dropped, assigned, input tokens: summed over ranks in one all-reduce
+            sums = torch.zeros(6, dtype=torch.float64, device=device)
             for i, mb in enumerate(micro_batches):
                 out = engine(input_ids=mb["input_ids"], position_ids=mb["position_ids"], labels=mb["labels"],
                              attention_mask=mb["attention_mask"])
@@ -347,14 +346,14 @@ def _train(c: Configs, cfg: DictConfig, dataset, device_kind: str) -> dict:
                     out.aux_loss.detach().double(),
                     sum(st.dropped for st in out.router_stats).double(),
                     torch.tensor(float(sum(st.num_assignments for st in out.router_stats)), device=device,
-                                 dtype=torch.float64)])
-                input_tokens += int(mb["attention_mask"].sum())
+                                 dtype=torch.float64),
+                    mb["attention_mask"].sum().double()])
                 if i < len(micro_batches) - 1:
                     engine.step()  # inside the accumulation window DeepSpeed only counts the micro-step
             step += 1
             dist.all_reduce(sums)
             # NOTE: host sync once per step for logging and the NaN check.
-            lm_sum, balance, aux, dropped, assigned = sums.tolist()
+            lm_sum, balance, aux, dropped, assigned, input_tokens = sums.tolist()
             num_micro = grad_accum * world_size
             loss = lm_sum / max(global_tokens, 1.0)
             # Checked before the update is applied, with the same verdict on every rank, so no
@@ -379,7 +378,7 @@ def _train(c: Configs, cfg: DictConfig, dataset, device_kind: str) -> dict:
                 "aux_loss": aux / num_micro,
                 "lr": engine.get_lr()[0],
                 "grad_norm": grad_norm,
-                "tokens_per_s": _all_reduce_sum(float(input_tokens), device) / elapsed,
+                "tokens_per_s": input_tokens / elapsed,
                 "dropped_frac": dropped / max(assigned, 1.0),
                 "loss_tokens": int(global_tokens),
                 "step_time_s": elapsed,

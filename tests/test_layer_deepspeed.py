@@ -1,21 +1,18 @@
 """MoELayer against DeepSpeed's top-2 MoE (the gating that trained Arctic) on identical weights."""
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 
 from launch.train import _forget_deepspeed_groups
+from tests.distributed import free_port
 from tools.bench_moe import build_pair
 
 
 @pytest.fixture
 def single_process_group():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    env = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     dist.init_process_group("gloo")

@@ -174,7 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("bench_grouped_gemm: needs a CUDA GPU and none is visible; measuring nothing.")
         return 0
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    from kernels import interpreter_enabled
+
+    if interpreter_enabled():
         print("bench_grouped_gemm: unset TRITON_INTERPRET; the interpreter would be timed, not the kernels.")
         return 1
     props = torch.cuda.get_device_properties(0)

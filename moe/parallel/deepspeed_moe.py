@@ -126,20 +126,18 @@ def global_grad_norm(parameters, ep_group=None) -> torch.Tensor:
     Returns a CPU fp32 scalar (the same on every rank). Collective over ep_group.
     """
     params = [p for p in parameters if p.grad is not None]
-    dense_sq = torch.zeros((), dtype=torch.float32)
-    expert_sq = torch.zeros((), dtype=torch.float32)
-    for p in params:
-        sq = p.grad.detach().float().pow(2).sum().cpu()  # NOTE: host sync per parameter (stage 0 only)
+    device = params[0].grad.device if params else torch.device("cpu")
+    dense_sq = torch.zeros((), dtype=torch.float32, device=device)
+    expert_sq = torch.zeros((), dtype=torch.float32, device=device)
+    for p in params:  # accumulated on the device: no host sync inside the loop
+        sq = p.grad.detach().float().pow(2).sum()
         if is_expert_param(p):
             expert_sq += sq
         else:
             dense_sq += sq
     if ep_group is not None and dist.get_world_size(ep_group) > 1:
-        device = params[0].grad.device if params else torch.device("cpu")
-        buf = expert_sq.to(device)
-        dist.all_reduce(buf, group=ep_group)
-        expert_sq = buf.cpu()
-    return (dense_sq + expert_sq).sqrt()
+        dist.all_reduce(expert_sq, group=ep_group)
+    return (dense_sq + expert_sq).sqrt().cpu()  # NOTE: one host sync
 
 
 @torch.no_grad()
