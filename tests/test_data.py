@@ -161,6 +161,38 @@ def test_rows_match_independent_encoding(tmp_path, tok):
     assert ds.stats["loss_tokens"] == int(enc.trained.sum()) and ds.stats["tokens"] == int(enc.lengths.sum())
 
 
+@pytest.mark.parametrize("kind", ["chat", "prompt_completion", "text"])
+def test_truncated_rows_match_independent_encoding(tmp_path, tok, kind):
+    """Issue 8.1: with data.overlong=truncate every example after an overlong one was read from the
+    wrong offset. Every packed segment must be its own example, cut to seq_len, token for token."""
+    def record(i, n_words):
+        words = " ".join(f"w{i}x{j}" for j in range(n_words))
+        if kind == "chat":
+            return chat(("system", "be brief"), ("user", f"q{i}"), ("assistant", f"a{i} " + words))
+        if kind == "prompt_completion":
+            return {"prompt": f"q{i}", "completion": f"a{i} " + words}
+        return {"text": f"t{i} " + words}
+    records = [record(i, 2 + (37 * i) % 40) for i in range(40)]  # several far over seq_len, several under
+    seq_len = 48
+    path = write_jsonl(tmp_path / f"{kind}.jsonl", records)
+    _, ds = build_dataset(DataConfig(name="jsonl", paths=[path], seq_len=seq_len, cache_dir=str(tmp_path)), 0)
+    assert ds.stats["truncated"] >= 5 and ds.stats["examples"] == 40
+    seen = []
+    for r in range(ds.num_rows):
+        c = 0
+        for m in ds.row_examples(r):
+            alone = encode_examples(tok, [formats.parse_record(records[m])])  # its own encoding
+            ids, trained = alone.tokens[:seq_len], alone.trained[:seq_len]
+            n = len(ids)
+            assert ds.tokens[r, c:c + n].tolist() == ids.tolist(), (r, m)
+            assert ds.trained[r, c:c + n].astype(bool).tolist() == trained.tolist(), (r, m)
+            assert ds.position[r, c] == 0 and not ds.trained[r, c]  # the template never trains a first token
+            c += n
+            seen.append(m)
+        assert c == ds.lengths[r]
+    assert sorted(seen) == list(range(40))
+
+
 # ---------------------------------------------------------------------------- packing
 def naive_best_fit(lengths, L):
     rows = []  # remaining space per row
@@ -351,7 +383,7 @@ def test_loader_divisibility_message(synth):
     with pytest.raises(ValueError, match=r"train.global_batch_size \(10\) must be divisible by "
                                          r"train.micro_batch_size \(4\) x data-parallel size \(1\)"):
         StepLoader(ds, global_batch_size=10, micro_batch_size=4)
-    with pytest.raises(ValueError, match="train.global_batch_size .* exceeds"):
+    with pytest.raises(ValueError, match=rf"packs into {ds.num_rows} rows .* fewer than one global batch"):
         StepLoader(ds, global_batch_size=ds.num_rows + 1, micro_batch_size=1)
 
 
@@ -376,6 +408,20 @@ def test_each_row_once_per_epoch_across_two_ranks(synth):
         assert len(rows) == len(set(rows)) == spe * G  # no row twice, over both ranks together
         assert all(loader.epoch == epoch + 1 and loader.step == 0 for loader in ranks)
     assert seen[0] != seen[1]  # a new order each epoch
+
+
+def test_global_loss_tokens_match_the_models_shifted_targets(synth):
+    """The host-side count equals what the model's shift_targets leaves to train on, summed over
+    every rank's micro-batches, across an epoch boundary."""
+    from moe.model import IGNORE_INDEX, shift_targets
+
+    _, ds = synth
+    ranks = [StepLoader(ds, global_batch_size=8, micro_batch_size=2, dp_rank=r, dp_size=2, seed=3) for r in range(2)]
+    for _ in range(ranks[0].steps_per_epoch + 2):
+        counted = [loader.global_loss_tokens() for loader in ranks]
+        targets = sum(int((shift_targets(mb["labels"], mb["position_ids"]) != IGNORE_INDEX).sum())
+                      for loader in ranks for mb in loader.next_step())
+        assert counted == [targets, targets] and targets > 0
 
 
 def test_examples_used_once_per_epoch_across_two_ranks(tmp_path, tok):

@@ -13,10 +13,19 @@ Each micro-batch is a dict of [micro, seq_len] tensors:
     position_ids    long  restart at 0 at every packed example and at the padding tail, so the
                           model can find the example boundaries from the restarts
     attention_mask  bool  False on padding (kept out of the loss, attention and router statistics)
+
+Held-out evaluation (data.eval_fraction or data.eval_paths) and the resume/size checks:
+    eval_ds = build_eval_dataset(DataConfig(**cfg.data), seed)      # None when no eval is configured
+    for mb in eval_micro_batches(eval_ds, micro_batch_size=m, dp_rank=r, dp_size=n): ...
+        # mb has the keys above plus source_ids [micro, seq_len] (index into eval_ds.source_names,
+        # -1 on padding); eval_ds.source_labels are the short names for eval_loss/<label>
+    check_enough_rows(dataset, global_batch_size)   # ValueError with the numbers and the fix
+    dataset.fingerprint                             # sha256 of the packed arrays, for resume checks
 """
 from moe.data.config import DataConfig
-from moe.data.dataset import PackedDataset, build_dataset
-from moe.data.loader import StepLoader
+from moe.data.dataset import PackedDataset, build_dataset, build_eval_dataset
+from moe.data.loader import StepLoader, check_enough_rows, eval_micro_batches
 from moe.data.tokenizer import Tokenizer
 
-__all__ = ["DataConfig", "PackedDataset", "StepLoader", "Tokenizer", "build_dataset"]
+__all__ = ["DataConfig", "PackedDataset", "StepLoader", "Tokenizer", "build_dataset", "build_eval_dataset",
+           "check_enough_rows", "eval_micro_batches"]

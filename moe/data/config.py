@@ -24,11 +24,18 @@ class DataConfig:
     tokenizer: str | None = None       # SentencePiece .model; None: floe's embedded tokenizer
     cache_dir: str | None = None       # None: $FLOE_CACHE or ~/.cache/floe
     num_workers: int = 0               # tokenizer threads; 0: all cores
+    # The held-out evaluation set (moe.data.build_eval_dataset), at most one of the two. eval_fraction:
+    # for jsonl, the share of each source's examples held out of training (by content hash); for the
+    # embedded sources, eval examples per source as a share of its training examples, drawn from the
+    # held-out questions (which training never sees, whatever this is; moe/data/synthetic.py).
+    eval_fraction: float = 0.0
+    eval_paths: list[str] = field(default_factory=list)  # JSONL files or globs, one eval source each
 
     def __post_init__(self):
         # Hydra hands over ListConfig and friends; keep plain Python types.
         self.paths = [str(p) for p in (self.paths or [])]
         self.sources = [str(s) for s in (self.sources or [])]
+        self.eval_paths = [str(p) for p in (self.eval_paths or [])]
         if self.weights is not None:
             self.weights = [float(w) for w in self.weights]
         problems = []
@@ -64,6 +71,13 @@ class DataConfig:
             problems.append(f"data.strict must be true or false, got {self.strict!r}")
         if not isinstance(self.num_workers, int) or self.num_workers < 0:
             problems.append(f"data.num_workers must be an integer >= 0, got {self.num_workers!r}")
+        if isinstance(self.eval_fraction, int) and not isinstance(self.eval_fraction, bool):
+            self.eval_fraction = float(self.eval_fraction)
+        if not isinstance(self.eval_fraction, float) or not 0.0 <= self.eval_fraction < 1.0:
+            problems.append(f"data.eval_fraction must be a number in [0, 1), got {self.eval_fraction!r}")
+        elif self.eval_fraction > 0 and self.eval_paths:
+            problems.append("data.eval_fraction and data.eval_paths both set: hold out a share of the training "
+                            "sources OR evaluate on separate files, not both (set data.eval_fraction=0)")
         if problems:
             raise ValueError("invalid data config:\n  " + "\n  ".join(problems))
 
@@ -72,9 +86,15 @@ class DataConfig:
         """One name per source, in the order of data.weights."""
         return list(self.sources) if self.name in EMBEDDED else list(self.paths)
 
+    @property
+    def has_eval(self) -> bool:
+        """Whether a held-out evaluation set is configured (data.eval_fraction or data.eval_paths)."""
+        return self.eval_fraction > 0 or bool(self.eval_paths)
+
     def cache_fields(self) -> dict:
         """The fields that change the built rows (the cache key); not where or how fast."""
-        skip = {"cache_dir", "num_workers", "tokenizer"}  # tokenizer enters by content hash
+        # tokenizer enters by content hash; eval_paths by file content, and only in the eval set's key
+        skip = {"cache_dir", "num_workers", "tokenizer", "eval_paths"}
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
         if self.name not in EMBEDDED:
             out.pop("sources")

@@ -11,10 +11,21 @@ The mixture is fixed at build time from (seed, data config): source i contribute
 round(w_i * N) examples of the N in an epoch (a seeded subset when that is fewer than it
 has, whole repeats plus a seeded subset when more). The loader reshuffles rows per epoch.
 
+Held-out evaluation set (`build_eval_dataset`, when data.eval_fraction or data.eval_paths is
+set): packed the same way from examples that training never sees, each once, no mixture. The
+split happens on parsed examples, before tokenising and packing:
+    jsonl     an example is held out when sha256(seed, its parsed turns) falls in the lowest
+              data.eval_fraction of the hash range: duplicates go to the same side, and the
+              side of an example does not change when other examples are added or removed
+              (the source is not in the key, so an example in two sources is on one side)
+    embedded  training never sees the held-out questions (moe/data/synthetic.py); the eval set
+              draws round(data.eval_fraction * n) of them per source of n training examples
+    eval_paths  the listed files, one eval source each (the training rows are unchanged)
+
 Cache: <cache_dir>/data/<key>/, key = hash of the inputs' bytes, the tokenizer file, the
-config fields that change rows, the seed and this package's source code. The first process
-to take <key>.lock builds into a temporary directory and renames it into place, so
-concurrent torchrun ranks never read a half-written cache; the others wait and load it.
+config fields that change rows, the seed, the split and this package's source code; written
+atomically, checksummed and verified on load (moe/data/cache.py). Each dataset carries a
+`fingerprint` of its arrays for resume checks.
 """
 from __future__ import annotations
 
@@ -23,8 +34,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moe.data import formats, synthetic
+from moe.data import cache, formats, synthetic
 from moe.data.config import DEFAULT_EMBEDDED_EXAMPLES, EMBEDDED, DataConfig
 from moe.data.formats import BadRecord, ReadResult
 from moe.data.packing import best_fit_pack
@@ -41,6 +50,10 @@ from moe.data.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 CHUNK = 4096  # examples per tokenizer call (one progress-bar tick)
+# Part of the cache key. Bumped whenever rows built from the same inputs would differ:
+# 2 = the truncation fix (format 1 read every example after an overlong one from a wrong offset);
+# 3 = checksums and fingerprint in meta.json, held-out split.
+CACHE_FORMAT = 3
 _ARRAYS = ("tokens", "trained", "position", "lengths", "seg_offsets", "seg_example", "seg_source")
 
 
@@ -57,6 +70,7 @@ class PackedDataset:
     source_names: list[str]
     stats: dict
     pad_id: int
+    fingerprint: str = ""    # sha256 of the arrays (moe.data.cache.fingerprint): same rows <=> same value
     path: str = ""           # the cache directory it was loaded from
     cache_hit: bool = False  # True when this call found the cache already built
 
@@ -67,6 +81,13 @@ class PackedDataset:
     @property
     def seq_len(self) -> int:
         return int(self.tokens.shape[1])
+
+    @property
+    def source_labels(self) -> list[str]:
+        """Short names of the sources for metric keys (eval_loss/<label>): the embedded source name,
+        or a file entry's stem ('data/math.jsonl' -> 'math') when the stems are unique."""
+        stems = [Path(n).name.split(".")[0] or n for n in self.source_names]
+        return stems if len(set(stems)) == len(stems) else list(self.source_names)
 
     def row_examples(self, r: int) -> list[int]:
         """Mixture indices of the examples packed into row r, in row order."""
@@ -85,42 +106,67 @@ class PackedDataset:
             "attention_mask": torch.arange(self.seq_len)[None, :] < lengths[:, None],
         }
 
+    def source_ids(self, rows) -> torch.Tensor:
+        """[B, L] long: the source (index into source_names) of each token of the rows; -1 on padding.
+
+        Aligned with `labels`: the loss of predicting labels[:, t] belongs to source_ids[:, t].
+        """
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.full((len(rows), self.seq_len), -1, dtype=np.int64)
+        for i, r in enumerate(rows.tolist()):
+            n = int(self.lengths[r])
+            seg = np.cumsum(self.position[r, :n] == 0) - 1  # segment of each real token, in row order
+            out[i, :n] = self.seg_source[self.seg_offsets[r] + seg]
+        return torch.from_numpy(out)
+
 
 def build_dataset(cfg: DataConfig, seed: int) -> tuple[Tokenizer, PackedDataset]:
-    """Tokenizer and packed rows for `cfg`; deterministic given (cfg, seed), cached, rank-agnostic."""
+    """Tokenizer and packed training rows for `cfg`; deterministic given (cfg, seed), cached, rank-agnostic.
+
+    With data.eval_fraction > 0 the held-out examples are left out (see build_eval_dataset).
+    """
     tok = Tokenizer(cfg.tokenizer)
-    files = _resolve_paths(cfg) if cfg.name not in EMBEDDED else []
-    key = _cache_key(cfg, seed, tok, files)
+    return tok, _build_cached(cfg, seed, tok, "train")
+
+
+def build_eval_dataset(cfg: DataConfig, seed: int) -> PackedDataset | None:
+    """Packed rows of the held-out examples (each once; no example is also in build_dataset's rows),
+    or None when neither data.eval_fraction nor data.eval_paths is set. Same seed as build_dataset.
+
+    Rows carry the source of each example (seg_source, source_ids()), so the loss can be reported
+    per source; iterate them with moe.data.eval_micro_batches.
+    """
+    if not cfg.has_eval:
+        return None
+    return _build_cached(cfg, seed, Tokenizer(cfg.tokenizer), "eval")
+
+
+def _build_cached(cfg: DataConfig, seed: int, tok: Tokenizer, split: str) -> PackedDataset:
+    if split == "eval" and cfg.eval_paths:
+        files = _resolve_paths(cfg.eval_paths, "data.eval_paths")
+    else:
+        files = _resolve_paths(cfg.paths, "data.paths") if cfg.name not in EMBEDDED else []
+    key = _cache_key(cfg, seed, tok, files, split)
     root = Path(cfg.cache_dir or os.environ.get("FLOE_CACHE") or Path.home() / ".cache" / "floe") / "data"
-    final = root / key
-    if not (final / "meta.json").is_file():
-        root.mkdir(parents=True, exist_ok=True)
-        with _FileLock(root / f"{key}.lock"):
-            if not (final / "meta.json").is_file():  # another rank may have built it meanwhile
-                t0 = time.perf_counter()
-                arrays, meta = _build(cfg, seed, tok, files)
-                meta["build_seconds"] = round(time.perf_counter() - t0, 3)
-                _write_atomic(final, arrays, meta)
-                ds = _load(final, cache_hit=False)
-                _log_stats(ds, built=True)
-                return tok, ds
-    ds = _load(final, cache_hit=True)
-    _log_stats(ds, built=False)
-    return tok, ds
+    arrays, meta, hit = cache.load_or_build(root, key, _ARRAYS, lambda: _build(cfg, seed, tok, files, split))
+    ds = PackedDataset(**arrays, source_names=meta["source_names"], stats=meta["stats"], pad_id=meta["pad_id"],
+                       fingerprint=meta["fingerprint"], path=str(root / key), cache_hit=hit)
+    _log_stats(ds, built=not hit, first_skips=meta.get("first_skips", []), split=split)
+    return ds
 
 
 # ------------------------------------------------------------------------------ build
-def _resolve_paths(cfg: DataConfig) -> list[list[str]]:
-    """Each entry of data.paths -> its sorted files; errors name the entry."""
+def _resolve_paths(paths: list[str], key: str) -> list[list[str]]:
+    """Each entry of `paths` (config key `key`) -> its sorted files; errors name the entry."""
     out, problems = [], []
-    for i, p in enumerate(cfg.paths):
+    for i, p in enumerate(paths):
         matches = sorted(glob.glob(os.path.expanduser(p), recursive=True)) if glob.has_magic(p) else [p]
         files = [m for m in matches if os.path.isfile(m)]
         if not files:
-            problems.append(f"data.paths[{i}]: no file matches {p!r}")
+            problems.append(f"{key}[{i}]: no file matches {p!r}")
         parquet = [f for f in files if f.endswith(".parquet")]
         if parquet:  # not read as JSONL: that would report every line as invalid UTF-8
-            problems.append(f"data.paths[{i}]: {parquet[0]} is Parquet, which floe does not read; convert it "
+            problems.append(f"{key}[{i}]: {parquet[0]} is Parquet, which floe does not read; convert it "
                             "to JSONL, e.g. pandas.read_parquet(p).to_json(out, orient='records', lines=True)")
         out.append(files)
     if problems:
@@ -128,11 +174,39 @@ def _resolve_paths(cfg: DataConfig) -> list[list[str]]:
     return out
 
 
-def _read_sources(cfg: DataConfig, seed: int, files: list[list[str]]) -> list[ReadResult]:
+def _read_sources(cfg: DataConfig, seed: int, files: list[list[str]], split: str) -> list[ReadResult]:
+    """The examples of each source on the `split` side of the held-out split (module docstring)."""
+    if split == "eval" and cfg.eval_paths:
+        return [formats.read_jsonl_files(fs, cfg.strict) for fs in files]
     if cfg.name in EMBEDDED:
         targets = _shares(cfg.weights or [1.0] * len(cfg.sources), cfg.num_examples or DEFAULT_EMBEDDED_EXAMPLES)
-        return [formats.read_records(synthetic.generate(s, n, seed)) for s, n in zip(cfg.sources, targets, strict=True)]
-    return [formats.read_jsonl_files(fs, cfg.strict) for fs in files]
+        if split == "eval":
+            targets = [max(1, round(cfg.eval_fraction * n)) for n in targets]
+        return [formats.read_records(synthetic.generate(s, n, seed, split))
+                for s, n in zip(cfg.sources, targets, strict=True)]
+    reads = [formats.read_jsonl_files(fs, cfg.strict) for fs in files]
+    if cfg.eval_fraction > 0:
+        for i, r in enumerate(reads):
+            _keep_side(r, seed, cfg.eval_fraction, heldout=split == "eval")
+            if split == "eval" and not r.examples:
+                raise ValueError(f"data.eval_fraction={cfg.eval_fraction} holds out none of the {r.held_out} usable "
+                                 f"examples of data.paths[{i}] ({cfg.paths[i]}): raise data.eval_fraction or "
+                                 "give held-out files in data.eval_paths")
+    return reads
+
+
+def is_heldout(example: formats.Example, seed: int, eval_fraction: float) -> bool:
+    """Whether a parsed example is on the held-out side of the data.eval_fraction split for `seed`."""
+    h = hashlib.sha256(json.dumps([seed, example], ensure_ascii=False).encode()).digest()
+    return int.from_bytes(h[:8], "big") < eval_fraction * 2.0 ** 64
+
+
+def _keep_side(src: ReadResult, seed: int, eval_fraction: float, heldout: bool) -> None:
+    """Keep only the examples on one side of the split (in place); count the others in src.held_out."""
+    side = [is_heldout(ex, seed, eval_fraction) == heldout for ex in src.examples]
+    src.held_out = len(side) - sum(side)
+    src.examples = [ex for ex, keep in zip(src.examples, side, strict=True) if keep]
+    src.origins = [o for o, keep in zip(src.origins, side, strict=True) if keep]
 
 
 def _shares(weights: list[float], total: int) -> list[int]:
@@ -157,10 +231,8 @@ def _encode_source(cfg: DataConfig, tok: Tokenizer, src: ReadResult, name: str) 
         parts.append(encode_examples(tok, src.examples[i:i + CHUNK], threads))
         bar.update(len(parts[-1].lengths))
     bar.close()
-    enc = Encoded(np.concatenate([p.tokens for p in parts]) if parts else np.zeros(0, np.int32),
-                  np.concatenate([p.trained for p in parts]) if parts else np.zeros(0, bool),
-                  np.concatenate([p.lengths for p in parts]) if parts else np.zeros(0, np.int64))
-    offsets = enc.offsets
+    enc = Encoded.concat(parts)
+    offsets = enc.starts
     keep, lengths = [], enc.lengths.copy()
     truncated = 0
     for i in range(len(lengths)):
@@ -179,7 +251,7 @@ def _encode_source(cfg: DataConfig, tok: Tokenizer, src: ReadResult, name: str) 
             truncated += 1
         keep.append(i)
     src.truncated = truncated
-    return Encoded(enc.tokens, enc.trained, lengths), keep
+    return enc.truncated(lengths), keep
 
 
 def _mixture(n_avail: list[int], weights: list[float] | None, total: int | None, seed: int) -> list[np.ndarray]:
@@ -198,17 +270,18 @@ def _mixture(n_avail: list[int], weights: list[float] | None, total: int | None,
     return out
 
 
-def _build(cfg: DataConfig, seed: int, tok: Tokenizer, files: list[list[str]]) -> tuple[dict, dict]:
-    names = cfg.source_names
-    reads = _read_sources(cfg, seed, files)
+def _build(cfg: DataConfig, seed: int, tok: Tokenizer, files: list[list[str]], split: str) -> tuple[dict, dict]:
+    names = list(cfg.eval_paths) if split == "eval" and cfg.eval_paths else cfg.source_names
+    reads = _read_sources(cfg, seed, files, split)
     encs, keeps = [], []
     for name, src in zip(names, reads, strict=True):
         enc, keep = _encode_source(cfg, tok, src, name)
         encs.append(enc)
         keeps.append(keep)
-    embedded = cfg.name in EMBEDDED  # embedded sources were generated at their mixture size
-    picks = _mixture([len(k) for k in keeps], None if embedded else cfg.weights,
-                     None if embedded else cfg.num_examples, seed)
+    # Embedded sources were generated at their mixture size; an eval set takes every example once.
+    as_is = cfg.name in EMBEDDED or split == "eval"
+    picks = _mixture([len(k) for k in keeps], None if as_is else cfg.weights,
+                     None if as_is else cfg.num_examples, seed)
 
     # The epoch's mixture as (source, example) pairs; the packer sees only their lengths.
     mix_src = np.concatenate([np.full(len(p), s, np.int64) for s, p in enumerate(picks)])
@@ -228,7 +301,7 @@ def _build(cfg: DataConfig, seed: int, tok: Tokenizer, files: list[list[str]]) -
     seg_offsets = np.zeros(R + 1, dtype=np.int64)
     seg_example = np.zeros(len(mix_ex), dtype=np.int64)
     ramp = np.arange(L, dtype=pos_dtype)
-    offsets = [e.offsets for e in encs]
+    offsets = [e.starts for e in encs]
     j = 0
     for r, row in enumerate(rows):
         c = 0
@@ -257,13 +330,15 @@ def _build(cfg: DataConfig, seed: int, tok: Tokenizer, files: list[list[str]]) -
         "loss_tokens": int(trained.sum()),
         "pad_fraction": round(1.0 - real / (R * L), 6),
         "lines": int(sum(r.lines for r in reads)),
+        "held_out": int(sum(r.held_out for r in reads)),  # examples on the other side of the eval split
         "sources": {n: {"available": len(k), "examples": int(len(p))}
                     for n, k, p in zip(names, keeps, picks, strict=True)},
     }
-    meta = {"stats": stats, "source_names": names, "pad_id": tok.pad_id,
-            "first_skips": [s for r in reads for s in r.first_skips][:10]}
     arrays = dict(tokens=tokens, trained=trained, position=position, lengths=lengths,
                   seg_offsets=seg_offsets, seg_example=seg_example, seg_source=seg_source)
+    meta = {"split": split, "stats": stats, "source_names": names, "pad_id": tok.pad_id,
+            "fingerprint": cache.fingerprint(arrays, {"source_names": names, "pad_id": tok.pad_id}),
+            "first_skips": [s for r in reads for s in r.first_skips][:10]}
     return arrays, meta
 
 
@@ -275,10 +350,13 @@ def _skipped(reads: list[ReadResult]) -> Counter:
 
 
 # ------------------------------------------------------------------------------ cache
-def _cache_key(cfg: DataConfig, seed: int, tok: Tokenizer, files: list[list[str]]) -> str:
+def _cache_key(cfg: DataConfig, seed: int, tok: Tokenizer, files: list[list[str]], split: str) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps({"cfg": cfg.cache_fields(), "seed": seed, "tokenizer": tok.fingerprint},
-                        sort_keys=True).encode())
+    fields = cfg.cache_fields()
+    if split == "eval":
+        fields["eval_paths"] = cfg.eval_paths
+    h.update(json.dumps({"format": CACHE_FORMAT, "cfg": fields, "seed": seed, "tokenizer": tok.fingerprint,
+                         "split": split}, sort_keys=True).encode())
     for py in sorted(Path(__file__).parent.glob("*.py")):  # the code that makes the rows
         h.update(py.read_bytes())
     for group in files:
@@ -287,61 +365,17 @@ def _cache_key(cfg: DataConfig, seed: int, tok: Tokenizer, files: list[list[str]
             with open(f, "rb") as fh:
                 for block in iter(lambda: fh.read(1 << 20), b""):
                     h.update(block)
-    return f"{cfg.name}-{h.hexdigest()[:20]}"
+    return f"{cfg.name}{'-eval' if split == 'eval' else ''}-{h.hexdigest()[:20]}"
 
 
-def _write_atomic(final: Path, arrays: dict, meta: dict) -> None:
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{time.monotonic_ns()}"
-    tmp.mkdir(parents=True)
-    try:
-        for name, a in arrays.items():
-            np.save(tmp / f"{name}.npy", a)
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))  # written last: marks completeness
-        try:
-            os.replace(tmp, final)
-        except OSError:  # another process renamed a complete copy into place first
-            if not (final / "meta.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _load(path: Path, cache_hit: bool) -> PackedDataset:
-    meta = json.loads((path / "meta.json").read_text())
-    arrays = {n: np.load(path / f"{n}.npy", mmap_mode="r") for n in _ARRAYS}
-    return PackedDataset(**arrays, source_names=meta["source_names"], stats=meta["stats"],
-                         pad_id=meta["pad_id"], path=str(path), cache_hit=cache_hit)
-
-
-class _FileLock:
-    """An exclusive flock on a file (POSIX); elsewhere the atomic rename alone keeps caches whole."""
-
-    def __init__(self, path: Path):
-        self.path, self.fd = path, None
-
-    def __enter__(self):
-        try:
-            import fcntl
-        except ImportError:
-            return self
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        fcntl.flock(self.fd, fcntl.LOCK_EX)  # waits while another rank builds
-        return self
-
-    def __exit__(self, *exc):
-        if self.fd is not None:
-            import fcntl
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
-
-
-def _log_stats(ds: PackedDataset, built: bool) -> None:
+def _log_stats(ds: PackedDataset, built: bool, first_skips: list[str], split: str) -> None:
     s = ds.stats
-    log.info("data: %s %d examples -> %d rows of %d (%d tokens, %d trained, %.2f%% padding, %d truncated)%s",
-             "built" if built else "cached", s["examples"], s["rows"], ds.seq_len, s["tokens"],
-             s["loss_tokens"], 100 * s["pad_fraction"], s["truncated"], "" if built else f" from {ds.path}")
+    log.info("data%s: %s %d examples -> %d rows of %d (%d tokens, %d trained, %.2f%% padding, %d truncated%s)%s",
+             " (eval)" if split == "eval" else "", "built" if built else "cached", s["examples"], s["rows"],
+             ds.seq_len, s["tokens"], s["loss_tokens"], 100 * s["pad_fraction"], s["truncated"],
+             f", {s['held_out']} held out for eval" if split == "train" and s["held_out"] else "",
+             "" if built else f" from {ds.path}")
     if s["skipped"]:
         log.warning("data: %s", formats.format_skipped(s["skipped"]))
-        meta = json.loads((Path(ds.path) / "meta.json").read_text())
-        for line in meta.get("first_skips", []):
+        for line in first_skips:
             log.warning("data:   %s", line)

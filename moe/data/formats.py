@@ -100,6 +100,7 @@ class ReadResult:
     first_skips: list[str] = field(default_factory=list)  # a few "path:line: reason" for the log
     lines: int = 0
     truncated: int = 0  # examples cut to data.seq_len
+    held_out: int = 0   # examples left to the other side of the data.eval_fraction split
 
     def where(self, i: int) -> str:
         """'path:line' of example i."""

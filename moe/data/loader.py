@@ -12,6 +12,8 @@ out each time.
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -21,26 +23,78 @@ from moe.data.dataset import PackedDataset
 log = logging.getLogger(__name__)
 
 
+def batch_errors(global_batch_size, micro_batch_size, dp_size: int) -> list[str]:
+    """The batch-split rules (the one place they live): positive sizes, and a global batch
+    that every data-parallel rank splits into the same number of micro-batches."""
+    problems = []
+    if not isinstance(global_batch_size, int) or isinstance(global_batch_size, bool) or global_batch_size < 1:
+        problems.append(f"train.global_batch_size must be a positive integer, got {global_batch_size!r}")
+    if not isinstance(micro_batch_size, int) or isinstance(micro_batch_size, bool) or micro_batch_size < 1:
+        problems.append(f"train.micro_batch_size must be a positive integer, got {micro_batch_size!r}")
+    if not problems and global_batch_size % (micro_batch_size * dp_size):
+        problems.append(
+            f"train.global_batch_size ({global_batch_size}) must be divisible by train.micro_batch_size "
+            f"({micro_batch_size}) x data-parallel size ({dp_size}) = {micro_batch_size * dp_size}, so every "
+            "rank runs the same number of micro-batches")
+    return problems
+
+
+def check_enough_rows(dataset: PackedDataset, global_batch_size: int) -> None:
+    """Raise ValueError (with the numbers and the fix) when the data packs into fewer rows than one
+    global batch, so no optimizer step could ever be served. Call it before building the model."""
+    rows = dataset.num_rows
+    if rows >= global_batch_size:
+        return
+    examples = int(dataset.stats.get("examples", 0))
+    need = math.ceil(examples * global_batch_size / max(rows, 1))  # at this data's examples per row
+    raise ValueError(
+        f"the data packs into {rows} rows of data.seq_len={dataset.seq_len} tokens ({examples} examples), "
+        f"fewer than one global batch (train.global_batch_size={global_batch_size}). Fix: lower "
+        f"train.global_batch_size to at most {rows}, or give about {need} examples (more data, or "
+        f"data.num_examples={need}, which repeats examples of small sources)")
+
+
+def eval_micro_batches(dataset: PackedDataset, micro_batch_size: int, dp_rank: int = 0,
+                       dp_size: int = 1) -> Iterator[dict[str, torch.Tensor]]:
+    """All rows of an eval set, in row order, as this rank's micro-batches of `micro_batch_size` rows.
+
+    Rank r takes rows r, r + dp_size, ...; every rank yields the SAME number of micro-batches
+    (ceil(ceil(R / dp_size) / micro_batch_size)) so collectives inside the forward (expert
+    all-to-all) stay matched; missing rows are filled with empty rows (labels -100, attention_mask
+    False, source_ids -1) that add nothing to any loss sum. Each batch is PackedDataset.batch()'s
+    dict plus "source_ids" [B, L] (long, index into dataset.source_names, -1 on padding), aligned
+    with "labels": summing the token losses where labels != -100 per source id gives eval_loss/<source>.
+    """
+    if not isinstance(micro_batch_size, int) or micro_batch_size < 1:
+        raise ValueError(f"eval micro-batch size must be a positive integer, got {micro_batch_size!r}")
+    assert 0 <= dp_rank < dp_size, (dp_rank, dp_size)
+    mine = np.arange(dp_rank, dataset.num_rows, dp_size)
+    per_rank = math.ceil(dataset.num_rows / dp_size)
+    L = dataset.seq_len
+    for start in range(0, math.ceil(per_rank / micro_batch_size) * micro_batch_size, micro_batch_size):
+        rows = mine[start:start + micro_batch_size]
+        batch = dataset.batch(rows)
+        batch["source_ids"] = dataset.source_ids(rows)
+        missing = micro_batch_size - len(rows)
+        if missing:
+            empty = {"input_ids": torch.full((missing, L), dataset.pad_id, dtype=torch.long),
+                     "labels": torch.full((missing, L), -100, dtype=torch.long),
+                     "position_ids": torch.arange(L).repeat(missing, 1),
+                     "attention_mask": torch.zeros((missing, L), dtype=torch.bool),
+                     "source_ids": torch.full((missing, L), -1, dtype=torch.long)}
+            batch = {k: torch.cat([batch[k], empty[k]]) for k in batch}
+        yield batch
+
+
 class StepLoader:
     """Deterministic, world-size-invariant step batches over a PackedDataset."""
 
     def __init__(self, dataset: PackedDataset, global_batch_size: int, micro_batch_size: int,
                  dp_rank: int = 0, dp_size: int = 1, seed: int = 0):
-        problems = []
-        if not isinstance(global_batch_size, int) or global_batch_size < 1:
-            problems.append(f"train.global_batch_size must be a positive integer, got {global_batch_size!r}")
-        if not isinstance(micro_batch_size, int) or micro_batch_size < 1:
-            problems.append(f"train.micro_batch_size must be a positive integer, got {micro_batch_size!r}")
-        if not problems and global_batch_size % (micro_batch_size * dp_size):
-            problems.append(
-                f"train.global_batch_size ({global_batch_size}) must be divisible by "
-                f"train.micro_batch_size ({micro_batch_size}) x data-parallel size ({dp_size})")
-        if not problems and dataset.num_rows < global_batch_size:
-            problems.append(
-                f"train.global_batch_size ({global_batch_size}) exceeds the {dataset.num_rows} packed rows "
-                f"of the data: add data (data.num_examples), or lower data.seq_len or the batch size")
+        problems = batch_errors(global_batch_size, micro_batch_size, dp_size)
         if problems:
             raise ValueError("\n".join(problems))
+        check_enough_rows(dataset, global_batch_size)
         assert 0 <= dp_rank < dp_size, (dp_rank, dp_size)
         self.dataset, self.seed = dataset, int(seed)
         self.global_batch_size, self.micro_batch_size = global_batch_size, micro_batch_size
@@ -66,6 +120,16 @@ class StepLoader:
         G, share = self.global_batch_size, self.global_batch_size // self.dp_size
         start = step * G + self.dp_rank * share
         return self.epoch_order(epoch)[start:start + share]
+
+    def global_loss_tokens(self) -> int:
+        """Loss targets in the NEXT step's whole global batch (every rank's rows), after the
+        shift of moe.model.shift_targets: the target at column j-1 is token j, counted iff it
+        is trained and does not start an example (position != 0). Known on every rank from
+        the host-side arrays: no device work, no collective."""
+        G = self.global_batch_size
+        rows = np.sort(self.epoch_order(self.epoch)[self.step * G:(self.step + 1) * G])
+        trained = self.dataset.trained[rows, 1:].astype(bool)
+        return int(np.count_nonzero(trained & (self.dataset.position[rows, 1:] != 0)))
 
     def next_step(self) -> list[dict[str, torch.Tensor]]:
         """This rank's micro-batches for one optimizer step, then advance (rolling into the next epoch)."""

@@ -6,11 +6,22 @@ called floe), `code` (small Python tasks) and `general` (templated instructions)
 answer follows one fixed template per task so a tiny model learns it in tens of steps.
 Each example is a record in the JSONL `messages` form, so it goes through exactly the
 parser, chat template and packing that user data goes through.
+
+Held-out questions. A fixed share (HELDOUT_SHARE) of each source's question space is kept
+out of training for every seed: `generate(..., split="train")` never yields a record that
+touches it, `generate(..., split="eval")` yields only records that do. What "touches" means
+is `question_keys`: for `math` the arithmetic facts the answer states ("3+4", "12/3"; + and *
+with sorted operands), so a held-out sum never appears in training in any wording; for the
+other sources the text of each user turn (for `identity`, the exact paraphrase). The split
+hashes only (source, key), not the seed, so `heldout_records` (for exact-match evaluation)
+is held out from every run trained on the embedded mix.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import random
+import re
 
 SYSTEM_PROMPT = "You are floe, a helpful assistant."
 
@@ -238,11 +249,82 @@ def _general(rng: random.Random) -> dict:
 
 
 SOURCES = {"math": _math, "identity": _identity, "code": _code, "general": _general}
+SPLITS = ("train", "eval", "all")
+HELDOUT_SHARE = 0.1  # share of each source's question keys kept out of training (fixed, seed-free)
+_FACT = re.compile(r"(\d+) ([-+*/]) (\d+) = ")  # how every math answer states its arithmetic
 
 
-def generate(source: str, num_examples: int, seed: int) -> list[dict]:
-    """`num_examples` records of the named embedded source; the same for the same (source, seed)."""
+def question_keys(source: str, record: dict) -> list[str]:
+    """What identifies the question(s) of an embedded record for the held-out split (see module doc)."""
+    turns = record["messages"]
+    if source == "math":
+        keys = []
+        for t in turns:
+            if t["role"] == "assistant":
+                for a, op, b in _FACT.findall(t["content"]):
+                    if op in "+*":  # commutative: 3+4 and 4+3 are one fact
+                        a, b = sorted((a, b), key=int)
+                    keys.append(f"{a}{op}{b}")
+        assert keys, record  # every math answer states at least one fact
+        return keys
+    return [t["content"] for t in turns if t["role"] == "user"]
+
+
+def is_heldout_key(source: str, key: str) -> bool:
+    """True when `key` lies in the held-out share of `source` (a fixed hash, the same for every seed)."""
+    h = hashlib.sha256(f"floe-heldout\0{source}\0{key}".encode()).digest()
+    return int.from_bytes(h[:8], "big") < HELDOUT_SHARE * 2.0 ** 64
+
+
+def is_heldout(source: str, record: dict) -> bool:
+    """True when the record touches a held-out question (it then belongs to the eval split only)."""
+    return any(is_heldout_key(source, k) for k in question_keys(source, record))
+
+
+def generate(source: str, num_examples: int, seed: int, split: str = "train") -> list[dict]:
+    """`num_examples` records of an embedded source on one side of the held-out split.
+
+    The same for the same (source, seed, split). "train" records never touch a held-out
+    question; "eval" records always do (drawn from a seeded stream of their own); "all" is the
+    unfiltered train stream, for tools/train_tokenizer.py only (the shipped tokenizer's recipe).
+    """
     if source not in SOURCES:
         raise ValueError(f"unknown embedded source {source!r}; known: {sorted(SOURCES)}")
-    rng = random.Random(f"floe:{source}:{seed}")  # str seeds hash the same on every platform
-    return [SOURCES[source](rng) for _ in range(num_examples)]
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    want_heldout = split == "eval"
+    # str seeds hash the same on every platform; the eval stream is separate from the train one
+    rng = random.Random(f"floe:{source}:heldout:{seed}" if split == "eval" else f"floe:{source}:{seed}")
+    out, draws = [], 0
+    while len(out) < num_examples:
+        record = SOURCES[source](rng)
+        draws += 1
+        if split == "all" or is_heldout(source, record) == want_heldout:
+            out.append(record)
+        assert draws < 1000 * (num_examples + 10), f"{source}: the {split} side is (nearly) empty"
+    return out
+
+
+def heldout_records(num_per_source: int, seed: int = 0, sources: list[str] | None = None) -> list[dict]:
+    """Held-out single-question records for exact-match evaluation, `num_per_source` per source.
+
+    Each is {"source": name, "prompt": the user question, "completion": the reference answer},
+    a valid floe prompt/completion record (so it can be written to JSONL and read back by
+    data.eval_paths or tools/evaluate.py --data); no prompt is ever in a training record of the
+    embedded mix, whatever its seed. Multi-turn draws are passed over; system prompts dropped.
+    """
+    out = []
+    for source in sources or list(SOURCES):
+        if source not in SOURCES:
+            raise ValueError(f"unknown embedded source {source!r}; known: {sorted(SOURCES)}")
+        rng = random.Random(f"floe:{source}:exact-match:{seed}")
+        picked, draws = [], 0
+        while len(picked) < num_per_source:
+            record = SOURCES[source](rng)
+            draws += 1
+            turns = [t for t in record["messages"] if t["role"] != "system"]
+            if len(turns) == 2 and is_heldout(source, record):
+                picked.append({"source": source, "prompt": turns[0]["content"], "completion": turns[1]["content"]})
+            assert draws < 1000 * (num_per_source + 10), f"{source}: no single-question held-out records"
+        out.extend(picked)
+    return out

@@ -19,18 +19,34 @@ from moe.data.tokenizer import Tokenizer
 
 @dataclass
 class Encoded:
-    """Examples as flat arrays: example i is tokens[offsets[i]:offsets[i+1]]."""
+    """Examples as flat arrays: example i is tokens[starts[i]:starts[i] + lengths[i]].
+
+    `starts` are where each example was written and never change; `lengths` may be cut
+    (data.overlong=truncate), so the starts must not be derived from them.
+    """
     tokens: np.ndarray   # int32 [num_tokens]
     trained: np.ndarray  # bool [num_tokens]: the token is a loss target
-    lengths: np.ndarray  # int64 [num_examples]
-
-    @property
-    def offsets(self) -> np.ndarray:
-        return np.concatenate([[0], np.cumsum(self.lengths)])
+    lengths: np.ndarray  # int64 [num_examples]: tokens used from each example
+    starts: np.ndarray   # int64 [num_examples]: offset of each example in `tokens`
 
     def example(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        o = self.offsets
-        return self.tokens[o[i]:o[i + 1]], self.trained[o[i]:o[i + 1]]
+        o, n = self.starts[i], self.lengths[i]
+        return self.tokens[o:o + n], self.trained[o:o + n]
+
+    def truncated(self, lengths: np.ndarray) -> "Encoded":
+        """The same examples cut to `lengths` (each <= its current length), starts kept."""
+        assert (lengths <= self.lengths).all()
+        return Encoded(self.tokens, self.trained, lengths, self.starts)
+
+    @staticmethod
+    def concat(parts: list["Encoded"]) -> "Encoded":
+        """One Encoded of several, in order (starts shifted by the tokens before each part)."""
+        if not parts:
+            return Encoded(np.zeros(0, np.int32), np.zeros(0, bool), np.zeros(0, np.int64), np.zeros(0, np.int64))
+        shifts = np.cumsum([0] + [len(p.tokens) for p in parts[:-1]])
+        return Encoded(np.concatenate([p.tokens for p in parts]), np.concatenate([p.trained for p in parts]),
+                       np.concatenate([p.lengths for p in parts]),
+                       np.concatenate([p.starts + s for p, s in zip(parts, shifts, strict=True)]))
 
 
 def render(example: Example) -> str:
@@ -67,4 +83,5 @@ def encode_examples(tok: Tokenizer, examples: list[Example], num_threads: int = 
             trained += [False] * (len(footer) - num_end)
         trained[start] = False
         lengths[e] = len(tokens) - start
-    return Encoded(np.asarray(tokens, dtype=np.int32), np.asarray(trained, dtype=bool), lengths)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    return Encoded(np.asarray(tokens, dtype=np.int32), np.asarray(trained, dtype=bool), lengths, starts)

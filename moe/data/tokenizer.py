@@ -3,11 +3,15 @@
 floe ships `assets/floe_sp.model` (vocab 1024, byte fallback, <|im_start|> and <|im_end|> as
 user-defined symbols, <pad> = 3), trained on the embedded synthetic sources by
 `tools/train_tokenizer.py`; `data.tokenizer=null` selects it.
+
+`Tokenizer.save_hf(dir)` writes the Hugging Face files (tokenizer.json, tokenizer_config.json,
+special_tokens_map.json) with which `transformers.AutoTokenizer` gives exactly these ids.
 """
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 from collections.abc import Iterable
 from pathlib import Path
@@ -62,6 +66,85 @@ class Tokenizer:
 
     def piece(self, i: int) -> str:
         return self.sp.id_to_piece(int(i))
+
+    def save_hf(self, out_dir: str | Path, chat_template: str | None = None,
+                model_max_length: int | None = None) -> list[str]:
+        """Write tokenizer.json, tokenizer_config.json, special_tokens_map.json and tokenizer.model.
+
+        transformers.AutoTokenizer then encodes any text to exactly `encode`'s ids: no BOS/EOS
+        added, SentencePiece's own whitespace handling, the chat markers matched as whole
+        tokens, and <s>, </s>, <pad>, <unk> written in a text spelled out as SentencePiece
+        does (split_special_tokens). ValueError naming the file for a model it cannot mirror.
+        """
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "tokenizer.json").write_text(hf_tokenizer_json(self.path))
+        special = {f"{kind}_token": self.piece(i) for kind, i in (
+            ("bos", self.sp.bos_id()), ("eos", self.eos_id), ("unk", self.sp.unk_id()), ("pad", self.pad_id))
+            if i >= 0}
+        config = special | {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "add_bos_token": False, "add_eos_token": False,
+            "split_special_tokens": True,  # <s> in a text is text, as in SentencePiece
+            "clean_up_tokenization_spaces": False,
+        }
+        if model_max_length is not None:
+            config["model_max_length"] = model_max_length
+        if chat_template is not None:
+            config["chat_template"] = chat_template
+        (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
+        (out_dir / "special_tokens_map.json").write_text(json.dumps(special, indent=2, ensure_ascii=False))
+        (out_dir / "tokenizer.model").write_bytes(Path(self.path).read_bytes())
+        return ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model"]
+
+
+# SentencePiece piece types (sentencepiece_model.proto)
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
+
+
+def hf_tokenizer_json(path: str | Path) -> str:
+    """A `tokenizers` tokenizer.json that reproduces a SentencePiece BPE model's encode().
+
+    SentencePiece BPE repeatedly merges the adjacent pair whose merged piece has the highest
+    score; a BPE with one merge per (left, right) split of every normal piece, ranked by the
+    merged piece's score, does the same. Whitespace becomes U+2581 in a normalizer (a
+    pre-tokenizer would not prepend a second U+2581 to a text that starts with a space).
+    """
+    from sentencepiece import sentencepiece_model_pb2
+    from tokenizers import AddedToken, decoders, models, normalizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(Path(path).read_bytes())
+    trainer, norm = proto.trainer_spec, proto.normalizer_spec
+    problems = [msg for bad, msg in (
+        (trainer.model_type != sentencepiece_model_pb2.TrainerSpec.BPE, "model_type is not BPE"),
+        (norm.name != "identity" or bool(norm.precompiled_charsmap), f"normalization rule {norm.name!r} is not identity"),
+        (norm.remove_extra_whitespaces, "remove_extra_whitespaces is on"),
+        (not norm.escape_whitespaces, "escape_whitespaces is off"),
+        (trainer.treat_whitespace_as_suffix, "treat_whitespace_as_suffix is on")) if bad]
+    if problems:
+        raise ValueError(f"{path}: cannot be written as a Hugging Face tokenizer.json with the same ids: "
+                         + "; ".join(problems))
+    pieces = proto.pieces
+    vocab = {p.piece: i for i, p in enumerate(pieces)}
+    score = {p.piece: p.score for p in pieces if p.type == _NORMAL}
+    merges = sorted((-score[piece], vocab[piece], vocab[piece[:k]], piece[:k], piece[k:])
+                    for piece in score for k in range(1, len(piece))
+                    if piece[:k] in score and piece[k:] in score)
+    tok = HFTokenizer(models.BPE(vocab=vocab, merges=[(a, b) for *_, a, b in merges], fuse_unk=True,
+                                 unk_token=pieces[trainer.unk_id].piece, byte_fallback=trainer.byte_fallback))
+    space = [normalizers.Replace(" ", "\u2581")]
+    tok.normalizer = normalizers.Sequence(([normalizers.Prepend("\u2581")] if norm.add_dummy_prefix else []) + space)
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+                                    + ([decoders.Strip(" ", 1, 0)] if norm.add_dummy_prefix else []))
+    # User-defined pieces (the chat markers) are matched whole in any text, as SentencePiece does;
+    # control pieces are special tokens that split_special_tokens leaves to be spelled out.
+    tok.add_tokens([AddedToken(p.piece, special=False, normalized=False)
+                    for p in pieces if p.type == _USER_DEFINED])
+    tok.add_special_tokens([AddedToken(p.piece, special=True, normalized=False)
+                            for p in pieces if p.type in (_CONTROL, _UNKNOWN)])
+    return tok.to_str(pretty=True)
 
 
 def train_tokenizer(texts: Iterable[str], out_path: str | Path, vocab_size: int = 1024,
