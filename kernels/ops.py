@@ -4,14 +4,25 @@ Same signatures and semantics as kernels/reference.py. Shape legend: N rows sort
 group, K input width, M output width, G groups, D hidden, F expert ffn width.
 
 grouped_swiglu is the memory-optimised expert MLP: forward keeps only its inputs (x and
-the weights), not gate, up or their product; backward recomputes them in the kernel
-that also forms dH = dY W2, so the [N, F] activations live only inside one backward call.
+the weights), not gate, up or their product; backward forms dH = dY W2 (one grouped GEMM)
+and recomputes gate and up in a kernel that turns dH into dGate in place, so the [N, F]
+activations live only inside one backward call (three [N, F] buffers at the peak).
 """
 from __future__ import annotations
 
 import torch
 
 from kernels import triton_grouped_mm as tgm
+
+# The kernel launches of one forward and backward of each op, in order: the call sites that
+# tools/check_sm90.py compiles and tools/bench_grouped_gemm.py reports configs for.
+CALL_SITES = {
+    "grouped_mm": ("mm.fwd", "mm.dX", "mm.dW"),
+    "grouped_swiglu": (
+        "swiglu.fwd.gate_up", "swiglu.fwd.down",
+        "swiglu.bwd.dH", "swiglu.bwd.gate_up", "swiglu.bwd.dX", "swiglu.bwd.dW2", "swiglu.bwd.dW13",
+    ),
+}
 
 
 def _check_inputs(name: str, x: torch.Tensor, weights: list[torch.Tensor], group_sizes: torch.Tensor) -> None:
@@ -52,9 +63,9 @@ def _validated_sizes(group_sizes_G: torch.Tensor, num_rows: int, device: torch.d
     return group_sizes_G
 
 
-def _schedule(x: torch.Tensor, num_groups: int, group_sizes_G: torch.Tensor) -> tgm.RowSchedule:
-    sizes_G = _validated_sizes(group_sizes_G, x.shape[0], x.device)
-    return tgm.build_row_schedule(sizes_G, x.shape[0], tgm.pick_block_m(x.shape[0], num_groups))
+def _bounds(x: torch.Tensor, group_sizes_G: torch.Tensor) -> torch.Tensor:
+    """Row offsets [G + 1] of the groups, int32 on x's device (the kernels' whole schedule)."""
+    return tgm.group_bounds(_validated_sizes(group_sizes_G, x.shape[0], x.device))
 
 
 class _GroupedMM(torch.autograd.Function):
@@ -62,19 +73,17 @@ class _GroupedMM(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_NK, w_GKM, group_sizes_G):
-        sched = _schedule(x_NK, w_GKM.shape[0], group_sizes_G)
-        y_NM = tgm.grouped_mm_fwd(x_NK, w_GKM, sched)
-        ctx.save_for_backward(x_NK, w_GKM, sched.tiles_3T, sched.bounds_G1)
-        ctx.block_m = sched.block_m
+        bounds_G1 = _bounds(x_NK, group_sizes_G)
+        y_NM = tgm.grouped_mm_fwd(x_NK, w_GKM, bounds_G1)
+        ctx.save_for_backward(x_NK, w_GKM, bounds_G1)
         return y_NM
 
     @staticmethod
     def backward(ctx, dy_NM):
-        x_NK, w_GKM, tiles_3T, bounds_G1 = ctx.saved_tensors
-        sched = tgm.RowSchedule(tiles_3T, bounds_G1, ctx.block_m)
+        x_NK, w_GKM, bounds_G1 = ctx.saved_tensors
         dx_NK = dw_GKM = None
         if ctx.needs_input_grad[0]:
-            dx_NK = tgm.grouped_mm_fwd(dy_NM, w_GKM.transpose(1, 2), sched)
+            dx_NK = tgm.grouped_mm_fwd(dy_NM, w_GKM.transpose(1, 2), bounds_G1)
         if ctx.needs_input_grad[1]:
             dw_GKM, _ = tgm.grouped_mm_dw(x_NK, dy_NM, w_GKM, bounds_G1)
         return dx_NK, dw_GKM, None
@@ -85,24 +94,25 @@ class _GroupedSwiGLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_ND, w1_GFD, w3_GFD, w2_GDF, group_sizes_G):
-        sched = _schedule(x_ND, w1_GFD.shape[0], group_sizes_G)
-        h_NF, _, _ = tgm.swiglu_gate_up(x_ND, w1_GFD, w3_GFD, sched)
-        y_ND = tgm.grouped_mm_fwd(h_NF, w2_GDF.transpose(1, 2), sched)
-        ctx.save_for_backward(x_ND, w1_GFD, w3_GFD, w2_GDF, sched.tiles_3T, sched.bounds_G1)
-        ctx.block_m = sched.block_m
+        bounds_G1 = _bounds(x_ND, group_sizes_G)
+        h_NF, _, _ = tgm.swiglu_gate_up(x_ND, w1_GFD, w3_GFD, bounds_G1)
+        y_ND = tgm.grouped_mm_fwd(h_NF, w2_GDF.transpose(1, 2), bounds_G1)
+        ctx.save_for_backward(x_ND, w1_GFD, w3_GFD, w2_GDF, bounds_G1)
         return y_ND
 
     @staticmethod
     def backward(ctx, dy_ND):
-        x_ND, w1_GFD, w3_GFD, w2_GDF, tiles_3T, bounds_G1 = ctx.saved_tensors
-        sched = tgm.RowSchedule(tiles_3T, bounds_G1, ctx.block_m)
+        x_ND, w1_GFD, w3_GFD, w2_GDF, bounds_G1 = ctx.saved_tensors
         need_x, need_w1, need_w3, need_w2 = ctx.needs_input_grad[:4]
-        # Recompute h = silu(gate) * up and form dGate, dUp with dH = dY W2_g in one pass.
-        h_NF, dgate_NF, dup_NF = tgm.swiglu_gate_up(x_ND, w1_GFD, w3_GFD, sched, dy_ND, w2_GDF)
+        # dH = dY W2_g, then recompute h = silu(gate) * up and turn dH into dGate (in place)
+        # and dUp. Forming dH inside the gate/up kernel needs a third accumulator, which
+        # spills on sm_90 at every usable tile size (tools/check_sm90.py).
+        dh_NF = tgm.grouped_mm_fwd(dy_ND, w2_GDF, bounds_G1)
+        h_NF, dgate_NF, dup_NF = tgm.swiglu_gate_up(x_ND, w1_GFD, w3_GFD, bounds_G1, dh_NF)
         dx_ND = dw1_GFD = dw3_GFD = dw2_GDF = None
         if need_x:
             # dX = dGate W1_g + dUp W3_g: both products accumulate in one kernel.
-            dx_ND = tgm.grouped_mm_fwd(dgate_NF, w1_GFD, sched, dup_NF, w3_GFD)
+            dx_ND = tgm.grouped_mm_fwd(dgate_NF, w1_GFD, bounds_G1, dup_NF, w3_GFD)
         if need_w2:
             dw2_GDF, _ = tgm.grouped_mm_dw(dy_ND, h_NF, w2_GDF, bounds_G1)
         if need_w1 or need_w3:

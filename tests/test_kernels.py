@@ -75,7 +75,7 @@ def _import_triton_modules():
 
 tgm, ops = (None, None) if RUN_IN_SUBPROCESS else _import_triton_modules()
 import kernels
-from kernels import reference
+from kernels import reference, triton_host
 
 REF_GROUPED_MM = reference.grouped_mm  # the oracle
 REF_GROUPED_SWIGLU = reference.grouped_swiglu
@@ -85,14 +85,20 @@ TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 
 
 class _CountingKernel:
-    """Stands in for an (autotuned) kernel; counts `kernel[grid](...)` launches."""
+    """Stands in for an (autotuned) kernel; counts `kernel[grid](...)` launches and records
+    in `counts.b_tma` whether each launch read its weights through TMA descriptors."""
 
     def __init__(self, kernel, name, counts):
         self.kernel, self.name, self.counts = kernel, name, counts
 
     def __getitem__(self, grid):
         self.counts[self.name] += 1
-        return self.kernel[grid]
+
+        def launch(*args, **kwargs):
+            self.counts.b_tma.append((self.name, kwargs.get("B_TMA")))
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
 
 
 def _nan_empty(*size, dtype=None, device=None):
@@ -105,6 +111,7 @@ def launches(monkeypatch):
     """Counter of kernel launches, with every Triton-path buffer poisoned and the reference
     disabled inside kernels.* calls, so only the Triton kernels can produce the results."""
     counts = collections.Counter()
+    counts.b_tma = []
     for name in KERNEL_NAMES:
         monkeypatch.setattr(tgm, name, _CountingKernel(getattr(tgm, name), name, counts))
     monkeypatch.setattr(tgm, "_empty", _nan_empty)
@@ -233,8 +240,8 @@ def test_grouped_swiglu_matches_reference(shape, dtype, launches):
         assert p.grad.is_contiguous(), f"d{name} layout"
     expected = {"_grouped_mm_dw_kernel": 2}  # dW2, then dW1 and dW3 together
     if num_rows:
-        # forward: gate/up + down; backward: recompute + dX (both products in one launch)
-        expected.update({"_swiglu_gate_up_kernel": 2, "_grouped_mm_kernel": 2})
+        # forward: gate/up + down; backward: dH, recompute (dH -> dGate, dUp), dX (one launch)
+        expected.update({"_swiglu_gate_up_kernel": 2, "_grouped_mm_kernel": 3})
     assert launches == expected
 
 
@@ -263,21 +270,142 @@ def test_contiguous_weights_and_strided_input(launches):
     assert launches["_grouped_mm_kernel"] == 1
 
 
-def test_row_schedule_covers_every_row_once_and_skips_empty_groups():
+@pytest.mark.parametrize("programs", [1, 2, 5, 1000])
+def test_persistent_schedule_any_program_count(programs, monkeypatch, launches):
+    """The persistent kernels give each program tiles p, p + P, ...: with one program (it walks
+    every group), a few, or more programs than tiles (the rest find no tile), every row and
+    column of every group is computed once and right, empty groups included."""
+    monkeypatch.setattr(tgm, "INTERPRETER_PROGRAMS", programs)
     sizes_G = torch.tensor([0, 1, 16, 17, 0, 0, 40, 3])
-    block_m = 16
-    sched = tgm.build_row_schedule(sizes_G, int(sizes_G.sum()), block_m)
-    group_T, start_T, end_T = sched.tiles_3T.tolist()
-    real = [(g, s, e) for g, s, e in zip(group_T, start_T, end_T) if e > s]
-    assert len(real) == sum(math.ceil(s / block_m) for s in sizes_G.tolist())
-    assert all(e == s == 0 for g, s, e in zip(group_T, start_T, end_T) if e <= s)  # padding tiles
-    bounds = [0] + torch.cumsum(sizes_G, 0).tolist()
-    covered = []
-    for g, s, e in real:
-        assert sizes_G[g] > 0 and bounds[g] <= s < e == bounds[g + 1]
-        covered.extend(range(s, min(s + block_m, e)))
-    assert covered == list(range(int(sizes_G.sum())))
-    assert sched.bounds_G1.tolist() == bounds
+    num_rows = int(sizes_G.sum())
+    x_ND = torch.randn(num_rows, 40, device=DEVICE)
+    w1, w3 = torch.randn(8, 72, 40, device=DEVICE), torch.randn(8, 72, 40, device=DEVICE)
+    w2 = torch.randn(8, 40, 72, device=DEVICE)
+    y_ND = kernels.grouped_swiglu(x_ND, w1, w3, w2, sizes_G.to(DEVICE))
+    y_ref = REF_GROUPED_SWIGLU(x_ND.cpu(), w1.cpu(), w3.cpu(), w2.cpu(), sizes_G)
+    assert _rel_err(y_ND.cpu(), y_ref) < 1e-5
+    assert launches == {"_swiglu_gate_up_kernel": 1, "_grouped_mm_kernel": 1}
+
+
+def _naive_dw(a_NK, b_NM, sizes_G):
+    """dW_g = A_g^T B_g by a loop over groups (zeros for an empty group), in float64."""
+    out, start = [], 0
+    for s in sizes_G.tolist():
+        out.append(a_NK[start:start + s].double().t() @ b_NM[start:start + s].double())
+        start += s
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("programs", [1, 2, 5, 1000])
+def test_dw_persistent_any_program_count(programs, monkeypatch, launches):
+    """The persistent dW kernel: with one program (every tile of every group), a few, or more
+    programs than tiles, each group's [K, M] gradient is computed once and right; K and M
+    span several tiles (3 x 3 per group under the interpreter's 32 x 32 blocks, so the
+    GROUP_K swizzle has a partial band), groups smaller than one BLOCK_R (16) row step, and
+    empty groups get exact zeros; with A2 both outputs share the loads of B."""
+    monkeypatch.setattr(tgm, "INTERPRETER_PROGRAMS", programs)
+    sizes_G = torch.tensor([0, 1, 15, 16, 0, 40, 3, 0])
+    num_rows, k, m = int(sizes_G.sum()), 72, 70
+    a_NK, a2_NK = torch.randn(num_rows, k, device=DEVICE), torch.randn(num_rows, k, device=DEVICE)
+    b_NM = torch.randn(num_rows, m, device=DEVICE)
+    like_GKM = torch.empty(8, m, k, device=DEVICE).transpose(1, 2)  # a [G, out, in] parameter's view
+    bounds_G1 = tgm.group_bounds(sizes_G.to(DEVICE))
+    dw_GKM, dw2_GKM = tgm.grouped_mm_dw(a_NK, b_NM, like_GKM, bounds_G1, a2_NK, like_GKM)
+    for got, a in ((dw_GKM, a_NK), (dw2_GKM, a2_NK)):
+        assert _rel_err(got.cpu(), _naive_dw(a.cpu(), b_NM.cpu(), sizes_G)) < 1e-5
+        assert (got[sizes_G.to(DEVICE) == 0] == 0).all()
+        assert got.transpose(1, 2).is_contiguous()
+    assert launches == {"_grouped_mm_dw_kernel": 1}
+
+
+def test_dw_persistent_128_groups(launches):
+    """128 groups (a sixth empty, the rest 1-20 rows, below and above BLOCK_R) on a few programs."""
+    gen = torch.Generator().manual_seed(3)
+    sizes_G = torch.randint(1, 21, (128,), generator=gen)
+    sizes_G[torch.randperm(128, generator=gen)[:21]] = 0
+    num_rows = int(sizes_G.sum())
+    a_NK, b_NM = torch.randn(num_rows, 40, device=DEVICE), torch.randn(num_rows, 24, device=DEVICE)
+    dw_GKM, none = tgm.grouped_mm_dw(a_NK, b_NM, torch.empty(128, 40, 24, device=DEVICE),
+                                     tgm.group_bounds(sizes_G.to(DEVICE)))
+    assert none is None
+    assert _rel_err(dw_GKM.cpu(), _naive_dw(a_NK.cpu(), b_NM.cpu(), sizes_G)) < 1e-5
+    assert launches == {"_grouped_mm_dw_kernel": 1}
+
+
+@pytest.mark.parametrize(
+    "shape, dtype",  # 128 groups once: the interpreter walks them slowly
+    [("empty_groups", torch.float32), ("empty_groups", torch.float16), ("odd_sizes", torch.float32),
+     ("g128_random", torch.float16)],
+    ids=["empty_groups-fp32", "empty_groups-fp16", "odd_sizes-fp32", "g128_random-fp16"],
+)
+def test_tma_weights_match_reference(shape, dtype, monkeypatch, launches):
+    """The Hopper path (weights through TMA descriptors, 3-D [G, K, M] boxes that clip at
+    each group's K and M) run by the interpreter: forward and every gradient of both ops
+    against the reference, and every row-tiled launch really took the descriptor path."""
+    monkeypatch.setattr(triton_host, "FORCE_TMA", True)
+    spec, d, f = SHAPES[shape]
+    sizes_G = _sizes(spec)
+    num_groups, num_rows = sizes_G.numel(), int(sizes_G.sum())
+    x_ND = _leaf(torch.randn(num_rows, d, device=DEVICE).to(dtype))
+    w1_GFD = _leaf((torch.randn(num_groups, f, d, device=DEVICE) / math.sqrt(d)).to(dtype))
+    w3_GFD = _leaf((torch.randn(num_groups, f, d, device=DEVICE) / math.sqrt(d)).to(dtype))
+    w2_GDF = _leaf((torch.randn(num_groups, d, f, device=DEVICE) / math.sqrt(f)).to(dtype))
+    params = (x_ND, w1_GFD, w3_GFD, w2_GDF)
+    y_NF = kernels.grouped_mm(x_ND, w1_GFD.transpose(1, 2), sizes_G.to(DEVICE))  # K-major weights
+    y_NF.backward(torch.ones_like(y_NF))
+    y_ND = kernels.grouped_swiglu(*params, sizes_G.to(DEVICE))
+    dy_ND = torch.randn_like(y_ND)
+    y_ND.backward(dy_ND)
+
+    refs = [_leaf(p.detach().float().cpu()) for p in params]
+    y_ref_NF = REF_GROUPED_MM(refs[0], refs[1].transpose(1, 2), sizes_G)
+    y_ref_NF.backward(torch.ones_like(y_ref_NF))
+    y_ref = REF_GROUPED_SWIGLU(*refs, sizes_G)
+    y_ref.backward(dy_ND.float().cpu())
+    tol = TOL[dtype]
+    assert _rel_err(y_NF.float().cpu(), y_ref_NF) < tol
+    assert _rel_err(y_ND.float().cpu(), y_ref) < tol
+    for name, p, r in zip(("x", "w1", "w3", "w2"), params, refs):
+        assert _rel_err(p.grad.float().cpu(), r.grad) < tol, f"d{name}"
+    row_tiled = [tma for name, tma in launches.b_tma if name != "_grouped_mm_dw_kernel"]
+    assert row_tiled and all(row_tiled), launches.b_tma
+
+
+def test_weight_operand_chooses_descriptor_or_pointers(monkeypatch, launches):
+    """A descriptor over the weight's memory when its layout allows one (N- or K-contiguous,
+    16-byte aligned), pointers otherwise, and pointers for every weight of a kernel when one
+    of them cannot take a descriptor; the pointer fallback still computes the right result."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    monkeypatch.setattr(triton_host, "FORCE_TMA", True)
+    w_GKM = torch.randn(3, 32, 24, device=DEVICE)
+    op, k_major = triton_host.weight_operand(w_GKM)
+    assert isinstance(op, TensorDescriptor) and not k_major and list(op.shape) == [3, 32, 24]
+    op, k_major = triton_host.weight_operand(w_GKM.transpose(1, 2))  # a [G, out, in] parameter's view
+    assert isinstance(op, TensorDescriptor) and k_major and list(op.shape) == [3, 32, 24]
+    strided = torch.randn(3, 32, 48, device=DEVICE)[:, :, ::2]  # no unit stride
+    misaligned = torch.randn(3 * 32 * 24 + 1, device=DEVICE)[1:].view(3, 32, 24)  # base 4 bytes off
+    odd_rows = torch.randn(3, 32, 27, device=DEVICE)[:, :, :24]  # row stride 108 bytes
+    for w in (strided, misaligned, odd_rows):
+        op, k_major = triton_host.weight_operand(w)
+        assert op is w and not k_major
+    ops_, tma, _ = triton_host.weight_operands(w_GKM, strided)
+    assert not tma and ops_[0] is w_GKM
+    monkeypatch.setattr(triton_host, "FORCE_TMA", False)
+    assert triton_host.weight_operand(w_GKM)[0] is w_GKM
+
+    monkeypatch.setattr(triton_host, "FORCE_TMA", True)
+    sizes_G = torch.tensor([5, 0, 12])
+    x_NK = torch.randn(17, 32, device=DEVICE)
+    y_NM = kernels.grouped_mm(x_NK, strided, sizes_G.to(DEVICE))
+    assert _rel_err(y_NM.cpu(), REF_GROUPED_MM(x_NK.cpu(), strided.cpu(), sizes_G)) < 1e-5
+    assert launches.b_tma == [("_grouped_mm_kernel", False)]
+
+
+def test_group_bounds():
+    sizes_G = torch.tensor([0, 1, 16, 0, 40])
+    assert tgm.group_bounds(sizes_G).tolist() == [0, 0, 1, 17, 17, 57]
+    assert tgm.group_bounds(sizes_G).dtype == torch.int32
 
 
 def test_bad_group_sizes_raise():
@@ -367,13 +495,14 @@ def test_moe_layer_through_triton_matches_naive_loop(capacity_factor, launches):
     dy = torch.randn_like(y)
     y.backward(dy)
 
-    params = [_leaf(p.detach().cpu()) for p in (layer.gate.weight, layer.w1, layer.w3, layer.w2)]
+    experts = layer.experts
+    params = [_leaf(p.detach().cpu()) for p in (layer.gate.weight, experts.w1, experts.w3, experts.w2)]
     x_ref = _leaf(x.detach().cpu())
     y_ref, _, _ = naive_moe(x_ref, *params, cfg.top_k, capacity_factor, cfg.drop_policy)
     y_ref.backward(dy.cpu())
     assert _rel_err(y.cpu(), y_ref) < 1e-5
     for name, got, ref in zip(("x", "gate", "w1", "w3", "w2"),
-                              (x, layer.gate.weight, layer.w1, layer.w3, layer.w2), (x_ref, *params)):
+                              (x, layer.gate.weight, experts.w1, experts.w3, experts.w2), (x_ref, *params)):
         assert _rel_err(got.grad.cpu(), ref.grad) < 1e-5, f"d{name}"
     assert launches["_swiglu_gate_up_kernel"] == 2  # the experts really ran on the Triton path
     if capacity_factor is not None:
