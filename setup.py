@@ -10,15 +10,26 @@ setup(
     install_requires=[
         # A range, not a pin: GPU clusters keep their own CUDA build of torch.
         "torch>=2.5,<3",
-        "deepspeed>=0.15.4",  # ZeRO-2; 0.15.4 fixed expert-gradient scaling
-        "triton>=3.0",
+        # ZeRO-2 and the engine; floe touches a few of its internals (moe/parallel/engine.py), checked on
+        # this range only: keep in step with moe.parallel.engine.TESTED_DEEPSPEED.
+        "deepspeed>=0.19.8,<0.20",
+        "triton>=3.9,<3.10",  # TMA tensor descriptors; check_sm90's register limits were measured on 3.9
         "sentencepiece>=0.2",
         "wandb>=0.17",
         "hydra-core>=1.3",
+        "pyyaml>=6",  # the resolved config.yaml the trainer writes (also a dependency of hydra-core)
         "numpy>=1.24",
         "datasketch>=1.6",  # MinHash LSH for near-duplicate removal
-        "safetensors>=0.4",  # weight export
+        "safetensors>=0.4",  # Hugging Face weights: export, and lazy per-rank import (safe_open slices)
+        "tokenizers>=0.20,<1",  # tokenizer.json in exports (AutoTokenizer gives floe's ids)
+        "protobuf>=3.20",  # reading a SentencePiece model's spec (normaliser, pieces) for tokenizer.json
         "tqdm>=4.66",  # progress bars
+        "matplotlib>=3.7,<4",  # tools/compare.py plots (tested with 3.11)
     ],
-    extras_require={"dev": ["pytest>=8", "pytest-timeout>=2.3"]},
+    extras_require={"dev": [
+        "pytest>=8", "pytest-timeout>=2.3",
+        # tests load exports with AutoTokenizer; 4.45.2 and 5.23.0 tested (4.40 ignores
+        # split_special_tokens, so "<s>" written in a text would become the BOS id)
+        "transformers>=4.45,<6",
+    ]},
 )

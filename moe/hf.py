@@ -1,19 +1,55 @@
-"""Hugging Face Arctic names for floe's weights, both ways: a rename plus a split of the
-stacked experts along dim 0.
+"""Hugging Face Arctic <-> floe: config.json, weight names, lazy loading, export.
 
-floe's block is Arctic's decoder layer with `parallel_attn_mlp_res` on:
+floe's block is Arctic's decoder layer with `parallel_attn_mlp_res: true` and
+`moe_layer_frequency: 1` (every layer MoE, every layer with the hidden-wide residual MLP):
     norm_in  -> input_layernorm            attn.*   -> self_attn.*
     norm_res -> residual_layernorm (on h)  mlp.w*   -> residual_mlp.w*
     norm_moe -> post_attention_layernorm (on the block input x)
-    moe.gate -> block_sparse_moe.gate      moe.w*[e] -> block_sparse_moe.experts.{e}.w*
+    moe.gate -> block_sparse_moe.gate      experts w*[e] -> block_sparse_moe.experts.{e}.w*
+Stacked expert rows are split along dim 0, one tensor per global expert id.
+
+Starting a run from a Hugging Face directory (what `train.init_from` does, on every rank):
+    cfg = read_hf_config(hf_dir, overrides)          # ValueError before any process group exists
+    with torch.device("meta"):
+        model = ArcticForCausalLM(cfg)
+    apply_expert_parallel(model, groups)             # if ep_size > 1: rows [first, first + L) only
+    load_hf_weights(model, hf_dir, device)           # materialises, reads only this rank's tensors
+    apply_deepspeed_moe(model)                       # after: loading replaced the Parameters
+
+Routing normalisation: Arctic has no config field for it. Its modeling code (Snowflake-Labs/
+transformers, branch arctic, ArcticMoE) renormalises the top-k weights exactly when
+num_experts_per_tok > 1, as DeepSpeed's top-1/top-2 gating that trained it does. So
+`normalize_weights` is derived from top_k on import and refused on export when it differs.
+(A copy of the Hub's modeling_arctic.py in optimum-habana renormalises at top_k 1 too; the
+two agree for top_k >= 2, which is Arctic's.)
 """
 from __future__ import annotations
 
-import re
+import dataclasses
+import json
+import logging
+import os
+from dataclasses import dataclass
 
 import torch
+import torch.nn as nn
 
 from moe.config import ModelConfig
+from moe.data.formats import ROLES
+from moe.layer import EXPERT_WEIGHTS
+from moe.parallel.expert_checkpoint import expert_tensors
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def expert_key(layer: int, w: str) -> str:
+    """floe's state-dict name of layer `layer`'s stacked expert weight `w` ([E or L, out, in])."""
+    return f"layers.{layer}.moe.experts.{w}"
+
 
 _LAYER_RENAMES = {
     "norm_in.weight": "input_layernorm.weight",
@@ -30,63 +66,164 @@ _LAYER_RENAMES = {
 }
 _TOP_RENAMES = {"embed_tokens.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
                 "lm_head.weight": "lm_head.weight"}
-_EXPERT_WEIGHTS = ("w1", "w2", "w3")
+
+
+def hf_expert_name(layer: int, expert: int, w: str) -> str:
+    return f"model.layers.{layer}.block_sparse_moe.experts.{expert}.{w}.weight"
+
+
+def hf_names(config: ModelConfig) -> dict[str, tuple[str, int | None]]:
+    """Every tensor name of the Arctic checkpoint -> (floe state-dict name, global expert id or None)."""
+    out: dict[str, tuple[str, int | None]] = {hf: (name, None) for name, hf in _TOP_RENAMES.items()}
+    for i in range(config.num_layers):
+        for name, hf in _LAYER_RENAMES.items():
+            out[f"model.layers.{i}.{hf}"] = (f"layers.{i}.{name}", None)
+        for w in EXPERT_WEIGHTS:
+            for e in range(config.num_experts):
+                out[hf_expert_name(i, e, w)] = (expert_key(i, w), e)
+    return out
 
 
 def to_hf(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
-    """floe state dict -> Hugging Face Arctic state dict (experts split, one tensor each)."""
-    out, seen = {}, set()
-    for name, hf in _TOP_RENAMES.items():
-        out[hf] = state[name]
-        seen.add(name)
-    for i in range(config.num_layers):
-        prefix, hf_prefix = f"layers.{i}.", f"model.layers.{i}."
-        for name, hf in _LAYER_RENAMES.items():
-            out[hf_prefix + hf] = state[prefix + name]
-            seen.add(prefix + name)
-        for w in _EXPERT_WEIGHTS:
-            stacked = state[f"{prefix}moe.{w}"]  # [E, out, in]
-            seen.add(f"{prefix}moe.{w}")
-            for e in range(config.num_experts):
-                out[f"{hf_prefix}block_sparse_moe.experts.{e}.{w}.weight"] = stacked[e]
-    unknown = sorted(set(state) - seen)
+    """Full floe state dict (all experts) -> Arctic state dict; expert tensors are views of rows."""
+    names = hf_names(config)
+    unknown = sorted(set(state) - {name for name, _ in names.values()})
     if unknown:
         raise ValueError(f"to_hf: no Hugging Face name for {unknown}")
-    return out
+    return {hf: state[name] if e is None else state[name][e] for hf, (name, e) in names.items()}
 
 
 def from_hf(hf_state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
-    """Hugging Face Arctic state dict -> floe state dict (experts stacked [E, out, in])."""
-    inverse_top = {hf: name for name, hf in _TOP_RENAMES.items()}
-    inverse_layer = {hf: name for name, hf in _LAYER_RENAMES.items()}
-    expert_re = re.compile(r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight")
-    layer_re = re.compile(r"model\.layers\.(\d+)\.(.+)")
-    out, experts, unknown = {}, {}, []
-    for hf, tensor in hf_state.items():
-        if hf in inverse_top:
-            out[inverse_top[hf]] = tensor
-        elif m := expert_re.fullmatch(hf):
-            experts[(int(m[1]), m[3], int(m[2]))] = tensor
-        elif (m := layer_re.fullmatch(hf)) and m[2] in inverse_layer:
-            out[f"layers.{m[1]}.{inverse_layer[m[2]]}"] = tensor
+    """Arctic state dict -> full floe state dict (experts stacked [E, out, in]). In-memory; for
+    checkpoints on disk use load_hf_weights, which never holds more than this rank's tensors."""
+    names = hf_names(config)
+    _check_names(set(hf_state), names, "from_hf")
+    out, rows = {}, {}
+    for hf, (name, e) in names.items():
+        if e is None:
+            out[name] = hf_state[hf]
         else:
-            unknown.append(hf)
-    missing = [(i, w, e) for i in range(config.num_layers) for w in _EXPERT_WEIGHTS
-               for e in range(config.num_experts) if (i, w, e) not in experts]
-    if unknown or missing:
-        raise ValueError(f"from_hf: unknown tensors {unknown[:5]}{'...' if len(unknown) > 5 else ''}; "
-                         f"missing experts (layer, weight, expert) {missing[:5]}{'...' if len(missing) > 5 else ''}")
-    for i in range(config.num_layers):
-        for w in _EXPERT_WEIGHTS:
-            out[f"layers.{i}.moe.{w}"] = torch.stack([experts[(i, w, e)] for e in range(config.num_experts)])
-    return out
+            rows.setdefault(name, [None] * config.num_experts)[e] = hf_state[hf]
+    return out | {name: torch.stack(r) for name, r in rows.items()}
 
 
-def hf_config(config: ModelConfig) -> dict:
-    """config.json for Hugging Face's ArcticForCausalLM (transformers' `arctic` model type)."""
+def _check_names(present: set[str], names: dict, where: str) -> None:
+    missing, extra = sorted(set(names) - present), sorted(present - set(names))
+    if missing or extra:
+        def show(xs):
+            return f"{xs[:6]}{f' ... ({len(xs)} in all)' if len(xs) > 6 else ''}"
+        raise ValueError(f"{where}: the tensors do not match the model config: missing {show(missing)}, "
+                         f"unexpected {show(extra)}")
+
+
+# ----------------------------------------------------------------------------- config.json
+
+# floe field <- Arctic key, for the fields that decide what the weights compute.
+_ARCH_KEYS = {
+    "vocab_size": "vocab_size", "hidden_size": "hidden_size", "num_layers": "num_hidden_layers",
+    "num_heads": "num_attention_heads", "expert_ffn": "intermediate_size", "num_experts": "num_local_experts",
+    "top_k": "num_experts_per_tok", "rope_theta": "rope_theta", "norm_eps": "rms_norm_eps",
+}
+# Arctic keys whose value floe can only take as this one (None: absent or null).
+_REQUIRED = {
+    "moe_layer_frequency": (1, "floe puts an MoE (and the residual MLP) in every layer"),
+    "parallel_attn_mlp_res": (True, "floe's block always has the parallel residual MLP beside the MoE"),
+    "hidden_act": ("silu", "floe's MLPs and experts are SwiGLU"),
+    "tie_word_embeddings": (False, "floe's embedding and lm_head are separate weights"),
+    "attention_dropout": (0.0, "floe has no attention dropout"),
+    "attention_bias": (False, "floe has no biases"),
+    "mlp_bias": (False, "floe has no biases"),
+    "rope_scaling": (None, "floe's RoPE is unscaled"),
+    "quantization": (None, "floe loads unquantised weights"),
+    "sink_size": (None, "floe's attention has no sink tokens"),
+}
+# Keys read elsewhere in this module, or that change nothing floe computes.
+_KNOWN = {"max_position_embeddings", "num_key_value_heads", "initializer_range", "router_aux_loss_coef",
+          "moe_train_capacity_factor", "moe_eval_capacity_factor", "moe_min_capacity", "moe_token_dropping",
+          "sliding_window", "head_dim", "model_type", "architectures", "auto_map", "torch_dtype", "dtype",
+          "transformers_version", "use_cache", "bos_token_id", "eos_token_id", "pad_token_id",
+          "enable_expert_tensor_parallelism", "use_residual", "_name_or_path", "output_router_logits"}
+
+
+def config_from_hf(hf: dict, overrides: dict | None = None, source: str = CONFIG_FILE) -> ModelConfig:
+    """Arctic config.json (a dict) -> ModelConfig; ValueError naming every key floe cannot express.
+
+    `overrides` are the user's explicit `model.*` values: one that contradicts an architecture
+    field of the file is an error; training-only fields (capacity_factor, drop_policy,
+    balance_coef, z_loss_coef, init_std, max_seq_len, freeze_moe) may differ from the file.
+    """
+    errors = []
+    if hf.get("model_type") != "arctic":
+        errors.append(f"{source}: model_type is {hf.get('model_type')!r}, not 'arctic'")
+    for key, (want, why) in _REQUIRED.items():
+        if hf.get(key, want) != want:
+            errors.append(f"{source}: {key} = {hf[key]!r} cannot be expressed ({why}; need {want!r})")
+    missing = [k for k in _ARCH_KEYS.values() if k not in hf]
+    if missing:
+        errors.append(f"{source}: missing {missing}")
+    top_k = hf.get("num_experts_per_tok", 0)
+    fields = {f: hf[k] for f, k in _ARCH_KEYS.items() if k in hf}
+    fields |= dict(dense_ffn=hf.get("hidden_size"), normalize_weights=top_k > 1,
+                   num_kv_heads=hf.get("num_key_value_heads") or hf.get("num_attention_heads"))
+    hidden, heads = hf.get("hidden_size"), hf.get("num_attention_heads")
+    if hf.get("head_dim") is not None and heads and hf["head_dim"] * heads != hidden:
+        errors.append(f"{source}: head_dim = {hf['head_dim']} != hidden_size / num_attention_heads "
+                      "(floe's heads split the hidden size)")
+    window, max_pos = hf.get("sliding_window"), hf.get("max_position_embeddings", 4096)
+    if window is not None and window < max_pos:
+        errors.append(f"{source}: sliding_window = {window} < max_position_embeddings = {max_pos} "
+                      "(floe's attention is full causal)")
+    training = _training_fields(hf, source, errors)
+    unknown = sorted(set(hf) - set(_ARCH_KEYS.values()) - set(_REQUIRED) - _KNOWN)
+    if unknown:
+        log.warning("%s: ignoring keys floe does not read: %s", source, unknown)
+    known_fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    for k, v in (overrides or {}).items():
+        if k not in known_fields:
+            errors.append(f"model.{k} is not a model field")
+        elif k in fields and v != fields[k]:
+            errors.append(f"model.{k}={v!r} contradicts {source} ({fields[k]!r})")
+    if errors:
+        raise ValueError("cannot use this Hugging Face Arctic config:\n  " + "\n  ".join(errors))
+    return ModelConfig(**(fields | training | (overrides or {})))
+
+
+def _training_fields(hf: dict, source: str, errors: list[str]) -> dict:
+    """Capacity (DeepSpeed's top-k gating: C = ceil(factor * k * T / E), first choices first,
+    then by position), balance coefficient, init std and length from the Arctic keys."""
+    out = dict(max_seq_len=hf.get("max_position_embeddings", 4096), drop_policy="position",
+               init_std=hf.get("initializer_range", 0.02), balance_coef=hf.get("router_aux_loss_coef", 0.001))
+    if not hf.get("moe_token_dropping", True):
+        return out | dict(capacity_factor=None)
+    train, evaluate = hf.get("moe_train_capacity_factor", 1), hf.get("moe_eval_capacity_factor", 1)
+    if evaluate != train:
+        errors.append(f"{source}: moe_eval_capacity_factor = {evaluate!r} != moe_train_capacity_factor = "
+                      f"{train!r} (floe uses one capacity_factor for training and evaluation)")
+    if hf.get("moe_min_capacity", 0) not in (0, None):
+        errors.append(f"{source}: moe_min_capacity = {hf['moe_min_capacity']!r} cannot be expressed "
+                      "(floe's capacity has no floor; need 0)")
+    return out | dict(capacity_factor=float(train))
+
+
+def hf_config_from(config: ModelConfig, bos_id: int | None = None, eos_id: int | None = None,
+                   pad_id: int | None = None, dtype: str = "float32") -> dict:
+    """ModelConfig -> Arctic config.json; ValueError naming each field Arctic cannot express."""
+    errors = []
+    if config.dense_ffn != config.hidden_size:
+        errors.append(f"model.dense_ffn = {config.dense_ffn} != model.hidden_size = {config.hidden_size}: "
+                      "Arctic's residual MLP is always hidden_size wide")
+    if config.normalize_weights != (config.top_k > 1):
+        errors.append(f"model.normalize_weights = {config.normalize_weights} with model.top_k = {config.top_k}: "
+                      "Arctic renormalises the top-k router weights exactly when top_k > 1")
+    if errors:
+        raise ValueError("this model cannot be written as Hugging Face Arctic:\n  " + "\n  ".join(errors))
+    dropless = config.capacity_factor is None
     return {
         "architectures": ["ArcticForCausalLM"],
         "model_type": "arctic",
+        # Arctic's modeling code is not part of transformers: load with trust_remote_code=True.
+        "auto_map": {"AutoConfig": "Snowflake/snowflake-arctic-instruct--configuration_arctic.ArcticConfig",
+                     "AutoModelForCausalLM": "Snowflake/snowflake-arctic-instruct--modeling_arctic.ArcticForCausalLM"},
         "vocab_size": config.vocab_size,
         "hidden_size": config.hidden_size,
         "intermediate_size": config.expert_ffn,
@@ -101,7 +238,192 @@ def hf_config(config: ModelConfig) -> dict:
         "rms_norm_eps": config.norm_eps,
         "rope_theta": config.rope_theta,
         "max_position_embeddings": config.max_seq_len,
+        "sliding_window": None,
+        "initializer_range": config.init_std,
         "router_aux_loss_coef": config.balance_coef,
+        "moe_token_dropping": not dropless,
+        "moe_train_capacity_factor": 1.0 if dropless else config.capacity_factor,
+        "moe_eval_capacity_factor": 1.0 if dropless else config.capacity_factor,
+        "moe_min_capacity": 0,
         "tie_word_embeddings": False,
-        "torch_dtype": "bfloat16",
+        "bos_token_id": bos_id,
+        "eos_token_id": eos_id,
+        "pad_token_id": pad_id,
+        "torch_dtype": dtype,
     }
+
+
+def read_hf_config(hf_dir: str, overrides: dict | None = None) -> ModelConfig:
+    """config_from_hf on `hf_dir`/config.json, with errors naming the file."""
+    path = os.path.join(hf_dir, CONFIG_FILE)
+    try:
+        with open(path) as f:
+            hf = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"train.init_from: {path} does not exist (not a Hugging Face model directory)") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    return config_from_hf(hf, overrides, source=path)
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+def checkpoint_files(hf_dir: str) -> dict[str, str]:
+    """{tensor name: safetensors file path} from the index, or from model.safetensors's header."""
+    from safetensors import safe_open
+
+    index, single = os.path.join(hf_dir, INDEX_FILE), os.path.join(hf_dir, SINGLE_FILE)
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{index}: not a safetensors index with a weight_map ({e!r})") from None
+        absent = sorted({f for f in weight_map.values() if not os.path.isfile(os.path.join(hf_dir, f))})
+        if absent:
+            raise ValueError(f"{index} names shard files that do not exist in {hf_dir}: {absent}")
+        return {name: os.path.join(hf_dir, f) for name, f in weight_map.items()}
+    if os.path.isfile(single):
+        with safe_open(single, framework="pt", device="cpu") as f:  # reads the header only
+            return {name: single for name in f.keys()}
+    raise ValueError(f"{hf_dir}: no {SINGLE_FILE} and no {INDEX_FILE}")
+
+
+@dataclass
+class LoadReport:
+    """What load_hf_weights read on this rank."""
+
+    tensors_read: int
+    bytes_read: int  # in the files' dtype
+    files_opened: int
+
+
+class _LazyReader:
+    """Opens each safetensors file on first use and reads one whole named tensor at a time."""
+
+    def __init__(self, files: dict[str, str]):
+        from safetensors import safe_open
+
+        self._safe_open, self.files, self.handles = safe_open, files, {}
+        self.tensors_read = self.bytes_read = 0
+
+    def read(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        path = self.files[name]
+        if path not in self.handles:
+            self.handles[path] = self._safe_open(path, framework="pt", device="cpu")
+        piece = self.handles[path].get_slice(name)
+        if tuple(piece.get_shape()) != shape:
+            raise ValueError(f"{path}: {name} has shape {tuple(piece.get_shape())}, the model needs {shape}")
+        tensor = piece[:]
+        self.tensors_read += 1
+        self.bytes_read += tensor.numel() * tensor.element_size()
+        return tensor
+
+
+@torch.no_grad()
+def load_hf_weights(model: nn.Module, hf_dir: str, device: torch.device | str | None = None) -> LoadReport:
+    """Fill `model` (built on the meta device or materialised, expert-parallel or not) from an
+    Arctic safetensors directory, reading only the tensors this rank holds.
+
+    Dense tensors are read whole; an expert-parallel layer holding experts [first, first + L)
+    reads exactly the per-expert tensors experts.{first..first+L-1}. Before anything is read,
+    the files' tensor names must be exactly the model config's (ValueError naming the missing and
+    unexpected ones), so every tensor in the files is used, and only once per holder. A meta model
+    is materialised on `device` (default CPU) first; Module.to_empty replaces Parameter objects,
+    so apply_deepspeed_moe must run after this.
+    """
+    files = checkpoint_files(hf_dir)
+    names = hf_names(model.config)
+    _check_names(set(files), names, hf_dir)
+    if any(p.is_meta for p in model.parameters()):
+        model.to_empty(device=device or "cpu")
+    to_hf_name = {(name, e): hf for hf, (name, e) in names.items()}
+    experts = expert_tensors(model)  # {name: (global id of row 0, [rows held here, out, in])}
+    reader = _LazyReader(files)
+    for name, param in model.state_dict(keep_vars=True).items():
+        if name in experts:
+            first, stacked = experts[name]
+            for row in range(stacked.shape[0]):
+                stacked[row].copy_(reader.read(to_hf_name[(name, first + row)], tuple(stacked.shape[1:])))
+        elif (name, None) in to_hf_name:
+            param.copy_(reader.read(to_hf_name[(name, None)], tuple(param.shape)))
+        else:
+            raise ValueError(f"load_hf_weights: the model has {name}, which Arctic checkpoints do not name")
+    return LoadReport(reader.tensors_read, reader.bytes_read, len(reader.handles))
+
+
+# ----------------------------------------------------------------------------- export
+
+# ChatML exactly as moe.data.template.render writes a conversation (tests hold the two equal).
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] not in " + repr(list(ROLES)) + " -%}"
+    "{{- raise_exception('floe chat roles are " + ", ".join(ROLES) + ", not ' + message['role']) -}}"
+    "{%- endif -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+
+def save_hf(state: dict[str, torch.Tensor], config: ModelConfig, out_dir: str, tokenizer,
+            dtype: str = "float32", max_shard_bytes: int = 5 * 2**30) -> list[str]:
+    """Write a full floe state dict (all experts) as a Hugging Face Arctic directory: weights,
+    config.json, generation_config.json and the tokenizer files. Refuses (ValueError) before
+    writing anything when Arctic cannot express the model or the tokenizer cannot be mirrored."""
+    end_of_turn = tokenizer.im_end[0] if len(tokenizer.im_end) == 1 else tokenizer.eos_id
+    bos = tokenizer.sp.bos_id()
+    hf_cfg = hf_config_from(config, bos_id=bos if bos >= 0 else None, eos_id=end_of_turn,
+                            pad_id=tokenizer.pad_id, dtype=dtype)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ValueError(f"model.vocab_size ({config.vocab_size}) is smaller than the tokenizer's "
+                         f"({tokenizer.vocab_size}, {tokenizer.path})")
+    from moe.data.tokenizer import hf_tokenizer_json
+
+    hf_tokenizer_json(tokenizer.path)  # refuses an unmirrorable tokenizer before anything is written
+    os.makedirs(out_dir, exist_ok=True)
+    files = tokenizer.save_hf(out_dir, CHAT_TEMPLATE, config.max_seq_len)
+    files += _save_shards(to_hf(state, config), out_dir, getattr(torch, dtype), max_shard_bytes)
+    generation = {"bos_token_id": hf_cfg["bos_token_id"], "eos_token_id": end_of_turn,
+                  "pad_token_id": tokenizer.pad_id, "do_sample": False}
+    for name, content in (("generation_config.json", generation), (CONFIG_FILE, hf_cfg)):
+        with open(os.path.join(out_dir, name), "w") as f:
+            json.dump(content, f, indent=2)
+        files.append(name)
+    return files
+
+
+def _save_shards(tensors: dict[str, torch.Tensor], out_dir: str, dtype: torch.dtype,
+                 max_shard_bytes: int) -> list[str]:
+    """model.safetensors, or shards of at most max_shard_bytes plus model.safetensors.index.json.
+    Only one shard's converted tensors exist at a time."""
+    from safetensors.torch import save_file
+
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    shards, size = [[]], 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    if len(shards) == 1:
+        names = [SINGLE_FILE]
+    else:
+        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        index = {"metadata": {"total_size": sum(t.numel() * itemsize for t in tensors.values())},
+                 "weight_map": {n: f for f, shard in zip(names, shards) for n in shard}}
+        with open(os.path.join(out_dir, INDEX_FILE), "w") as f:
+            json.dump(index, f, indent=2)
+    for fname, shard in zip(names, shards):
+        save_file({n: tensors[n].detach().to(dtype).contiguous() for n in shard}, os.path.join(out_dir, fname),
+                  metadata={"format": "pt"})
+    return names + ([INDEX_FILE] if len(shards) > 1 else [])
+
+
+def hf_tokenizer_path(hf_dir: str) -> str | None:
+    """The SentencePiece model a Hugging Face directory carries (floe's export writes one), or None."""
+    path = os.path.join(hf_dir, "tokenizer.model")
+    return path if os.path.isfile(path) else None

@@ -1,10 +1,15 @@
-"""The MoE MLP: router, capacity dropping, permutation into expert groups, SwiGLU experts.
+"""The MoE MLP: router, capacity dropping, permutation into expert groups, grouped SwiGLU experts.
 
-Single-device code. Expert parallelism wraps this layer from outside (moe/parallel.py):
-it reuses `route`, `permute`, `experts` and `unpermute` and puts an all-to-all between them.
+Single-device code. Expert parallelism is applied from outside (moe/parallel/dispatch.py,
+`apply_expert_parallel`): it shards each layer's `GroupedExperts` to a range of experts and
+swaps its `LocalDispatcher` for an all-to-all one. This file knows nothing of either.
+
+    start(x):  route -> permute (rows sorted by global expert) -> dispatcher.dispatch
+    ...        the block runs attention and the dense MLP meanwhile
+    finish():  dispatcher.receive -> experts -> dispatcher.combine -> un-permute, weight, sum
 
 Shape legend: T tokens, D hidden, E experts (global), L local experts, F expert width,
-k choices per token, A kept assignments (rows sent to experts).
+k choices per token, A kept assignments (rows sent to experts), R rows the local experts run.
 """
 from __future__ import annotations
 
@@ -16,6 +21,11 @@ import torch.nn as nn
 import kernels
 from moe import router
 from moe.config import ModelConfig
+from moe.init import draw_seed, init_stds, seeded_normal_
+
+# The stacked expert weights, in nn.Linear (out, in) orientation: w1 gate and w3 up [E, F, D],
+# w2 down [E, D, F]. Checkpoints, conversion and DeepSpeed's markers all iterate this tuple.
+EXPERT_WEIGHTS = ("w1", "w3", "w2")
 
 
 @dataclass
@@ -34,31 +44,119 @@ class Permutation:
     tokens_per_expert_E: torch.Tensor  # [E] rows per expert, in sorted order
 
 
+class GroupedExperts(nn.Module):
+    """SwiGLU experts stacked along dim 0; holds experts [first_expert, first_expert + L) of E.
+
+    forward(x [R, D] rows grouped by local expert, tokens_per_local_expert [L]) -> [R, D].
+    """
+
+    def __init__(self, num_experts: int, hidden_size: int, ffn: int):
+        super().__init__()
+        self.num_experts = num_experts  # global E
+        self.first_expert = 0  # global id of local row 0
+        self.num_local_experts = num_experts
+        self.w1 = nn.Parameter(torch.empty(num_experts, ffn, hidden_size))  # gate projection
+        self.w3 = nn.Parameter(torch.empty(num_experts, ffn, hidden_size))  # up projection
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, ffn))  # down projection
+
+    @torch.no_grad()
+    def init_weights(self, seed: int, key: str, std: float, out_std: float) -> None:
+        """Row e of weight w draws from (seed, f"{key}.{w}", first_expert + e): the rows a shard
+        holds equal the full module's rows of the same global experts. w2 writes into the
+        residual stream, so it gets out_std."""
+        for w in EXPERT_WEIGHTS:
+            p = getattr(self, w)
+            if p.is_meta:
+                continue
+            name = f"{key}.{w}" if key else w
+            for row in range(p.shape[0]):
+                seeded_normal_(p[row], out_std if w == "w2" else std, seed, name, self.first_expert + row)
+
+    @torch.no_grad()
+    def shard_(self, first_expert: int, num_local_experts: int) -> None:
+        """Keep only experts [first_expert, first_expert + num_local_experts), in place (new
+        Parameters; works on the meta device, so no rank ever allocates the others)."""
+        if not (0 <= first_expert and first_expert + num_local_experts <= self.num_local_experts
+                and self.num_local_experts == self.num_experts):
+            raise ValueError(f"cannot shard experts {first_expert}..{first_expert + num_local_experts - 1} out of "
+                             f"a module holding {self.first_expert}..{self.first_expert + self.num_local_experts - 1}")
+        rows = slice(first_expert, first_expert + num_local_experts)
+        for w in EXPERT_WEIGHTS:
+            full = getattr(self, w)
+            setattr(self, w, nn.Parameter(full.detach()[rows].clone(), requires_grad=full.requires_grad))
+        self.first_expert, self.num_local_experts = first_expert, num_local_experts
+
+    def forward(self, x_RD: torch.Tensor, tokens_per_local_expert: torch.Tensor) -> torch.Tensor:
+        return kernels.grouped_swiglu(x_RD, self.w1, self.w3, self.w2, tokens_per_local_expert)
+
+    def extra_repr(self) -> str:
+        last = self.first_expert + self.num_local_experts - 1
+        return f"experts {self.first_expert}..{last} of {self.num_experts}, w1 {tuple(self.w1.shape)}"
+
+
+class LocalDispatcher:
+    """Token dispatch when every expert is on this device: the identity.
+
+    The dispatcher protocol MoELayer calls (moe/parallel/dispatch.py has the all-to-all one):
+      dispatch(x [A, D] sorted by global expert, tokens_per_expert [E]) -> handle  (may start comms)
+      receive(handle) -> (x [R, D] grouped by local expert, tokens_per_local_expert [L])
+      combine(y [R, D], handle) -> y [A, D] in dispatch's row order
+    """
+
+    def dispatch(self, x_AD: torch.Tensor, tokens_per_expert_E: torch.Tensor):
+        return x_AD, tokens_per_expert_E
+
+    def receive(self, handle) -> tuple[torch.Tensor, torch.Tensor]:
+        return handle
+
+    def combine(self, y_RD: torch.Tensor, handle) -> torch.Tensor:
+        return y_RD
+
+
+@dataclass
+class _Pending:
+    """What start() hands to finish()."""
+
+    handle: object  # the dispatcher's
+    perm: Permutation
+    stats: MoEStats
+    num_tokens: int
+
+
 class MoELayer(nn.Module):
     """Top-k MoE of SwiGLU experts. forward(x [T, D]) -> (y [T, D], MoEStats)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        e, d, f = config.num_experts, config.hidden_size, config.expert_ffn
-        self.gate = nn.Linear(d, e, bias=False)  # router
-        # Stacked experts in nn.Linear (out, in) orientation: a rename away from HF Arctic/Mixtral.
-        self.w1 = nn.Parameter(torch.empty(e, f, d))  # gate projection
-        self.w3 = nn.Parameter(torch.empty(e, f, d))  # up projection
-        self.w2 = nn.Parameter(torch.empty(e, d, f))  # down projection
-        self.reset_parameters()
+        # Registered before the router: parameter order (experts, then gate.weight) is what the
+        # optimizer, ZeRO's flat buffers and the norm's summation order see; kept from the
+        # pre-GroupedExperts layout so runs stay bit-identical.
+        self.experts = GroupedExperts(config.num_experts, config.hidden_size, config.expert_ffn)
+        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)  # router
+        self.dispatcher = LocalDispatcher()
+        self.init_weights()
 
-    def reset_parameters(self):
-        std = self.config.init_std
-        for w in (self.gate.weight, self.w1, self.w3, self.w2):
-            nn.init.normal_(w, mean=0.0, std=std)
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None, key: str = "") -> None:
+        """Keyed init of the router and the experts under the module path `key` (the model
+        passes "layers.{i}.moe"; the names keep the pre-GroupedExperts keys, so a seed gives
+        the weights it always gave). seed None: drawn from torch's global RNG."""
+        if self.gate.weight.is_meta and self.experts.w1.is_meta:
+            return  # shapes only: the owner initialises after materialising
+        seed = draw_seed() if seed is None else seed
+        std, out_std = init_stds(self.config)
+        prefix = f"{key}." if key else ""
+        if not self.gate.weight.is_meta:
+            seeded_normal_(self.gate.weight, std, seed, f"{prefix}gate.weight")
+        self.experts.init_weights(seed, key, std, out_std)
 
-    def route(self, x_TD: torch.Tensor) -> tuple[router.RoutePlan, MoEStats]:
-        """Router in fp32: plan for every token plus the losses and counts."""
+    def route(self, x_TD: torch.Tensor, dropless: bool = False) -> tuple[router.RoutePlan, MoEStats]:
+        """Router in fp32: plan for every token plus the losses and counts. dropless: no capacity."""
         cfg = self.config
         logits_TE = x_TD.float() @ self.gate.weight.float().t()
         num_tokens = x_TD.shape[0]
-        cap = router.capacity(num_tokens, cfg.num_experts, cfg.top_k, cfg.capacity_factor)
+        cap = None if dropless else router.capacity(num_tokens, cfg.num_experts, cfg.top_k, cfg.capacity_factor)
         plan = router.route(logits_TE, cfg.top_k, cap, cfg.drop_policy, cfg.normalize_weights)
         kept_experts = plan.expert_ids[plan.kept]
         stats = MoEStats(
@@ -85,10 +183,6 @@ class MoELayer(nn.Module):
         )
         return x_TD[perm.token_idx_A], perm
 
-    def experts(self, x_AD: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
-        """SwiGLU experts on rows grouped by expert: x [A, D], tokens_per_expert [len(w1)] -> [A, D]."""
-        return kernels.grouped_swiglu(x_AD, self.w1, self.w3, self.w2, tokens_per_expert)
-
     @staticmethod
     def unpermute(y_AD: torch.Tensor, perm: Permutation, num_tokens: int) -> torch.Tensor:
         """Weight each expert output by its router weight and sum the k contributions per token."""
@@ -96,19 +190,21 @@ class MoELayer(nn.Module):
         out_TD = y_AD.new_zeros(num_tokens, y_AD.shape[1])
         return out_TD.index_add(0, perm.token_idx_A, y_AD)  # dropped assignments add nothing
 
-    # The block calls start() before attention and finish() after its dense MLP, so an
-    # expert-parallel wrapper can put its all-to-all in flight in between.
-    def start(self, x_TD: torch.Tensor):
-        """Route and permute; returns the pending state finish() consumes."""
-        plan, stats = self.route(x_TD)
+    # The block calls start() before attention and finish() after its dense MLP, so a
+    # dispatcher that communicates has its exchange in flight in between.
+    def start(self, x_TD: torch.Tensor, dropless: bool = False) -> _Pending:
+        """Route, permute and dispatch; returns the pending state finish() consumes."""
+        plan, stats = self.route(x_TD, dropless)
         x_AD, perm = self.permute(x_TD, plan)
-        return x_AD, perm, stats, x_TD.shape[0]
+        handle = self.dispatcher.dispatch(x_AD, perm.tokens_per_expert_E)
+        return _Pending(handle, perm, stats, x_TD.shape[0])
 
-    def finish(self, pending) -> tuple[torch.Tensor, MoEStats]:
-        """Run the experts and combine: (y [T, D], stats)."""
-        x_AD, perm, stats, num_tokens = pending
-        y_AD = self.experts(x_AD, perm.tokens_per_expert_E)
-        return self.unpermute(y_AD, perm, num_tokens), stats
+    def finish(self, pending: _Pending) -> tuple[torch.Tensor, MoEStats]:
+        """Run the experts on what the dispatcher delivers and combine: (y [T, D], stats)."""
+        x_RD, tokens_per_local_expert = self.dispatcher.receive(pending.handle)
+        y_RD = self.experts(x_RD, tokens_per_local_expert)
+        y_AD = self.dispatcher.combine(y_RD, pending.handle)
+        return self.unpermute(y_AD, pending.perm, pending.num_tokens), pending.stats
 
-    def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
-        return self.finish(self.start(x_TD))
+    def forward(self, x_TD: torch.Tensor, dropless: bool = False) -> tuple[torch.Tensor, MoEStats]:
+        return self.finish(self.start(x_TD, dropless))

@@ -10,8 +10,6 @@ V vocab, T = tokens entering the MoE (B*S minus padding).
 """
 from __future__ import annotations
 
-import hashlib
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -19,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moe.config import ModelConfig
+from moe.init import draw_seed, init_stds, seeded_normal_
 from moe.layer import MoELayer, MoEStats
 
 IGNORE_INDEX = -100
@@ -34,13 +33,6 @@ class CausalLMOutput:
     aux_loss: torch.Tensor  # balance_coef * sum_l balance_l + z_loss_coef * sum_l z_l
     balance_loss: torch.Tensor  # sum over layers of the normalised GShard loss, before the coefficient
     router_stats: list[MoEStats] = field(default_factory=list)
-
-
-def _seeded_normal_(t: torch.Tensor, std: float, *key) -> None:
-    """Fill t from N(0, std^2) with a generator seeded by `key` alone."""
-    digest = hashlib.sha256(repr(key).encode()).digest()
-    generator = torch.Generator(device=t.device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
-    t.normal_(0.0, std, generator=generator)
 
 
 def rotate_half(x):
@@ -76,7 +68,9 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, config.num_kv_heads * hd, bias=False)
         self.o_proj = nn.Linear(config.num_heads * hd, d, bias=False)
 
-    def forward(self, x_BSD, rope, attn_mask):
+    def forward(self, x_BSD, rope, attn_mask, cache=None):
+        """cache: this layer's KV cache in generation (moe/generate.py), which appends k, v and
+        returns every key and value so far; attn_mask then spans them (it is never None)."""
         b, s, _ = x_BSD.shape
         q = self.q_proj(x_BSD).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, S, Dh)
         k = self.k_proj(x_BSD).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, G, S, Dh)
@@ -84,6 +78,8 @@ class Attention(nn.Module):
         cos, sin = rope
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
+        if cache is not None:
+            k, v = cache.update(k, v)  # (B, G, cached + S, Dh)
         gqa = self.num_heads != self.num_kv_heads
         if attn_mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
@@ -116,13 +112,13 @@ class ArcticBlock(nn.Module):
         self.norm_moe = nn.RMSNorm(d, eps=eps)
         self.moe = MoELayer(config)
 
-    def forward(self, x_BSD, rope, attn_mask, moe_tokens):
+    def forward(self, x_BSD, rope, attn_mask, moe_tokens, dropless: bool = False, cache=None):
         b, s, d = x_BSD.shape
         moe_in_TD = self.norm_moe(x_BSD).reshape(b * s, d)
         if moe_tokens is not None:
             moe_in_TD = moe_in_TD[moe_tokens]  # padding stays out of routing, capacity and stats
-        pending = self.moe.start(moe_in_TD)  # the MoE reads the block input, not h
-        h = x_BSD + self.attn(self.norm_in(x_BSD), rope, attn_mask)
+        pending = self.moe.start(moe_in_TD, dropless)  # the MoE reads the block input, not h
+        h = x_BSD + self.attn(self.norm_in(x_BSD), rope, attn_mask, cache)
         out = h + self.mlp(self.norm_res(h))
         moe_out_TD, stats = self.moe.finish(pending)
         if moe_tokens is not None:
@@ -167,31 +163,24 @@ class ArcticForCausalLM(nn.Module):
         """Initialise every weight from `seed` (None: drawn from torch's global RNG).
 
         Each tensor, and each row of a stacked expert weight, draws from its own generator
-        keyed by (seed, parameter name, global expert id). So the values do not depend on the
-        order of initialisation, and a rank that holds only some experts (a model built on the
-        meta device, sharded, then materialised with to_empty) initialises exactly the rows
-        the full model would hold, without ever building the others.
+        keyed by (seed, parameter name, global expert id) (moe/init.py). So the values do not
+        depend on the order of initialisation, and a model built on the meta device, sharded,
+        then materialised with to_empty initialises exactly the rows the full model holds.
         """
-        if seed is None:
-            seed = int(torch.randint(0, 2**62, (1,), device="cpu"))
-        std = self.config.init_std
-        # Residual-branch outputs shrink with depth (GPT-2): each block adds three of them.
-        out_std = std / math.sqrt(2 * self.config.num_layers)
+        seed = draw_seed() if seed is None else seed
+        std, out_std = init_stds(self.config)
+        moe_params = set()
         for module_name, module in self.named_modules():
-            for param_name, p in module.named_parameters(recurse=False):
-                name = f"{module_name}.{param_name}" if module_name else param_name
-                if p.is_meta:
-                    continue
-                if p.dim() < 2:
-                    p.fill_(1.0)  # RMSNorm weights (floe has no biases)
-                    continue
-                p_std = out_std if name.endswith(("o_proj.weight", "mlp.w2.weight", "moe.w2")) else std
-                if isinstance(module, MoELayer) and param_name in ("w1", "w2", "w3"):
-                    first = getattr(module, "first_expert", 0)  # set by expert-parallel shards
-                    for row in range(p.shape[0]):
-                        _seeded_normal_(p[row], p_std, seed, name, first + row)
-                else:
-                    _seeded_normal_(p, p_std, seed, name)
+            if isinstance(module, MoELayer):  # the router and the experts key their own init
+                module.init_weights(seed, key=module_name)
+                moe_params.update(id(p) for p in module.parameters())
+        for name, p in self.named_parameters():
+            if p.is_meta or id(p) in moe_params:
+                continue
+            if p.dim() < 2:
+                p.fill_(1.0)  # RMSNorm weights (floe has no biases)
+            else:
+                seeded_normal_(p, out_std if name.endswith(("o_proj.weight", "mlp.w2.weight")) else std, seed, name)
 
     def forward(
         self,
@@ -199,11 +188,19 @@ class ArcticForCausalLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        dropless: bool = False,
+        cache=None,
     ) -> CausalLMOutput:
         """input_ids [B, S]; position_ids [B, S] restart at 0 at each packed example;
-        labels [B, S] aligned with input_ids (-100 = no loss); attention_mask [B, S] (0 = padding)."""
+        labels [B, S] aligned with input_ids (-100 = no loss); attention_mask [B, S] (0 = padding);
+        dropless: route without capacity limits whatever model.capacity_factor says (inference);
+        cache: a moe.generate.KVCache; input_ids then continue the cached tokens, position_ids are
+        required, and attention_mask (None = all real) marks this chunk's padding."""
         b, s = input_ids.shape
-        if position_ids is None:
+        if cache is not None:
+            assert position_ids is not None, "generation with a cache passes explicit position_ids"
+            attn_mask = cache.append(attention_mask, s)  # (B, 1, S, cached + S): causal, padding masked
+        elif position_ids is None:
             position_ids = torch.arange(s, device=input_ids.device).expand(b, s)
             attn_mask = None  # one example per row: plain causal attention
         else:
@@ -216,8 +213,9 @@ class ArcticForCausalLM(nn.Module):
         x = self.embed_tokens(input_ids)
         rope = self.rotary(position_ids, x.dtype)
         stats = []
-        for block in self.layers:
-            x, layer_stats = block(x, rope, attn_mask, moe_tokens)
+        for i, block in enumerate(self.layers):
+            layer_cache = None if cache is None else cache.layer(i)
+            x, layer_stats = block(x, rope, attn_mask, moe_tokens, dropless, layer_cache)
             stats.append(layer_stats)
         logits = self.lm_head(self.norm(x))
 
@@ -238,5 +236,3 @@ class ArcticForCausalLM(nn.Module):
             out.loss = out.lm_loss + aux
         return out
 
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())

@@ -20,8 +20,8 @@ class OptimConfig:
 
     def __post_init__(self):
         errors = []
-        if not self.lr > 0:
-            errors.append(f"optim.lr must be > 0, got {self.lr!r}")
+        if not self.lr >= 0:  # 0: the weights stay as loaded (e.g. to evaluate an init_from model)
+            errors.append(f"optim.lr must be >= 0, got {self.lr!r}")
         if not 0 <= self.warmup_ratio < 1:
             errors.append(f"optim.warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
         if not 0 <= self.min_lr_ratio <= 1:

@@ -9,7 +9,7 @@ def built_counts(cfg):
     with torch.device("meta"):  # no memory: shapes only
         model = ArcticForCausalLM(cfg)
     total = sum(p.numel() for p in model.parameters())
-    experts = sum(p.numel() for n, p in model.named_parameters() if n.endswith(("moe.w1", "moe.w2", "moe.w3")))
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".moe.experts." in n)
     active = total - experts + experts * cfg.top_k // cfg.num_experts
     return total, active
 

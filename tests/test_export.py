@@ -1,4 +1,6 @@
-"""Export to Hugging Face Arctic names and safetensors, checked against the trained model."""
+"""Export of a trained run as a Hugging Face directory: weights against the trained model,
+tokenizer against floe's SentencePiece ids (through transformers.AutoTokenizer), chat template
+against moe.data.template.render."""
 import json
 
 import pytest
@@ -6,66 +8,161 @@ import torch
 from safetensors.torch import load_file
 
 from moe.config import PRESETS
-from moe.hf import from_hf, to_hf
+from moe.data import synthetic
+from moe.data.formats import parse_record
+from moe.data.template import render
+from moe.data.tokenizer import Tokenizer, hf_tokenizer_json
+from moe.hf import expert_key, from_hf, save_hf, to_hf
 from moe.model import ArcticForCausalLM
 from tests.test_train import make_cfg
 from tools.export import export, load_checkpoint_model, resolve_checkpoint
 
+TRICKY = ["", " ", "  ", "   x", "\n", "\n\n  \n", "a  b", "trailing  ", "\t tab", "héllo wörld 😀 中文 ☃",
+          "12345.678", "<|im_start|>user\nhi<|im_end|>\n", "x<|im_end|>y<|im_start|>", "<s></s><pad><unk>x",
+          "\u2581 literal", "\x00\x01\x7f", "```python\ndef f():\n    return 1\n```", "a\u2581\u2581b  \u3000c"]
 
-def test_round_trip_and_names():
+
+def embedded_texts(n=150):
+    """Contents and whole rendered conversations of the embedded sources."""
+    texts = []
+    for source in ("math", "identity", "code", "general"):
+        for record in synthetic.generate(source, n, seed=1):
+            example = parse_record(record)
+            texts += [content for _, content in example] + [render(example)]
+    return texts
+
+
+def test_names_round_trip():
     cfg = PRESETS["tiny"]
     torch.manual_seed(0)
     state = ArcticForCausalLM(cfg).state_dict()
     hf = to_hf(state, cfg)
-    # every expert of every layer under its own name, in nn.Linear (out, in) orientation
     w2 = hf["model.layers.1.block_sparse_moe.experts.5.w2.weight"]
-    assert torch.equal(w2, state["layers.1.moe.w2"][5]) and w2.shape == (cfg.hidden_size, cfg.expert_ffn)
+    assert torch.equal(w2, state[expert_key(1, "w2")][5]) and w2.shape == (cfg.hidden_size, cfg.expert_ffn)
     assert torch.equal(hf["model.layers.0.post_attention_layernorm.weight"], state["layers.0.norm_moe.weight"])
+    assert torch.equal(hf["model.layers.0.residual_layernorm.weight"], state["layers.0.norm_res.weight"])
     assert len(hf) == len(state) - 3 * cfg.num_layers + 3 * cfg.num_layers * cfg.num_experts
     back = from_hf(hf, cfg)
     assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
-
-
-def test_from_hf_names_missing_experts():
-    cfg = PRESETS["tiny"]
-    hf = to_hf(ArcticForCausalLM(cfg).state_dict(), cfg)
     del hf["model.layers.0.block_sparse_moe.experts.3.w1.weight"]
-    with pytest.raises(ValueError, match=r"missing experts .*\(0, 'w1', 3\)"):
+    with pytest.raises(ValueError, match=r"missing \['model.layers.0.block_sparse_moe.experts.3.w1.weight'\]"):
         from_hf(hf, cfg)
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    out = tmp_path_factory.mktemp("tok")
+    from moe.hf import CHAT_TEMPLATE
+
+    Tokenizer().save_hf(out, CHAT_TEMPLATE, model_max_length=512)
+    return AutoTokenizer.from_pretrained(str(out))
+
+
+def test_auto_tokenizer_gives_floes_ids(hf_tokenizer):
+    tok = Tokenizer()
+    texts = embedded_texts() + TRICKY
+    mismatched = [t for t in texts if hf_tokenizer(t)["input_ids"] != tok.encode(t)]
+    assert not mismatched, mismatched[:3]
+    ids = tok.encode("<|im_start|>assistant\nThe answer is 42.<|im_end|>\n")
+    assert ids[0] == tok.im_start[0] and tok.im_end[0] in ids  # markers are single tokens, no BOS added
+    assert hf_tokenizer.decode(ids) == tok.decode(ids)
+    assert (hf_tokenizer.bos_token_id, hf_tokenizer.eos_token_id, hf_tokenizer.pad_token_id) == \
+        (tok.sp.bos_id(), tok.eos_id, tok.pad_id)
+
+
+def test_chat_template_renders_floes_training_text(hf_tokenizer):
+    for source in ("math", "identity", "code", "general"):
+        for record in synthetic.generate(source, 20, seed=2):
+            example = parse_record(record)
+            assert hf_tokenizer.apply_chat_template(record["messages"], tokenize=False) == render(example)
+    prompt = [{"role": "user", "content": "Hi"}]
+    assert hf_tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True) == \
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    with pytest.raises(Exception, match="not tool"):
+        hf_tokenizer.apply_chat_template([{"role": "tool", "content": "x"}], tokenize=False)
+
+
+def test_dummy_prefix_tokenizer_and_refusal(tmp_path):
+    """A Llama-style SentencePiece model (dummy prefix ▁) also keeps its ids; unigram is refused."""
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    texts = embedded_texts(40)
+    for model_type, dummy in (("bpe", True), ("unigram", False)):
+        path = tmp_path / f"{model_type}.model"
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_prefix=str(path)[:-6], vocab_size=400,
+                                       model_type=model_type, byte_fallback=True, add_dummy_prefix=dummy,
+                                       normalization_rule_name="identity", remove_extra_whitespaces=False,
+                                       minloglevel=2, user_defined_symbols=["<|im_start|>", "<|im_end|>"])
+    tok = Tokenizer(tmp_path / "bpe.model")
+    tok.save_hf(tmp_path / "bpe_hf")
+    hf = AutoTokenizer.from_pretrained(str(tmp_path / "bpe_hf"))
+    assert tok.piece(tok.encode("Hi there")[0]).startswith("\u2581")  # the dummy prefix is there
+    # SentencePiece prepends its ▁ once per encode() call, Hugging Face once per stretch of text
+    # between added tokens: the same for any text without chat markers (floe encodes each turn's
+    # content by itself, so its own training ids also carry one ▁ per stretch).
+    plain = [t for t in texts + TRICKY if "<|im_" not in t]
+    mismatched = [t for t in plain if hf(t)["input_ids"] != tok.encode(t)]
+    assert len(plain) > 100 and not mismatched, mismatched[:3]
+    with pytest.raises(ValueError, match=r"unigram.model: .*model_type is not BPE"):
+        hf_tokenizer_json(tmp_path / "unigram.model")
 
 
 def test_export_of_a_trained_run(tmp_path):
     from launch.train import train
+    from transformers import AutoTokenizer
 
     run = tmp_path / "run"
     train(make_cfg(run, "train.max_steps=2", "train.global_batch_size=8", "train.micro_batch_size=8"))
     files = export(str(run), str(tmp_path / "out"))
-    assert files == ["model.safetensors"]
+    assert "model.safetensors" in files and "tokenizer.json" in files
     model, _ = load_checkpoint_model(*resolve_checkpoint(str(run)))
     exported = from_hf(load_file(tmp_path / "out" / "model.safetensors"), model.config)
     trained = model.state_dict()
     assert all(torch.equal(exported[k], trained[k]) for k in trained)
-    # the checkpoint really holds trained weights: step 2's differ from a fresh initialisation
-    torch.manual_seed(0)
-    fresh = ArcticForCausalLM(model.config).state_dict()
-    assert not torch.equal(fresh["layers.0.moe.w1"], trained["layers.0.moe.w1"])
+    fresh = ArcticForCausalLM(model.config)
+    fresh.reset_parameters(seed=0)  # the run's seed: step 2's weights differ from the initial ones
+    assert not torch.equal(fresh.state_dict()[expert_key(0, "w1")], trained[expert_key(0, "w1")])
     config = json.loads((tmp_path / "out" / "config.json").read_text())
+    tok = Tokenizer()
     assert config["model_type"] == "arctic" and config["num_local_experts"] == 8
-    assert (tmp_path / "out" / "tokenizer.model").stat().st_size > 0
+    assert config["intermediate_size"] == 64 and config["hidden_size"] == 64  # residual MLP = hidden
+    assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == \
+        (tok.sp.bos_id(), tok.im_end[0], tok.pad_id)
+    generation = json.loads((tmp_path / "out" / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == tok.im_end[0]
+    hf_tok = AutoTokenizer.from_pretrained(str(tmp_path / "out"))
+    assert hf_tok("The answer is 42.")["input_ids"] == tok.encode("The answer is 42.")
 
 
 def test_sharded_export_index(tmp_path):
+    cfg = PRESETS["tiny"]
+    state = ArcticForCausalLM(cfg).state_dict()
+    files = save_hf(state, cfg, str(tmp_path), Tokenizer(), dtype="bfloat16", max_shard_bytes=2**17)
+    shards = [f for f in files if f.endswith(".safetensors")]
+    assert len(shards) > 1 and "model.safetensors.index.json" in files
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    merged = {}
+    for f in shards:
+        part = load_file(tmp_path / f)
+        assert sum(t.numel() * 2 for t in part.values()) <= 2**17
+        assert all(index["weight_map"][n] == f for n in part)
+        merged.update(part)
+    assert merged.keys() == to_hf(state, cfg).keys() and all(t.dtype == torch.bfloat16 for t in merged.values())
+    assert index["metadata"]["total_size"] == sum(t.numel() * 2 for t in merged.values())
+
+
+def test_export_refuses_an_inexpressible_run_before_writing(tmp_path):
     from launch.train import train
 
     run = tmp_path / "run"
-    train(make_cfg(run, "train.max_steps=1", "train.global_batch_size=8", "train.micro_batch_size=8"))
-    files = export(str(run), str(tmp_path / "out"), max_shard_gb=0.5 / 1024)  # 0.5 MiB shards
-    assert len(files) > 1
-    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
-    merged = {}
-    for f in files:
-        merged.update(load_file(tmp_path / "out" / f))
-    assert set(index["weight_map"]) == set(merged)
+    train(make_cfg(run, "train.max_steps=1", "train.global_batch_size=8", "train.micro_batch_size=8",
+                   "model.dense_ffn=128"))
+    with pytest.raises(ValueError, match=r"model.dense_ffn = 128 != model.hidden_size = 64"):
+        export(str(run), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):

@@ -36,9 +36,10 @@ def test_layer_matches_naive_loop(num_experts, top_k, capacity_factor, num_token
 
     y, stats = layer(x)
     (y * proj).sum().backward()
-    grads = [x.grad, layer.gate.weight.grad, layer.w1.grad, layer.w2.grad, layer.w3.grad]
+    experts = layer.experts
+    grads = [x.grad, layer.gate.weight.grad, experts.w1.grad, experts.w2.grad, experts.w3.grad]
 
-    params = [p.detach().clone().requires_grad_() for p in (layer.gate.weight, layer.w1, layer.w3, layer.w2)]
+    params = [p.detach().clone().requires_grad_() for p in (layer.gate.weight, experts.w1, experts.w3, experts.w2)]
     x_ref = x.detach().clone().requires_grad_()
     y_ref, ids, kept = naive_moe(x_ref, *params, top_k, capacity_factor, drop_policy)
     (y_ref * proj).sum().backward()
@@ -87,9 +88,9 @@ def test_empty_input():
 def test_expert_weight_layout_is_linear_out_in():
     cfg = tiny_moe_config(4, 2, None)
     layer = MoELayer(cfg)
-    assert layer.w1.shape == (4, cfg.expert_ffn, cfg.hidden_size)
-    assert layer.w3.shape == (4, cfg.expert_ffn, cfg.hidden_size)
-    assert layer.w2.shape == (4, cfg.hidden_size, cfg.expert_ffn)
+    assert layer.experts.w1.shape == (4, cfg.expert_ffn, cfg.hidden_size)
+    assert layer.experts.w3.shape == (4, cfg.expert_ffn, cfg.hidden_size)
+    assert layer.experts.w2.shape == (4, cfg.hidden_size, cfg.expert_ffn)
     assert layer.gate.weight.shape == (4, cfg.hidden_size)
 
 
@@ -99,7 +100,7 @@ def test_stacked_experts_enter_autograd_once():
     graph through a single node, whatever the number of experts."""
     layer = MoELayer(tiny_moe_config(128, 2, None))
     y, _ = layer(torch.randn(300, 16))
-    stacked = {id(layer.w1), id(layer.w2), id(layer.w3)}
+    stacked = {id(layer.experts.w1), id(layer.experts.w2), id(layer.experts.w3)}
     users, seen, stack = {}, set(), [y.grad_fn]
     while stack:
         node = stack.pop()
@@ -112,3 +113,36 @@ def test_stacked_experts_enter_autograd_once():
             stack.append(child)
     assert users == {i: 1 for i in stacked}, users
     assert not any(type(n).__name__ in ("SelectBackward0", "UnbindBackward0") for n in seen)
+
+
+def test_sharded_experts_hold_the_full_modules_rows_and_init():
+    """shard_ keeps global experts [first, first + L); the keyed init of a shard draws the same
+    rows as the full module's init (so sharding before or after init agrees), and w2 uses the
+    residual-output std, as ArcticForCausalLM's init does."""
+    cfg = tiny_moe_config(8, 2, None).replace(num_layers=4)
+    full = MoELayer(cfg)
+    full.init_weights(seed=5, key="layers.1.moe")
+    shard = MoELayer(cfg)
+    shard.experts.shard_(2, 3)
+    shard.init_weights(seed=5, key="layers.1.moe")
+    assert (shard.experts.first_expert, shard.experts.num_local_experts, shard.experts.num_experts) == (2, 3, 8)
+    for w in ("w1", "w3", "w2"):
+        assert torch.equal(getattr(shard.experts, w), getattr(full.experts, w)[2:5]), w
+    assert torch.equal(shard.gate.weight, full.gate.weight)
+    std_w1, std_w2 = full.experts.w1.std().item(), full.experts.w2.std().item()
+    assert abs(std_w1 - 0.02) < 0.002 and abs(std_w2 - 0.02 / 8 ** 0.5) < 0.001, (std_w1, std_w2)
+    with pytest.raises(ValueError, match="cannot shard"):
+        shard.experts.shard_(0, 2)  # already a shard
+
+
+def test_dropless_flag_ignores_capacity():
+    torch.manual_seed(3)
+    layer = MoELayer(tiny_moe_config(4, 2, 0.5, init_std=0.3))
+    dropless = MoELayer(tiny_moe_config(4, 2, None, init_std=0.3))
+    dropless.load_state_dict(layer.state_dict())
+    x = torch.randn(40, 16)
+    y_capped, capped = layer(x)
+    y, stats = layer(x, dropless=True)
+    y_ref, ref = dropless(x)
+    assert capped.dropped > 0 and stats.dropped == 0
+    assert torch.equal(y, y_ref) and torch.equal(stats.tokens_per_expert, ref.tokens_per_expert)

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from launch.train import _forget_deepspeed_groups
+from moe.parallel import teardown
 from tests.distributed import free_port
 from tools.bench_moe import build_pair
 
@@ -20,8 +20,7 @@ def single_process_group():
 
     deepspeed.init_distributed(dist_backend="gloo")
     yield
-    dist.destroy_process_group()
-    _forget_deepspeed_groups()
+    teardown()
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)

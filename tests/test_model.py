@@ -100,3 +100,15 @@ def test_freeze_moe_trains_dense_only():
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     assert frozen and all(".moe." in n for n in frozen)
     assert any(n.endswith("moe.gate.weight") for n in frozen)
+
+
+def test_dropless_forward_matches_a_dropless_config():
+    capped = ArcticForCausalLM(PRESETS["tiny"].replace(capacity_factor=0.5)).eval()
+    dropless = ArcticForCausalLM(PRESETS["tiny"].replace(capacity_factor=None)).eval()  # weights loaded below
+    dropless.load_state_dict(capped.state_dict())
+    ids = torch.randint(0, 1024, (2, 16))
+    with torch.no_grad():
+        out, ref, dropped = capped(ids, dropless=True), dropless(ids), capped(ids)
+    assert sum(int(st.dropped) for st in dropped.router_stats) > 0
+    assert all(int(st.dropped) == 0 for st in out.router_stats)
+    torch.testing.assert_close(out.logits, ref.logits, rtol=0, atol=0)

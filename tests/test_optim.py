@@ -28,7 +28,7 @@ def test_norms_do_not_decay_matrices_and_experts_do():
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all("norm" in names[id(p)] for p in no_decay["params"])
     decayed = {names[id(p)] for p in decay["params"]}
-    assert {"layers.0.moe.w1", "layers.0.moe.gate.weight", "lm_head.weight"} <= decayed
+    assert {"layers.0.moe.experts.w1", "layers.0.moe.gate.weight", "lm_head.weight"} <= decayed
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
 
 
@@ -40,6 +40,6 @@ def test_frozen_moe_is_left_out():
 
 def test_validation_names_keys():
     with pytest.raises(ValueError) as err:
-        OptimConfig(lr=0, warmup_ratio=1.5, min_lr_ratio=2, grad_clip=-1)
+        OptimConfig(lr=-1e-3, warmup_ratio=1.5, min_lr_ratio=2, grad_clip=-1)
     for key in ("optim.lr", "optim.warmup_ratio", "optim.min_lr_ratio", "optim.grad_clip"):
         assert key in str(err.value)

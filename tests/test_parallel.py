@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from moe.config import ModelConfig
-from moe.layer import MoELayer
+from moe.layer import EXPERT_WEIGHTS, MoELayer
 from moe.model import ArcticForCausalLM
 from moe.parallel import expected_layout, validate_parallel
 from tests.distributed import DistributedError, run_distributed
@@ -63,7 +63,7 @@ def layer_loss(y, stats, g):
 
 
 def _layer_worker(rank, world_size, cases, ep_size):
-    from moe.parallel import ExpertParallelMoE, apply_expert_parallel, build_parallel_groups, init_distributed
+    from moe.parallel import AllToAllDispatcher, apply_expert_parallel, build_parallel_groups, init_distributed
 
     init_distributed(torch.device("cpu"), timeout_s=60)
     groups = build_parallel_groups(ep_size)
@@ -76,14 +76,15 @@ def _layer_worker(rank, world_size, cases, ep_size):
             holder = nn.ModuleDict({"moe": copy.deepcopy(moe)})
             apply_expert_parallel(holder, groups, async_dispatch=async_dispatch)
             ep = holder["moe"]
-            assert isinstance(ep, ExpertParallelMoE) and ep.w1.shape[0] == cfg.num_experts // ep_size
+            assert isinstance(ep.dispatcher, AllToAllDispatcher)
+            assert ep.experts.w1.shape[0] == cfg.num_experts // ep_size
             x_r = x[lo:hi].clone().requires_grad_(True)
             y, stats = ep(x_r)
             layer_loss(y, stats, g[lo:hi]).backward()
             per_mode[async_dispatch] = {
                 "y": y.detach(), "dx": x_r.grad, "gate": ep.gate.weight.grad,
-                "first_expert": ep.first_expert,
-                "experts": {w: getattr(ep, w).grad for w in ("w1", "w3", "w2")},
+                "first_expert": ep.experts.first_expert,
+                "experts": {w: getattr(ep.experts, w).grad for w in EXPERT_WEIGHTS},
                 "tokens_per_expert": stats.tokens_per_expert, "dropped": stats.dropped,
                 "balance": stats.balance_loss.detach(),
             }
@@ -103,7 +104,7 @@ def reference_layer(case, ranks):
         layer_loss(y, stats, g[lo:hi]).backward()
         per_rank.append({"y": y.detach(), "dx": x_r.grad, "tokens_per_expert": stats.tokens_per_expert,
                          "dropped": stats.dropped, "balance": stats.balance_loss.detach()})
-    grads = {w: getattr(moe, w).grad.clone() for w in ("w1", "w3", "w2")}
+    grads = {w: getattr(moe.experts, w).grad.clone() for w in EXPERT_WEIGHTS}
     return per_rank, grads, moe.gate.weight.grad.clone(), cfg
 
 
@@ -193,7 +194,7 @@ def _model_worker(rank, world_size):
     model_loss(out, num_global, world_size).backward()
     grads = {}
     for name, p in model.named_parameters():
-        if getattr(p, "allreduce", True):  # dense: sum the ranks' contributions
+        if ".experts." not in name:  # dense: sum the ranks' contributions
             dist.all_reduce(p.grad)
         grads[name] = p.grad
     # Gather expert grads by global id through the same path as the weights.
@@ -283,14 +284,15 @@ def _sleep_on_rank0(rank, world_size):
     import time
 
     if rank == 0:
-        time.sleep(60)
+        time.sleep(600)  # killed at the harness deadline
     return rank
 
 
 @pytest.mark.slow  # spawns processes
 def test_harness_timeout_names_stuck_rank():
     with pytest.raises(TimeoutError, match=r"rank\(s\) \[0\]") as info:
-        run_distributed(_sleep_on_rank0, 2, timeout=8)
+        # 25 s: rank 1 must have imported torch and returned by then, even on a loaded machine
+        run_distributed(_sleep_on_rank0, 2, timeout=25)
     assert "_sleep_on_rank0" in str(info.value)  # the stack dump shows where rank 0 was
 
 
@@ -304,6 +306,23 @@ def test_validate_parallel_collects_every_problem():
     validate_parallel(model_config(), 4, 2, 2, global_batch_size=16, micro_batch_size=2)
 
 
+def test_deepspeed_pin_is_the_tested_range():
+    """setup.py pins exactly the range check_deepspeed_version accepts, which holds the installed one."""
+    import os
+    import re
+
+    from moe.parallel import TESTED_DEEPSPEED, check_deepspeed_version
+
+    low, high = TESTED_DEEPSPEED
+    setup = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "setup.py")).read()
+    assert re.search(rf'"deepspeed>={re.escape(low)},<{re.escape(high)}"', setup)
+    check_deepspeed_version()  # the installed one
+    check_deepspeed_version(low)
+    for outside in ("0.15.4", "0.19.7", high):
+        with pytest.raises(ImportError, match=f"deepspeed>={low},<{high}"):
+            check_deepspeed_version(outside)
+
+
 def test_layout_matches_deepspeed_docstring():
     # deepspeed.utils.groups: world 16, ep 2 -> ep groups [0,1],[2,3]..; expert-data groups [0,2,..,14],[1,3,..,15]
     assert expected_layout(16, 2, 5) == ((4, 5), tuple(range(1, 16, 2)))
@@ -312,7 +331,7 @@ def test_layout_matches_deepspeed_docstring():
 
 # ---------------------------------------------------------------- DeepSpeed engine (no launcher)
 
-ENGINE_GB, ENGINE_MB, ENGINE_CLIP, ENGINE_STEPS = 8, 2, 0.05, 2
+ENGINE_GB, ENGINE_MB, ENGINE_CLIP, ENGINE_STEPS, ENGINE_SEED = 8, 2, 0.05, 2, 0
 
 
 def _engine_micro_batches(step):
@@ -334,25 +353,22 @@ def _sgd(groups):
 def _engine_worker(rank, world_size, ep_size, zero_stages):
     import deepspeed
 
-    from moe.optim import param_groups
-    from moe.parallel import (apply_deepspeed_moe, apply_expert_parallel, build_deepspeed_config,
-                              build_parallel_groups, fix_engine, full_state_dict, init_distributed,
+    from moe.optim import OptimConfig, param_groups
+    from moe.parallel import (ParallelConfig, apply_expert_parallel, build_deepspeed_config, build_engine,
+                              build_parallel_groups, check_engine, full_state_dict, init_distributed,
                               split_moe_param_groups)
 
     init_distributed(torch.device("cpu"), timeout_s=60)
-    groups = build_parallel_groups(ep_size)
+    # A constant learning rate (no warmup, no decay): the reference is plain SGD.
+    optim = OptimConfig(warmup_ratio=0.0, min_lr_ratio=1.0, weight_decay=0.1, grad_clip=ENGINE_CLIP)
     out = {}
     for zero_stage in zero_stages:
-        torch.manual_seed(0)
-        model = ArcticForCausalLM(model_config())
-        apply_expert_parallel(model, groups)
-        apply_deepspeed_moe(model)
-        config = build_deepspeed_config(zero_stage=zero_stage, global_batch_size=ENGINE_GB,
-                                        micro_batch_size=ENGINE_MB, dp_size=world_size, grad_clip=ENGINE_CLIP)
-        engine, *_ = deepspeed.initialize(model=model, config=config,
-                                          optimizer=_sgd(split_moe_param_groups(param_groups(model, 0.1))))
-        fix_engine(engine, groups.ep_group)
-        gas = engine.gradient_accumulation_steps()
+        with torch.device("meta"):
+            model = ArcticForCausalLM(model_config())
+        engine = build_engine(model, ParallelConfig(ep_size=ep_size, zero_stage=zero_stage), optim, seed=ENGINE_SEED,
+                              device=torch.device("cpu"), global_batch_size=ENGINE_GB, micro_batch_size=ENGINE_MB,
+                              total_steps=ENGINE_STEPS, make_optimizer=_sgd)
+        gas = engine.grad_accum
         rows = ENGINE_GB // world_size
         states = []
         for step in range(ENGINE_STEPS):
@@ -362,18 +378,20 @@ def _engine_worker(rank, world_size, ep_size, zero_stages):
                 sl = slice(rank * rows + m * ENGINE_MB, rank * rows + (m + 1) * ENGINE_MB)
                 o = engine(ids[sl], position_ids=pos[sl], labels=labels[sl])
                 engine.backward(o.lm_loss_sum * scale + o.aux_loss)
-                engine.step()
-            states.append(full_state_dict(engine.module))
+                if m < gas - 1:
+                    engine.micro_step()
+            engine.step()
+            states.append(full_state_dict(engine.model))
         out[zero_stage] = states
     # The trap: without apply_deepspeed_moe the engine would reduce expert shards as dense.
-    torch.manual_seed(0)
+    groups = build_parallel_groups(ep_size)
     model = apply_expert_parallel(ArcticForCausalLM(model_config()), groups)
-    config = build_deepspeed_config(zero_stage=2, global_batch_size=ENGINE_GB, micro_batch_size=ENGINE_MB,
-                                    dp_size=world_size, grad_clip=ENGINE_CLIP)
-    engine, *_ = deepspeed.initialize(model=model, config=config,
-                                      optimizer=_sgd(split_moe_param_groups(param_groups(model, 0.1))))
+    config = build_deepspeed_config(ParallelConfig(ep_size=ep_size, zero_stage=2), global_batch_size=ENGINE_GB,
+                                    micro_batch_size=ENGINE_MB, dp_size=world_size, grad_clip=ENGINE_CLIP)
+    ds, *_ = deepspeed.initialize(model=model, config=config,
+                                  optimizer=_sgd(split_moe_param_groups(param_groups(model, 0.1))))
     try:
-        fix_engine(engine, groups.ep_group)
+        check_engine(ds, model)
         out["unmarked"] = "no error"
     except RuntimeError as e:
         out["unmarked"] = str(e)
@@ -387,8 +405,8 @@ def test_deepspeed_engine_with_expert_parallel_matches_one_process():
     from moe.optim import param_groups
 
     results = run_distributed(_engine_worker, 2, args=(2, (0, 2)), timeout=120)
-    torch.manual_seed(0)
     model = ArcticForCausalLM(model_config())
+    model.reset_parameters(seed=ENGINE_SEED)
     init = {k: v.clone() for k, v in model.state_dict().items()}
     opt = _sgd(param_groups(model, 0.1))
     ref_states, clipped = [], []
@@ -441,7 +459,7 @@ def test_meta_built_shard_initialises_the_full_models_rows(ep_rank):
     rows = slice(4 * ep_rank, 4 * ep_rank + 4)
     reference = full.state_dict()
     for name, tensor in shard.state_dict().items():
-        expected = reference[name][rows] if name.endswith(("moe.w1", "moe.w2", "moe.w3")) else reference[name]
+        expected = reference[name][rows] if ".moe.experts." in name else reference[name]
         assert torch.equal(tensor, expected), name
 
 
@@ -463,18 +481,18 @@ def test_arctic_rank_materialises_only_its_experts():
 
 def test_fix_engine_refuses_experts_without_deepspeed_markers():
     """Module.to_empty replaces Parameter objects and so drops the markers: DeepSpeed would then
-    broadcast rank 0's experts to every rank. fix_engine must stop the run."""
+    broadcast rank 0's experts to every rank. check_engine must stop the run."""
     import types
 
     from moe.config import PRESETS
     from moe.model import ArcticForCausalLM
-    from moe.parallel import apply_deepspeed_moe, apply_expert_parallel, fix_engine
+    from moe.parallel import apply_deepspeed_moe, apply_expert_parallel, check_engine
 
     with torch.device("meta"):
         model = ArcticForCausalLM(PRESETS["tiny"])
     apply_expert_parallel(model, _fake_groups(2, 0))
     model.to_empty(device="cpu")  # markers gone with the old Parameter objects
     with pytest.raises(RuntimeError, match="lost DeepSpeed's MoE markers"):
-        fix_engine(types.SimpleNamespace(module=model, has_moe_layers=True))
+        check_engine(types.SimpleNamespace(has_moe_layers=True), model)
     apply_deepspeed_moe(model)  # marks them again
-    fix_engine(types.SimpleNamespace(module=model, has_moe_layers=True))
+    check_engine(types.SimpleNamespace(has_moe_layers=True), model)

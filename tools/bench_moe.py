@@ -51,7 +51,7 @@ def build_pair(d, f, num_experts, top_k, capacity_factor):
     from deepspeed.moe.layer import MoE
 
     from moe.config import ModelConfig
-    from moe.layer import MoELayer
+    from moe.layer import EXPERT_WEIGHTS, MoELayer
 
     cfg = ModelConfig(vocab_size=32, hidden_size=d, num_layers=1, num_heads=2, num_kv_heads=2, dense_ffn=d,
                       expert_ffn=f, num_experts=num_experts, top_k=top_k, capacity_factor=capacity_factor,
@@ -64,9 +64,8 @@ def build_pair(d, f, num_experts, top_k, capacity_factor):
     with torch.no_grad():
         theirs.deepspeed_moe.gate.wg.weight.copy_(ours.gate.weight)
         for e, expert in enumerate(theirs.deepspeed_moe.experts.deepspeed_experts):
-            expert.w1.weight.copy_(ours.w1[e])
-            expert.w3.weight.copy_(ours.w3[e])
-            expert.w2.weight.copy_(ours.w2[e])
+            for w in EXPERT_WEIGHTS:
+                getattr(expert, w).weight.copy_(getattr(ours.experts, w)[e])
     return ours, theirs
 
 

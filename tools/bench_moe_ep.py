@@ -4,8 +4,9 @@
     python tools/bench_moe_ep.py --procs 2                                     # spawns the ranks itself
     python tools/bench_moe_ep.py --procs 2 --tokens 2048 8192 --experts 64 --threads 1
 
-Each rank routes its own `tokens` rows. floe: MoELayer wrapped by moe.parallel's
-ExpertParallelMoE (uneven all-to-all of the kept rows only). DeepSpeed: deepspeed.moe.layer.MoE
+Each rank routes its own `tokens` rows. floe: MoELayer with its experts sharded and
+the all-to-all dispatcher installed by moe.parallel.apply_expert_parallel (uneven all-to-all of
+the kept rows only). DeepSpeed: deepspeed.moe.layer.MoE
 with the same ep_size (dense [E, capacity, D] dispatch, all-to-all of the padded buffer).
 Both hold the same weights, route deterministically (no RTS, no sampled 2nd expert) and drop
 first-come (floe drop_policy=position), as tools/bench_moe.py does on one process. Reported:
@@ -43,26 +44,27 @@ def build(args, groups):
     from deepspeed.moe.layer import MoE
 
     from moe.config import ModelConfig
-    from moe.layer import MoELayer
-    from moe.parallel import ExpertParallelMoE
+    import copy
+
+    from moe.layer import EXPERT_WEIGHTS, MoELayer
+    from moe.parallel import apply_expert_parallel
 
     cfg = ModelConfig(vocab_size=32, hidden_size=args.hidden, num_layers=1, num_heads=2, num_kv_heads=2,
                       dense_ffn=args.hidden, expert_ffn=args.expert_ffn, num_experts=args.experts,
                       top_k=args.top_k, capacity_factor=args.capacity_factor, drop_policy="position")
     torch.manual_seed(0)  # the same full layer on every rank; each keeps its shard
     full = MoELayer(cfg)
-    ours = {mode: ExpertParallelMoE(full, groups, async_dispatch=mode) for mode in (True, False)}
+    ours = {mode: apply_expert_parallel(copy.deepcopy(full), groups, async_dispatch=mode) for mode in (True, False)}
     theirs = MoE(args.hidden, SwiGLU(args.hidden, args.expert_ffn), num_experts=args.experts, ep_size=groups.ep_size,
                  k=args.top_k, capacity_factor=args.capacity_factor, eval_capacity_factor=args.capacity_factor,
                  min_capacity=0, use_rts=False, drop_tokens=True, top2_2nd_expert_sampling=False)
     theirs.set_deepspeed_parallelism()
-    lo = ours[True].first_expert
+    lo = ours[True].experts.first_expert
     with torch.no_grad():
         theirs.deepspeed_moe.gate.wg.weight.copy_(full.gate.weight)
         for i, expert in enumerate(theirs.deepspeed_moe.experts.deepspeed_experts):
-            expert.w1.weight.copy_(full.w1[lo + i])
-            expert.w3.weight.copy_(full.w3[lo + i])
-            expert.w2.weight.copy_(full.w2[lo + i])
+            for w in EXPERT_WEIGHTS:
+                getattr(expert, w).weight.copy_(getattr(full.experts, w)[lo + i])
     return ours, theirs
 
 

@@ -1,18 +1,22 @@
-"""Export a training checkpoint as Hugging Face Arctic safetensors.
+"""Export a training checkpoint as a Hugging Face Arctic directory.
 
     python tools/export.py runs/tiny --out exported/tiny            # the run's latest checkpoint
     python tools/export.py runs/tiny/checkpoints/step_00000060 --out exported/tiny --dtype bfloat16
 
 Writes model.safetensors (or shards plus model.safetensors.index.json past --max-shard-gb),
-config.json (model_type "arctic") and tokenizer.model. Experts come from the checkpoint by
-global id, whatever parallel.ep_size the run used.
+config.json (model_type "arctic"), generation_config.json (eos = <|im_end|>), tokenizer.json,
+tokenizer_config.json (with the ChatML chat_template), special_tokens_map.json and tokenizer.model.
+Experts come from the checkpoint by global id, whatever parallel.ep_size the run used. A model
+Arctic cannot express (e.g. model.dense_ffn != model.hidden_size) is refused before anything is
+read or written. Load the result with
+
+    AutoTokenizer.from_pretrained(out)
+    AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)   # Arctic's modeling code
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -22,7 +26,8 @@ from omegaconf import OmegaConf
 
 from moe import checkpoint
 from moe.config import ModelConfig
-from moe.hf import hf_config, to_hf
+from moe.data.tokenizer import Tokenizer
+from moe.hf import hf_config_from, save_hf
 from moe.model import ArcticForCausalLM
 from moe.parallel.expert_checkpoint import load_model_state
 
@@ -42,60 +47,37 @@ def resolve_checkpoint(path: str) -> tuple[str, str]:
     return latest, path
 
 
-def load_checkpoint_model(ckpt_dir: str, run_dir: str) -> tuple[ArcticForCausalLM, dict]:
-    """Rebuild the full model (every expert) from a checkpoint, on the CPU."""
+def read_run_config(run_dir: str) -> tuple[ModelConfig, dict]:
+    """The run's ModelConfig and its whole resolved config (config.yaml)."""
     cfg_path = os.path.join(run_dir, "config.yaml")
     if not os.path.isfile(cfg_path):
         raise ValueError(f"{cfg_path}: missing (the run's resolved config names the model shape)")
-    run_cfg = OmegaConf.load(cfg_path)
-    model = ArcticForCausalLM(ModelConfig(**OmegaConf.to_container(run_cfg.model, resolve=True)))
+    run_cfg = OmegaConf.to_container(OmegaConf.load(cfg_path), resolve=True)
+    return ModelConfig(**run_cfg["model"]), run_cfg
+
+
+def load_checkpoint_model(ckpt_dir: str, run_dir: str) -> tuple[ArcticForCausalLM, dict]:
+    """Rebuild the full model (every expert) from a checkpoint, on the CPU."""
+    model_cfg, run_cfg = read_run_config(run_dir)
     states_file = os.path.join(ckpt_dir, MODEL_STATES)
     if not os.path.isfile(states_file):
         raise ValueError(f"{states_file}: missing; is {ckpt_dir} a complete checkpoint?")
-    module_state = torch.load(states_file, map_location="cpu", weights_only=False)["module"]
+    with torch.device("meta"):
+        model = ArcticForCausalLM(model_cfg)
+    model.to_empty(device="cpu")  # every tensor is overwritten by the checkpoint below
+    module_state = torch.load(states_file, map_location="cpu", weights_only=True)["module"]
     load_model_state(model, module_state, ckpt_dir)
-    return model, OmegaConf.to_container(run_cfg, resolve=True)
-
-
-def save_safetensors(tensors: dict[str, torch.Tensor], out_dir: str, max_shard_bytes: int) -> list[str]:
-    from safetensors.torch import save_file
-
-    shards, current, size = [], {}, 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if current and size + nbytes > max_shard_bytes:
-            shards.append(current)
-            current, size = {}, 0
-        current[name] = t.contiguous()
-        size += nbytes
-    shards.append(current)
-    if len(shards) == 1:
-        names = ["model.safetensors"]
-    else:
-        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
-                 "weight_map": {n: f for f, shard in zip(names, shards) for n in shard}}
-        with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
-            json.dump(index, f, indent=2)
-    for fname, shard in zip(names, shards):
-        save_file(shard, os.path.join(out_dir, fname), metadata={"format": "pt"})
-    return names
+    return model, run_cfg
 
 
 def export(path: str, out_dir: str, dtype: str = "float32", max_shard_gb: float = 5.0) -> list[str]:
+    """Write the checkpoint at `path` to `out_dir`; returns the file names written."""
     ckpt_dir, run_dir = resolve_checkpoint(path)
-    model, run_cfg = load_checkpoint_model(ckpt_dir, run_dir)
-    tensors = {k: v.to(getattr(torch, dtype)) for k, v in to_hf(model.state_dict(), model.config).items()}
-    os.makedirs(out_dir, exist_ok=True)
-    files = save_safetensors(tensors, out_dir, int(max_shard_gb * 2**30))
-    config = hf_config(model.config) | {"torch_dtype": dtype}
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    tokenizer = run_cfg.get("data", {}).get("tokenizer")
-    if tokenizer is None:
-        from moe.data.tokenizer import DEFAULT_MODEL as tokenizer
-    shutil.copyfile(tokenizer, os.path.join(out_dir, "tokenizer.model"))
-    return files
+    model_cfg, run_cfg = read_run_config(run_dir)
+    hf_config_from(model_cfg)  # refuse an inexpressible model before reading the weights
+    tokenizer = Tokenizer(run_cfg.get("data", {}).get("tokenizer"))
+    model, _ = load_checkpoint_model(ckpt_dir, run_dir)
+    return save_hf(model.state_dict(), model.config, out_dir, tokenizer, dtype, int(max_shard_gb * 2**30))
 
 
 def main():
@@ -105,8 +87,11 @@ def main():
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--max-shard-gb", type=float, default=5.0)
     args = p.parse_args()
-    files = export(args.path, args.out, args.dtype, args.max_shard_gb)
-    print(f"wrote {', '.join(files)}, config.json and tokenizer.model to {args.out}")
+    try:
+        files = export(args.path, args.out, args.dtype, args.max_shard_gb)
+    except ValueError as e:
+        sys.exit(f"export: {e}")
+    print(f"wrote {', '.join(files)} to {args.out}")
 
 
 if __name__ == "__main__":

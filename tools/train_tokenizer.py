@@ -24,7 +24,9 @@ EMBEDDED_PER_SOURCE = 6000
 
 def embedded_corpus(per_source: int = EMBEDDED_PER_SOURCE, seed: int = EMBEDDED_SEED) -> list[str]:
     """ChatML renderings of the embedded sources, plus the identity questions once each."""
-    records = [r for s in synthetic.SOURCES for r in synthetic.generate(s, per_source, seed)]
+    # "all": the unfiltered stream the shipped model was trained on (held-out questions included:
+    # a tokenizer sees text, not answers, and keeping the recipe keeps every token id)
+    records = [r for s in synthetic.SOURCES for r in synthetic.generate(s, per_source, seed, split="all")]
     texts = [render(formats.parse_record(r)) for r in records]
     return texts + [q for q, _ in synthetic.identity_questions()]
 

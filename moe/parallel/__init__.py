@@ -1,56 +1,60 @@
 """Expert parallelism and DeepSpeed ZeRO for floe, applied to a single-device model from outside.
 
-Fixed order on every rank (launch/train.py):
+On every rank (moe/trainer.py does exactly this):
     env = read_launch_env()
     validate_parallel(model_cfg, env.world_size, ep_size, zero_stage, ...)   # before any collective
     init_distributed(device)
-    groups = build_parallel_groups(ep_size)                # DeepSpeed's groups, its names
-    model = ArcticForCausalLM(cfg)                          # same seed on every rank
-    if ep_size > 1:
-        apply_expert_parallel(model, groups)                # each rank keeps its experts
-        apply_deepspeed_moe(model)                          # the engine must see them as MoE
-    param_groups = split_moe_param_groups(optim.param_groups(model, wd))
-    engine, ... = deepspeed.initialize(model=model, model_parameters=param_groups,
-                                       config=build_deepspeed_config(...))
-    fix_engine(engine, groups.ep_group)
+    with torch.device("meta"):
+        model = ArcticForCausalLM(model_cfg)                 # shapes only
+    engine = build_engine(model, parallel_cfg, optim_cfg, seed=..., device=..., ...)
+        # groups -> shard GroupedExperts + all-to-all dispatcher -> materialise + keyed init
+        # -> DeepSpeed MoE markers -> param groups -> deepspeed.initialize -> engine checks
+    ... engine(**batch); engine.backward(loss); engine.micro_step() / grad_norm = engine.step()
+    teardown()                                                # if init_distributed created the group
+
+Without DeepSpeed (tests, benchmarks): build_parallel_groups(ep_size), then
+apply_expert_parallel(model, groups) shards each MoE layer's experts and installs the
+all-to-all dispatcher.
 """
-from moe.parallel.deepspeed_moe import (
-    MIN_DEEPSPEED,
-    apply_deepspeed_moe,
-    build_deepspeed_config,
-    check_deepspeed_version,
-    clip_grad_norm_,
-    fix_engine,
-    global_grad_norm,
-    is_expert_param,
-    split_moe_param_groups,
-)
 from moe.parallel.dispatch import (
-    ExpertParallelMoE,
+    AllToAllDispatcher,
     all_to_all,
     apply_expert_parallel,
     expert_parallel_layers,
-    expert_shards,
     full_state_dict,
-    load_full_state_dict,
 )
+from moe.parallel.engine import (
+    TESTED_DEEPSPEED,
+    Engine,
+    apply_deepspeed_moe,
+    build_deepspeed_config,
+    build_engine,
+    build_parallel_groups,
+    check_deepspeed_version,
+    check_engine,
+    fake_process_group,
+    init_distributed,
+    split_moe_param_groups,
+    teardown,
+)
+from moe.parallel.grad_norm import clip_grad_norm_, global_grad_norm, is_expert_param
 from moe.parallel.groups import (
     LaunchEnv,
+    ParallelConfig,
     ParallelGroups,
-    build_parallel_groups,
     default_backend,
     expected_layout,
-    init_distributed,
     parallel_errors,
     read_launch_env,
     validate_parallel,
 )
 
 __all__ = [
-    "MIN_DEEPSPEED", "apply_deepspeed_moe", "build_deepspeed_config", "check_deepspeed_version",
-    "clip_grad_norm_", "fix_engine", "global_grad_norm", "is_expert_param", "split_moe_param_groups",
-    "ExpertParallelMoE", "all_to_all", "apply_expert_parallel", "expert_parallel_layers", "expert_shards",
-    "full_state_dict", "load_full_state_dict",
-    "LaunchEnv", "ParallelGroups", "build_parallel_groups", "default_backend", "expected_layout",
-    "init_distributed", "parallel_errors", "read_launch_env", "validate_parallel",
+    "AllToAllDispatcher", "all_to_all", "apply_expert_parallel", "expert_parallel_layers", "full_state_dict",
+    "TESTED_DEEPSPEED", "Engine", "apply_deepspeed_moe", "build_deepspeed_config", "build_engine",
+    "build_parallel_groups", "check_deepspeed_version", "check_engine", "fake_process_group", "init_distributed",
+    "split_moe_param_groups", "teardown",
+    "clip_grad_norm_", "global_grad_norm", "is_expert_param",
+    "LaunchEnv", "ParallelConfig", "ParallelGroups", "default_backend", "expected_layout", "parallel_errors",
+    "read_launch_env", "validate_parallel",
 ]

@@ -4,7 +4,7 @@ DeepSpeed writes the module state dict from data-parallel rank 0 only, so with e
 parallelism its file holds rank 0's expert shard and no other rank's. floe therefore
 writes the experts itself, next to DeepSpeed's files:
 
-    <checkpoint>/experts/expert_00005.pt   {"layers.0.moe.w1": [F, D], "layers.0.moe.w3": ..., ...}
+    <checkpoint>/experts/expert_00005.pt   {"layers.0.moe.experts.w1": [F, D], ...}
 
 one file per global expert id (all layers), written by the ranks at expert-data-parallel
 rank 0 (each expert exactly once). Loading takes dense tensors from DeepSpeed's module
@@ -21,11 +21,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from moe.layer import MoELayer
-from moe.parallel.dispatch import ExpertParallelMoE
+from moe.layer import EXPERT_WEIGHTS, MoELayer
+from moe.parallel.dispatch import expert_parallel_layers
 
 EXPERT_DIR = "experts"
-EXPERT_WEIGHTS = ("w1", "w3", "w2")
 
 
 def _expert_file(directory: str, global_id: int) -> str:
@@ -38,9 +37,9 @@ def expert_tensors(model: nn.Module) -> dict[str, tuple[int, torch.Tensor]]:
     out = {}
     for name, m in model.named_modules():
         if isinstance(m, MoELayer):
-            first = m.first_expert if isinstance(m, ExpertParallelMoE) else 0
+            prefix = f"{name}.experts." if name else "experts."
             for w in EXPERT_WEIGHTS:
-                out[f"{name}.{w}" if name else w] = (first, getattr(m, w))
+                out[prefix + w] = (m.experts.first_expert, getattr(m.experts, w))
     return out
 
 
@@ -48,14 +47,14 @@ def expert_tensors(model: nn.Module) -> dict[str, tuple[int, torch.Tensor]]:
 def save_expert_shards(model: nn.Module, directory: str) -> list[str]:
     """Write this rank's experts by global id if it is an expert writer (collective-free).
     A model without expert-parallel layers writes nothing: its module state has them all."""
-    layers = [m for m in model.modules() if isinstance(m, ExpertParallelMoE)]
-    if not layers or dist.get_rank(group=layers[0].edp_group) != 0:
+    layers = [layer for _, layer in expert_parallel_layers(model)]
+    if not layers or dist.get_rank(group=layers[0].dispatcher.groups.edp_group) != 0:
         return []
     tensors = expert_tensors(model)
-    first = layers[0].first_expert
+    first = layers[0].experts.first_expert
     paths = []
     os.makedirs(os.path.join(directory, EXPERT_DIR), exist_ok=True)
-    for local in range(layers[0].num_local_experts):
+    for local in range(layers[0].experts.num_local_experts):
         assert all(f == first for f, _ in tensors.values()), "every layer shards experts the same way"
         state = {key: t[local].detach().clone() for key, (_, t) in tensors.items()}
         path = _expert_file(directory, first + local)

@@ -1,4 +1,6 @@
-"""Launch environment, config validation and process groups for expert parallelism.
+"""Launch environment, parallel config, its validation and the expert-parallel layout.
+
+Pure arithmetic: no process group, no DeepSpeed (moe/parallel/engine.py creates the groups).
 
 Layout (DeepSpeed's `deepspeed.utils.groups`, "E + D"): with world size W and ep_size P,
   expert-parallel groups      = blocks of P consecutive ranks  [0..P-1], [P..2P-1], ...
@@ -10,20 +12,32 @@ name (f"ep_size_{P}") and reduces each expert's gradient over exactly these rank
 
 Order at start-up, on every rank: read the environment -> validate_parallel (raises
 ValueError; no process group exists yet, so a bad launch fails fast everywhere and
-nothing hangs) -> init_distributed -> build_parallel_groups.
+nothing hangs) -> engine.init_distributed -> engine.build_parallel_groups.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from datetime import timedelta
 
 import torch
-import torch.distributed as dist
 
 from moe.config import ModelConfig
+from moe.data.loader import batch_errors
 
 ZERO_STAGES = (0, 1, 2)
+
+
+@dataclass
+class ParallelConfig:
+    """parallel.* keys; checked against the launch by parallel_errors."""
+
+    ep_size: int = 1  # ranks sharing one copy of the experts; each owns num_experts / ep_size
+    zero_stage: int = 0  # 0, 1 or 2
+    reduce_bucket_size: int = 500_000_000  # elements per ZeRO gradient-reduction bucket
+    allgather_bucket_size: int = 500_000_000  # elements per ZeRO parameter all-gather bucket
+    overlap_comm: bool | None = None  # None: on for CUDA, off on CPU
+    contiguous_gradients: bool = True
+    async_dispatch: bool = True  # expert-parallel all-to-all in flight during attention
 
 
 @dataclass(frozen=True)
@@ -88,33 +102,13 @@ def parallel_errors(model_cfg: ModelConfig, world_size: int, ep_size, zero_stage
     elif zero_stage not in ZERO_STAGES or isinstance(zero_stage, bool):
         errors.append(f"parallel.zero_stage must be one of {ZERO_STAGES}, got {zero_stage!r}")
     if global_batch_size is not None and micro_batch_size is not None and ep_ok and world_size % ep_size == 0:
-        if not (isinstance(micro_batch_size, int) and micro_batch_size >= 1):
-            errors.append(f"train.micro_batch_size must be a positive integer, got {micro_batch_size!r}")
-        elif not (isinstance(global_batch_size, int) and global_batch_size >= 1):
-            errors.append(f"train.global_batch_size must be a positive integer, got {global_batch_size!r}")
-        elif global_batch_size % (micro_batch_size * world_size):
-            errors.append(
-                f"train.global_batch_size ({global_batch_size}) must be a multiple of train.micro_batch_size "
-                f"({micro_batch_size}) x data-parallel size ({world_size} processes) = "
-                f"{micro_batch_size * world_size}, so every rank runs the same number of micro-batches")
+        errors += batch_errors(global_batch_size, micro_batch_size, world_size)
     return errors
 
 
 def default_backend(device: torch.device) -> str:
     """NCCL for CUDA devices, gloo otherwise: the only difference between the two paths."""
     return "nccl" if device.type == "cuda" else "gloo"
-
-
-def init_distributed(device: torch.device, timeout_s: float = 600.0) -> None:
-    """Initialise torch.distributed from torchrun's env:// variables (no-op if done), and
-    let DeepSpeed's comm layer wrap the same default group."""
-    import deepspeed
-
-    if not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend=default_backend(device), timeout=timedelta(seconds=timeout_s))
-    deepspeed.init_distributed(dist_backend=dist.get_backend(), timeout=timedelta(seconds=timeout_s))
 
 
 @dataclass
@@ -134,27 +128,3 @@ def expected_layout(world_size: int, ep_size: int, rank: int) -> tuple[tuple[int
     """(expert-parallel ranks, expert-data-parallel ranks) of `rank`: consecutive and strided."""
     start = rank // ep_size * ep_size
     return tuple(range(start, start + ep_size)), tuple(range(rank % ep_size, world_size, ep_size))
-
-
-def build_parallel_groups(ep_size: int) -> ParallelGroups:
-    """Create (once) DeepSpeed's expert and expert-data-parallel groups for ep_size; collective."""
-    from deepspeed.utils import groups as ds_groups
-
-    group_name = f"ep_size_{ep_size}"
-    if group_name not in ds_groups._get_expert_parallel_group_dict():
-        # Every rank creates every group in the same order (new_group is collective).
-        ds_groups._create_expert_and_data_parallel(ep_size)
-    ep_ranks = tuple(ds_groups._get_expert_parallel_group_ranks(group_name))
-    edp_ranks = tuple(ds_groups._get_expert_data_parallel_group_ranks(group_name))
-    expected = expected_layout(dist.get_world_size(), ep_size, dist.get_rank())
-    assert (ep_ranks, edp_ranks) == expected, f"DeepSpeed's layout {ep_ranks, edp_ranks} != expected {expected}"
-    ep_group = ds_groups._get_expert_parallel_group(group_name)
-    return ParallelGroups(
-        ep_size=ep_size,
-        ep_rank=dist.get_rank(group=ep_group),
-        ep_group=ep_group,
-        edp_group=ds_groups._get_expert_data_parallel_group(group_name),
-        group_name=group_name,
-        ep_ranks=ep_ranks,
-        edp_ranks=edp_ranks,
-    )

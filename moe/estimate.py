@@ -1,0 +1,382 @@
+"""The memory plan: will a training configuration fit on the GPU, per rank, before booking it.
+
+    spec = EstimateSpec(model=PRESETS["arctic_480b"], world_size=256, ep_size=128, zero_stage=2,
+                        micro_batch_size=1, seq_len=4096, activation_checkpointing="full")
+    plan = estimate(spec)          # plan.total_gb, plan.fits, plan.max_micro_batch, plan.to_json()
+
+Three parts, each from the code that really runs:
+  - the rank's shard: built on the meta device through moe.parallel's own set-up (DeepSpeed's
+    groups, apply_expert_parallel) on torch's fake process group of the full world size,
+    so `experts` and the parameter counts are what rank r of N would hold (`dry_run`);
+  - model states: the optimizer groups training builds (moe.optim.param_groups, then
+    split_moe_param_groups), partitioned by DeepSpeed 0.19.8's rules (`state_bytes`);
+    the optimizer step's temporaries are measured by running torch's AdamW on fake tensors;
+  - activations: one and two blocks of the real model (embedding, head and loss included)
+    run forward and backward under FakeTensorMode (moe/fake_run.py), their peak live bytes
+    measured with PeakMemoryTracker and extrapolated linearly to all layers and to other
+    micro-batch sizes.
+
+All *_gb figures are GiB (2**30 bytes).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from moe.config import ModelConfig
+from moe.memory import GIB, PeakMemoryTracker
+from moe.parallel import fake_process_group
+
+PRECISIONS = ("fp32", "bf16")
+CHECKPOINTING = ("none", "full", "moe", "selective")
+EXPERT_KERNELS = ("reference", "triton")
+# DeepSpeed's engine flattens stage-0 gradients for the all-reduce in buffers of this many
+# elements (runtime/engine.py, allreduce_gradients(bucket_size=MEMORY_OPT_ALLREDUCE_SIZE)).
+DS_STAGE0_ALLREDUCE_ELEMENTS = 500_000_000
+# ZeRO-1/2 pad each flat group to a multiple of 2 x its partition count (stage_1_and_2.py,
+# nccl_start_alignment_factor = 2).
+DS_ALIGNMENT = 2
+
+
+@dataclass
+class EstimateSpec:
+    """What the estimate needs; tools/estimate.py fills it from the training config."""
+
+    model: ModelConfig
+    world_size: int
+    ep_size: int = 1
+    zero_stage: int = 0
+    micro_batch_size: int = 1
+    seq_len: int = 4096
+    precision: str = "bf16"  # fp32 | bf16 (bf16 weights, fp32 master weights and gradient accumulation)
+    activation_checkpointing: str = "none"
+    kernels: str = "triton"  # the expert kernel whose saved tensors count: reference | triton
+    device: str = "cuda"  # the device the run trains on: cuda (optimizer uses foreach) | cpu
+    reduce_bucket_size: int = 500_000_000
+    allgather_bucket_size: int = 500_000_000
+    overlap_comm: bool = True
+    gpu_mem_gb: float = 80.0
+    reserve_gb: float = 0.0  # held back for what no tensor counts: CUDA context, NCCL, fragmentation
+    routing: str = "worst"  # worst: this rank's experts full to capacity | balanced: T*k/E each
+    rank: int = 0
+
+    def errors(self) -> list[str]:
+        from moe.fake_run import ROUTING_PLANS
+        from moe.parallel import parallel_errors
+
+        errors = parallel_errors(self.model, self.world_size, self.ep_size, self.zero_stage)
+        checks = [
+            (self.precision in PRECISIONS, f"train.precision must be one of {PRECISIONS}, got {self.precision!r}"),
+            (self.activation_checkpointing in CHECKPOINTING, "train.activation_checkpointing must be one of "
+             f"{CHECKPOINTING}, got {self.activation_checkpointing!r}"),
+            (self.kernels in EXPERT_KERNELS, f"train.kernels must be one of {EXPERT_KERNELS} (auto is resolved by "
+             f"the device), got {self.kernels!r}"),
+            (self.routing in ROUTING_PLANS, f"+routing must be one of {ROUTING_PLANS}, got {self.routing!r}"),
+            (self.micro_batch_size >= 1, f"train.micro_batch_size must be >= 1, got {self.micro_batch_size}"),
+            (1 <= self.seq_len <= self.model.max_seq_len, f"data.seq_len ({self.seq_len}) must be in "
+             f"1..model.max_seq_len ({self.model.max_seq_len})"),
+            (0 <= self.rank < self.world_size, f"+rank ({self.rank}) must be in 0..{self.world_size - 1}"),
+            (self.gpu_mem_gb > 0, f"+gpu_mem_gb must be > 0, got {self.gpu_mem_gb}"),
+        ]
+        return errors + [msg for ok, msg in checks if not ok]
+
+
+# ----------------------------------------------------------------------------- the rank's shard
+
+
+def build_shard(model_cfg: ModelConfig, ep_size: int) -> tuple[nn.Module, object]:
+    """This rank's model on the meta device, sharded by moe.parallel as training shards it.
+    Needs a process group (fake_process_group) when ep_size > 1. Returns (model, groups)."""
+    from moe.model import ArcticForCausalLM
+    from moe.parallel import apply_deepspeed_moe, apply_expert_parallel, build_parallel_groups
+
+    with torch.device("meta"):
+        model = ArcticForCausalLM(model_cfg)
+    groups = None
+    if ep_size > 1:
+        groups = build_parallel_groups(ep_size)
+        apply_expert_parallel(model, groups)
+        apply_deepspeed_moe(model)  # the markers that put experts in their own optimizer groups
+    return model, groups
+
+
+def held_experts(model: nn.Module) -> list[int]:
+    """Global ids of the experts this rank's shard holds (the same in every layer)."""
+    from moe.layer import MoELayer
+
+    experts = next(m for m in model.modules() if isinstance(m, MoELayer)).experts
+    return list(range(experts.first_expert, experts.first_expert + experts.num_local_experts))
+
+
+def _is_expert(p: torch.Tensor, expert_ids: set[int]) -> bool:
+    return id(p) in expert_ids
+
+
+def param_counts(model: nn.Module) -> dict:
+    """Parameters held: dense (replicated on every rank) and experts (this rank's shard)."""
+    from moe.layer import EXPERT_WEIGHTS, GroupedExperts
+
+    expert = {id(getattr(m, w)) for m in model.modules() if isinstance(m, GroupedExperts) for w in EXPERT_WEIGHTS}
+    dense = sum(p.numel() for p in model.parameters() if id(p) not in expert)
+    experts = sum(p.numel() for p in model.parameters() if id(p) in expert)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"params_per_rank": dense + experts, "dense_params": dense, "expert_params": experts,
+            "trainable_params": trainable, "frozen_params": dense + experts - trainable}
+
+
+def dry_run(model_cfg: ModelConfig, world_size: int, ep_size: int, rank: int) -> dict:
+    """Rank `rank` of `world_size`: its experts (global ids), parameter counts and groups."""
+    from moe.parallel import expected_layout
+
+    with fake_process_group(world_size, rank) if ep_size > 1 else contextlib.nullcontext():
+        model, groups = build_shard(model_cfg, ep_size)
+        ep_ranks, edp_ranks = (groups.ep_ranks, groups.edp_ranks) if groups else ((rank,), tuple(range(world_size)))
+    if groups is None:
+        ep_ranks, edp_ranks = expected_layout(world_size, 1, rank)
+    return {"rank": rank, "experts": held_experts(model), "ep_group": list(ep_ranks),
+            "expert_data_parallel_group": list(edp_ranks), **param_counts(model)}
+
+
+# ----------------------------------------------------------------------------- model states
+
+
+@dataclass
+class GroupState:
+    """One optimizer param group as DeepSpeed holds it on this rank."""
+
+    name: str
+    numel: int  # parameters of the group held on this rank
+    partitions: int  # ranks the group's optimizer state is partitioned over (ZeRO-1/2)
+    aligned: int  # the flat buffer's length after DeepSpeed's padding
+    partition: int  # elements of the flat buffer this rank owns
+
+
+def optimizer_groups(model: nn.Module, spec: EstimateSpec) -> list[GroupState]:
+    """The groups training hands DeepSpeed (moe.optim.param_groups, split_moe_param_groups):
+    dense groups partitioned over all ranks, expert groups over world_size / ep_size."""
+    from moe.optim import param_groups
+    from moe.parallel import split_moe_param_groups
+
+    out = []
+    for g in split_moe_param_groups(param_groups(model, 0.1)):
+        numel = sum(p.numel() for p in g["params"])
+        parts = spec.world_size // spec.ep_size if g.get("moe") else spec.world_size
+        parts = parts if spec.zero_stage > 0 else 1
+        aligned = math.ceil(numel / (DS_ALIGNMENT * parts)) * DS_ALIGNMENT * parts if spec.zero_stage > 0 else numel
+        out.append(GroupState(g["name"], numel, parts, aligned, aligned // parts))
+    return out
+
+
+def state_bytes(spec: EstimateSpec, model: nn.Module, groups: list[GroupState]) -> dict[str, int]:
+    """Bytes per rank of weights, gradients, fp32 master weights, Adam moments and the
+    gradient-reduction buckets, by DeepSpeed 0.19.8's rules for the optimizer it picks
+    (runtime/engine.py _do_optimizer_sanity_check):
+      fp32, stage 0: torch's AdamW on the module: fp32 weights, grads, two moments; no master;
+      bf16, stage 1: BF16_Optimizer (bf16_optimizer.py): bf16 flat weights, fp32 gradients of
+        the WHOLE flat group (fp32_groups_gradients_flat), fp32 master and moments of the partition;
+      stage 1/2 otherwise: DeepSpeedZeroOptimizer (stage_1_and_2.py): flat weights in the model
+        dtype, fp32 master partition (cloned even for fp32 weights), fp32 moments of the
+        partition; stage 2 gradients: the owned partition (grads_in_partition in the model
+        dtype, or the fp32 compact partition buffer under bf16 + fp32 accumulation); stage 1
+        keeps whole gradients until the boundary; the ipg reduce bucket(s) of
+        reduce_bucket_size elements, two with overlap_comm. The all-gather after the step
+        writes into the flat weights (all_gather_into_tensor): no extra buffer.
+    Frozen parameters (model.freeze_moe) hold weights only.
+    """
+    p_bytes = 2 if spec.precision == "bf16" else 4
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    numel = sum(g.numel for g in groups)
+    aligned = sum(g.aligned for g in groups)
+    part = sum(g.partition for g in groups)
+    out = {"weights": (aligned + frozen) * p_bytes, "grads": 0, "master": 0, "adam": 8 * part, "buckets": 0}
+    if spec.zero_stage == 0:
+        if spec.precision == "bf16":
+            raise ValueError("train.precision=bf16 with parallel.zero_stage=0: DeepSpeed 0.19.8 supports bf16 "
+                             "weights with fp32 gradient accumulation only under ZeRO 1/2")
+        out["grads"] = 4 * numel
+        return out
+    out["master"] = 4 * part
+    if spec.zero_stage == 1 and spec.precision == "bf16":
+        out["grads"] = 4 * aligned
+        return out
+    bucket = spec.reduce_bucket_size * (2 if spec.overlap_comm else 1)
+    if spec.zero_stage == 1:
+        out["grads"] = numel * p_bytes
+        out["buckets"] = bucket * p_bytes
+    else:
+        out["grads"] = part * (4 if spec.precision == "bf16" else p_bytes)
+        out["buckets"] = bucket * p_bytes
+    return out
+
+
+def transient_bytes(spec: EstimateSpec, model: nn.Module, groups: list[GroupState]) -> dict[str, int]:
+    """Bytes that live only outside forward/backward, on top of the states:
+      step: AdamW's temporaries, measured by running torch.optim.AdamW (foreach on CUDA, as its
+        default) on fake tensors of the shapes it steps; at ZeRO-2 with gradients in the
+        model dtype DeepSpeed also makes one flat fp32 copy of a group's partition gradient;
+      reduce: at stage 0 the engine flattens the gradients of each group for its all-reduce."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    largest = max(groups, key=lambda g: g.partition)
+    if spec.zero_stage == 0:
+        shapes = [tuple(p.shape) for p in model.parameters() if p.requires_grad]
+    else:
+        shapes = [(largest.partition,)]
+    with FakeTensorMode():
+        params = [nn.Parameter(torch.empty(s)) for s in shapes]
+        for p in params:
+            p.grad = torch.empty_like(p)
+        opt = torch.optim.AdamW(params, lr=1e-3, foreach=spec.device == "cuda")
+        opt.step()  # creates the moments: counted as states, not here
+        with PeakMemoryTracker() as mem:
+            opt.step()
+    step = mem.peak_bytes
+    if spec.zero_stage == 2 and spec.precision == "fp32":
+        step += 4 * largest.partition
+    reduce = 0
+    if spec.zero_stage == 0:
+        reduce = 4 * min(max(g.numel for g in groups), DS_STAGE0_ALLREDUCE_ELEMENTS)
+    return {"step": step, "reduce": reduce}
+
+
+# ----------------------------------------------------------------------------- activations
+
+
+class _CheckpointedBlock(nn.Module):
+    """A block whose activations are recomputed in backward (torch.utils.checkpoint, non-reentrant)."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, *args):
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(self.block, *args, use_reentrant=False)
+
+
+def _apply_checkpointing(model: nn.Module, mode: str) -> None:
+    """`full`: every block keeps only its input and recomputes the rest in backward; the other
+    modes need floe's own checkpointing (train.activation_checkpointing), not in this build."""
+    if mode == "none":
+        return
+    if mode != "full":
+        raise ValueError(f"train.activation_checkpointing={mode}: this build of floe cannot estimate it (only "
+                         "none and full)")
+    for i, block in enumerate(model.layers):
+        model.layers[i] = _CheckpointedBlock(block)
+
+
+def measure_activations(spec: EstimateSpec, num_layers: int, micro_batch: int) -> int:
+    """Peak bytes of everything a forward + backward of `num_layers` blocks allocates besides
+    the weights and the gradients (each gradient is dropped as soon as it is accumulated, as
+    ZeRO-2 moves it to its bucket), measured on fake tensors. Needs the (fake) process group
+    when spec.ep_size > 1."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from moe.fake_run import RoutingOracle, expert_kernel_footprint
+
+    model, groups = build_shard(spec.model.replace(num_layers=num_layers), spec.ep_size)
+    experts = held_experts(model)
+    fake = FakeTensorMode(allow_non_fake_inputs=True)  # the meta parameters become fake ones
+    if spec.precision == "bf16":
+        model.to(torch.bfloat16)  # DeepSpeed's bf16 mode casts the module (still on the meta device here)
+    with fake:
+        model.to_empty(device="cpu")
+        _apply_checkpointing(model, spec.activation_checkpointing)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
+        oracle = RoutingOracle(fake, spec.routing, spec.ep_size, groups.ep_rank if groups else 0,
+                               experts[0], len(experts))
+        b, s = micro_batch, spec.seq_len
+        with oracle, expert_kernel_footprint(spec.kernels), PeakMemoryTracker() as mem:
+            ids = torch.zeros(b, s, dtype=torch.long)
+            # A packed row: the training path with position ids (document mask) and a padding mask.
+            out = model(ids, position_ids=torch.arange(s).expand(b, s), labels=ids,
+                        attention_mask=torch.ones(b, s, dtype=torch.long))
+            (out.lm_loss_sum + out.aux_loss).backward()
+    return mem.peak_bytes
+
+
+@dataclass
+class Estimate:
+    spec: dict
+    rank: int
+    experts: list[int]
+    params_per_rank: int
+    dense_params: int
+    expert_params: int
+    trainable_params: int
+    weights_gb: float
+    grads_gb: float
+    master_gb: float
+    adam_gb: float
+    optimizer_gb: float  # master + adam
+    buffers_gb: float  # gradient-reduction buckets (live during backward)
+    activations_gb: float  # peak of forward + backward at the configured micro-batch
+    activations_per_layer_gb: float
+    step_extra_gb: float  # optimizer-step temporaries (after backward)
+    reduce_extra_gb: float  # stage-0 flattened gradients for the all-reduce (after backward)
+    reserve_gb: float
+    total_gb: float
+    gpu_mem_gb: float
+    fits: bool
+    max_micro_batch: int
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def estimate(spec: EstimateSpec) -> Estimate:
+    """The memory plan for rank spec.rank (see module doc)."""
+    errors = spec.errors()
+    if errors:
+        raise ValueError("invalid estimate config:\n  " + "\n  ".join(errors))
+    with fake_process_group(spec.world_size, spec.rank) if spec.ep_size > 1 else contextlib.nullcontext():
+        model, _ = build_shard(spec.model, spec.ep_size)
+        groups = optimizer_groups(model, spec)
+        states = state_bytes(spec, model, groups)
+        extra = transient_bytes(spec, model, groups)
+        mbs = (spec.micro_batch_size, spec.micro_batch_size + 1)
+        act = {(n, mb): measure_activations(spec, n, mb) for n in (1, 2) for mb in mbs}
+    layers = spec.model.num_layers
+
+    def activations(mb_index: int) -> int:
+        per_layer = act[2, mbs[mb_index]] - act[1, mbs[mb_index]]
+        return act[1, mbs[mb_index]] + (layers - 1) * per_layer
+
+    a0, a1 = activations(0), activations(1)
+    persistent = states["weights"] + states["grads"] + states["master"] + states["adam"]
+    reserve = spec.reserve_gb * GIB
+
+    def total(act_bytes: float) -> float:
+        return persistent + max(act_bytes + states["buckets"], extra["step"], extra["reduce"]) + reserve
+
+    budget = spec.gpu_mem_gb * GIB
+    per_mb = max(a1 - a0, 1)
+    # activations(mb) = a0 + (mb - mb0) * per_mb: the largest mb whose total fits.
+    room = budget - persistent - states["buckets"] - reserve
+    max_mb = 0
+    if room >= max(extra["step"], extra["reduce"]) - states["buckets"] and room > 0:
+        max_mb = max(0, int((room - a0) // per_mb) + spec.micro_batch_size)
+    counts = param_counts(model)
+    gb = lambda x: x / GIB  # noqa: E731
+    return Estimate(
+        spec={k: v for k, v in asdict(spec).items() if k != "model"} | {"model": asdict(spec.model)},
+        rank=spec.rank, experts=held_experts(model), params_per_rank=counts["params_per_rank"],
+        dense_params=counts["dense_params"], expert_params=counts["expert_params"],
+        trainable_params=counts["trainable_params"], weights_gb=gb(states["weights"]), grads_gb=gb(states["grads"]),
+        master_gb=gb(states["master"]), adam_gb=gb(states["adam"]),
+        optimizer_gb=gb(states["master"] + states["adam"]), buffers_gb=gb(states["buckets"]),
+        activations_gb=gb(a0), activations_per_layer_gb=gb(act[2, mbs[0]] - act[1, mbs[0]]),
+        step_extra_gb=gb(extra["step"]), reduce_extra_gb=gb(extra["reduce"]), reserve_gb=spec.reserve_gb,
+        total_gb=gb(total(a0)), gpu_mem_gb=spec.gpu_mem_gb, fits=total(a0) <= budget, max_micro_batch=max_mb,
+        notes=[f"routing plan: {spec.routing}", f"expert kernel footprint: {spec.kernels}"],
+    )

@@ -1,0 +1,350 @@
+"""The one door to DeepSpeed: process groups, MoE recognition, the engine, and its teardown.
+
+`build_engine` applies parallelism to a model (built on the meta device or not) and builds
+DeepSpeed's engine in the one order that is correct:
+
+    groups (DeepSpeed's, by name) -> shard GroupedExperts + all-to-all dispatcher
+    -> materialise + keyed init -> DeepSpeed MoE markers -> param groups -> deepspeed.initialize
+    -> engine checks
+
+Nothing else in floe imports DeepSpeed (tools/bench_* compare against it) or touches its
+private state; every such touch below says why and was checked against deepspeed 0.19.8,
+the version setup.py pins (TESTED_DEEPSPEED).
+
+Why the markers: DeepSpeed's engine switches its MoE handling on only when
+`deepspeed.initialize` finds a module that is an instance of its own `deepspeed.moe.layer.MoE`
+(engine.py, `_configure_distributed_model`: `has_moe_layers`). Without it the engine treats
+floe's expert shards as ordinary data-parallel parameters: ZeRO-1/2 and the stage-0 reducer
+average DIFFERENT experts' gradients over all ranks, and the optimizer param groups are not
+split per expert group, silently. What DeepSpeed then does (0.19.8):
+  - expert gradients: summed over the expert-data-parallel group and divided by the FULL
+    data-parallel size, like dense gradients, so the update does not depend on ep_size;
+  - ZeRO-1/2: one optimizer group per expert group name, partitioned over its
+    expert-data-parallel group; the gradient norm covers dense and expert gradients
+    together (each expert element counted once);
+  - initial weights: dense from rank 0, each expert shard from rank 0 of its group.
+One gap: at ZeRO stage 0 in fp32 DeepSpeed clips with `runtime.utils.clip_grad_norm_`, which
+averages each rank's local norm instead of summing the experts over the expert-parallel
+group. floe therefore clips stage-0 fp32 itself (`Engine.step`) and tells DeepSpeed not to.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from moe.layer import EXPERT_WEIGHTS
+from moe.optim import OptimConfig, lr_lambda, param_groups
+from moe.parallel.dispatch import apply_expert_parallel, expert_parallel_layers
+from moe.parallel.grad_norm import clip_grad_norm_, global_grad_norm, is_expert_param
+from moe.parallel.groups import ParallelConfig, ParallelGroups, default_backend, expected_layout
+
+TESTED_DEEPSPEED = ("0.19.8", "0.20")  # [lowest tested, first untested): setup.py pins the same range
+
+
+def check_deepspeed_version(version: str | None = None) -> None:
+    """Raise ImportError unless the installed DeepSpeed is in the tested range."""
+    from packaging.version import Version
+
+    low, high = TESTED_DEEPSPEED
+    pin = f"deepspeed>={low},<{high}"
+    if version is None:
+        try:
+            import deepspeed
+        except ImportError as e:
+            raise ImportError(f"floe needs {pin} for ZeRO and expert parallelism: pip install '{pin}' ({e})") from None
+        version = deepspeed.__version__
+    if not Version(low) <= Version(version) < Version(high):
+        raise ImportError(f"deepspeed {version} is outside the range floe was tested with ({pin}): floe relies on "
+                          f"how that range reduces expert gradients and names its groups. pip install '{pin}'")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(device: torch.device, timeout_s: float = 600.0) -> bool:
+    """Join torchrun's process group (env://), or make a group of one for a plain `python`
+    launch, and let DeepSpeed's comm layer wrap it. Returns True if this call created it."""
+    import deepspeed
+
+    created = not dist.is_initialized()
+    if created:
+        if "RANK" not in os.environ:  # plain `python launch/train.py`: a group of one
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=str(_free_port()))
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend=default_backend(device), timeout=timedelta(seconds=timeout_s))
+    deepspeed.init_distributed(dist_backend=dist.get_backend(), timeout=timedelta(seconds=timeout_s))
+    return created
+
+
+def build_parallel_groups(ep_size: int) -> ParallelGroups:
+    """Create (once) the expert and expert-data-parallel groups for ep_size; collective.
+
+    Created THROUGH DeepSpeed's groups module, so ZeRO finds them under its own name
+    (f"ep_size_{ep_size}") and reduces each expert's gradient over exactly these ranks.
+    """
+    # Private DeepSpeed API (checked on 0.19.8): deepspeed.utils.groups has no public way to
+    # create or look up expert groups by name outside its own MoE layer; these are the calls
+    # its MoE layer makes (set_deepspeed_parallelism).
+    from deepspeed.utils import groups as ds_groups
+
+    group_name = f"ep_size_{ep_size}"
+    if group_name not in ds_groups._get_expert_parallel_group_dict():
+        # Every rank creates every group in the same order (new_group is collective).
+        ds_groups._create_expert_and_data_parallel(ep_size)
+    ep_ranks = tuple(ds_groups._get_expert_parallel_group_ranks(group_name))
+    edp_ranks = tuple(ds_groups._get_expert_data_parallel_group_ranks(group_name))
+    expected = expected_layout(dist.get_world_size(), ep_size, dist.get_rank())
+    assert (ep_ranks, edp_ranks) == expected, f"DeepSpeed's layout {ep_ranks, edp_ranks} != expected {expected}"
+    ep_group = ds_groups._get_expert_parallel_group(group_name)
+    return ParallelGroups(ep_size=ep_size, ep_rank=dist.get_rank(group=ep_group), ep_group=ep_group,
+                          edp_group=ds_groups._get_expert_data_parallel_group(group_name), group_name=group_name,
+                          ep_ranks=ep_ranks, edp_ranks=edp_ranks)
+
+
+def teardown() -> None:
+    """Destroy the default process group and forget DeepSpeed's cached groups, so that the
+    same process can initialise again (tests do)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    # Private DeepSpeed state (checked on 0.19.8): deepspeed.utils.groups caches process-group
+    # handles in module globals and has no reset; after the default group is destroyed they are
+    # stale, and a second init would reuse them.
+    from deepspeed.utils import groups
+
+    for name in ("_EXPERT_PARALLEL_GROUP", "_EXPERT_PARALLEL_GROUP_RANKS", "_EXPERT_DATA_PARALLEL_GROUP",
+                 "_EXPERT_DATA_PARALLEL_GROUP_RANKS", "_ALL_TO_ALL_GROUP"):
+        getattr(groups, name).clear()
+    for name in ("_WORLD_GROUP", "_ZERO_PARAM_INTRA_PARALLEL_GROUP", "_DATA_PARALLEL_GROUP",
+                 "_MODEL_PARALLEL_GROUP", "_TENSOR_MODEL_PARALLEL_GROUP"):
+        setattr(groups, name, None)
+
+
+@contextlib.contextmanager
+def fake_process_group(world_size: int, rank: int):
+    """torch.distributed's fake process group of `world_size` ranks, seen from `rank` (for the
+    memory plan's dry run of one rank of a large layout): groups can be created and collectives
+    called, nothing moves. DeepSpeed's comm layer wraps it, as init_distributed does."""
+    import deepspeed
+    import deepspeed.comm.comm as ds_comm
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        raise RuntimeError("a process group already exists in this process; run the estimate alone")
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
+    try:
+        deepspeed.init_distributed(dist_backend="fake")
+        yield
+    finally:
+        teardown()
+        # Private DeepSpeed state (checked on 0.19.8): the comm layer keeps its backend object
+        # for the fake group; a later real init_distributed must make a fresh one.
+        ds_comm.cdb = None
+
+
+def apply_deepspeed_moe(model: nn.Module) -> nn.Module:
+    """Make deepspeed.initialize recognise every expert-parallel MoE layer of `model` (in place).
+
+    Call once the model is materialised on its device, right before deepspeed.initialize:
+    the markers live on the Parameter objects, which Module.to_empty replaces.
+    """
+    check_deepspeed_version()
+    from deepspeed.moe.layer import MoE
+
+    class _DeepSpeedSeesMoE(MoE):
+        """A parameter-free child of each expert-parallel MoELayer that is an instance of
+        DeepSpeed's MoE, so the engine sets has_moe_layers and handles the parameters marked
+        `allreduce=False, group_name=...` as experts. It never runs (forward raises).
+
+        Private DeepSpeed contract (checked on 0.19.8): the engine finds MoE layers only by
+        isinstance and reads these attributes: num_experts (logged, checkpoint metadata),
+        expert_group_name, ep_size, and num_local_experts, which drives DeepSpeed's own
+        per-expert checkpoint files: 0, as floe saves experts by global id itself.
+        """
+
+        def __init__(self, num_experts: int, ep_size: int, group_name: str):
+            nn.Module.__init__(self)  # not MoE.__init__: that builds DeepSpeed's own gate and experts
+            self.num_experts = num_experts
+            self.ep_size = ep_size
+            self.expert_group_name = group_name
+            self.num_local_experts = 0
+            self.use_residual = False
+            self.enable_expert_tensor_parallelism = False
+
+        def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+            pass  # the groups exist already (build_parallel_groups)
+
+        def forward(self, *args, **kwargs):
+            raise RuntimeError("_DeepSpeedSeesMoE only marks a MoELayer for DeepSpeed; it never runs")
+
+    for _, layer in expert_parallel_layers(model):
+        groups = layer.dispatcher.groups
+        for w in EXPERT_WEIGHTS:  # reduced over the expert-data-parallel group of this name
+            param = getattr(layer.experts, w)
+            param.allreduce = False
+            param.group_name = groups.group_name
+        layer.deepspeed_moe_marker = _DeepSpeedSeesMoE(layer.config.num_experts, groups.ep_size, groups.group_name)
+    return model
+
+
+def split_moe_param_groups(groups: list[dict]) -> list[dict]:
+    """Move expert parameters into DeepSpeed's per-expert-group optimizer groups (`moe: True`,
+    name = group_name), keeping each group's other settings. Every group needs a "name".
+    Without expert parameters the groups come back unchanged."""
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    if not any(is_expert_param(p) for g in groups for p in g["params"]):
+        return groups
+    split = split_params_into_different_moe_groups_for_optimizer([dict(g) for g in groups])
+    return [g for g in split if g["params"]]
+
+
+def check_engine(engine, model: nn.Module) -> None:
+    """Stop a run whose engine did not see the experts as MoE (markers set too early or lost)."""
+    layers = expert_parallel_layers(model)
+    if layers and not engine.has_moe_layers:
+        raise RuntimeError("DeepSpeed did not recognise floe's expert-parallel MoE layers, so it would treat the "
+                           "expert shards as data-parallel: call moe.parallel.apply_deepspeed_moe(model) after "
+                           "apply_expert_parallel and before deepspeed.initialize")
+    unmarked = [f"{name}.experts.{w}" for name, layer in layers for w in EXPERT_WEIGHTS
+                if not is_expert_param(getattr(layer.experts, w))]
+    if unmarked:  # the engine broadcast them from rank 0 and would average them over all ranks
+        raise RuntimeError(f"expert parameters {unmarked[:3]} lost DeepSpeed's MoE markers (replaced after "
+                           "apply_deepspeed_moe, e.g. by Module.to_empty or .to()): call apply_deepspeed_moe last, "
+                           "right before deepspeed.initialize")
+
+
+def floe_clips(parallel: ParallelConfig, device: torch.device) -> bool:
+    """Whether floe clips and takes the gradient norm itself: ZeRO-0 in fp32, the one path where
+    DeepSpeed computes no norm and would average the experts' (see the module docstring)."""
+    return parallel.zero_stage == 0 and torch.device(device).type != "cuda"
+
+
+def build_deepspeed_config(parallel: ParallelConfig, *, global_batch_size: int, micro_batch_size: int,
+                           dp_size: int, grad_clip: float, device: torch.device | str = "cpu") -> dict:
+    """DeepSpeed config dict: ZeRO stage 0/1/2, bf16 on GPU and fp32 on CPU, gradient
+    accumulation = global batch / (micro batch x data-parallel size). The values were checked
+    by parallel_errors before any collective."""
+    on_gpu = torch.device(device).type == "cuda"
+    assert global_batch_size % (micro_batch_size * dp_size) == 0 and parallel.zero_stage in (0, 1, 2)
+    config = {
+        "train_batch_size": global_batch_size,
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": global_batch_size // (micro_batch_size * dp_size),
+        "gradient_clipping": 0.0 if floe_clips(parallel, device) else float(grad_clip),
+        "bf16": {"enabled": on_gpu},
+        "fp16": {"enabled": False},
+        "steps_per_print": 10**12,
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+        "zero_optimization": {"stage": parallel.zero_stage},
+    }
+    if parallel.zero_stage > 0:
+        config["zero_optimization"].update({
+            "reduce_scatter": True,  # DeepSpeed's MoE path requires it
+            "reduce_bucket_size": int(parallel.reduce_bucket_size),
+            "allgather_bucket_size": int(parallel.allgather_bucket_size),
+            "overlap_comm": on_gpu if parallel.overlap_comm is None else bool(parallel.overlap_comm),
+            "contiguous_gradients": bool(parallel.contiguous_gradients),
+        })
+    if on_gpu:
+        # bf16 weights with fp32 master copies and fp32 gradient accumulation across micro-batches.
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
+    return config
+
+
+class Engine:
+    """DeepSpeed's engine (`ds`) with floe's layout around it: call, backward, micro_step, step."""
+
+    def __init__(self, ds, model: nn.Module, groups: ParallelGroups | None, grad_clip: float, clip_here: bool):
+        self.ds, self.model, self.groups = ds, model, groups
+        self.grad_clip, self.clip_here = grad_clip, clip_here
+        self.grad_accum = ds.gradient_accumulation_steps()
+
+    def __call__(self, *args, **kwargs):
+        return self.ds(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.ds.backward(loss)
+
+    def micro_step(self) -> None:
+        """After a backward inside the accumulation window: DeepSpeed only counts it."""
+        assert not self.ds.is_gradient_accumulation_boundary()
+        self.ds.step()
+
+    def step(self) -> float:
+        """Close the accumulation window: clip, update; returns the global gradient norm before
+        clipping, computed once (by floe at fp32 ZeRO-0, else by DeepSpeed)."""
+        assert self.ds.is_gradient_accumulation_boundary()
+        norm = self._clip() if self.clip_here else None
+        self.ds.step()
+        if norm is None:  # ZeRO-1/2 and DeepSpeed's bf16 optimizer compute it (experts included)
+            norm = self.ds.get_global_grad_norm()
+            if norm is None:
+                raise RuntimeError("DeepSpeed computed no gradient norm for this step (its ZeRO norm is disabled)")
+        return float(norm)  # NOTE: host sync (the norm is logged every step)
+
+    @property
+    def lr(self) -> float:
+        return self.ds.get_lr()[0]
+
+    def _clip(self) -> torch.Tensor:
+        ep_group = self.groups.ep_group if self.groups is not None else None
+        if self.grad_clip <= 0:
+            return global_grad_norm(self.model.parameters(), ep_group)
+        if ep_group is None:
+            # Without expert shards DeepSpeed's own stage-0 clipping is right: call exactly what its
+            # engine calls (clip_fp32_gradients, 0.19.8), so runs match DeepSpeed-clipped ones bit for bit.
+            from deepspeed.runtime.utils import clip_grad_norm_ as deepspeed_clip_grad_norm_
+
+            return deepspeed_clip_grad_norm_(parameters=self.model.parameters(), max_norm=self.grad_clip,
+                                             mpu=self.ds.mpu)
+        return clip_grad_norm_(self.model.parameters(), self.grad_clip, ep_group)
+
+
+def build_engine(model: nn.Module, parallel: ParallelConfig, optim: OptimConfig, *, seed: int,
+                 device: torch.device, global_batch_size: int, micro_batch_size: int, total_steps: int,
+                 make_optimizer=None, load_weights=None) -> Engine:
+    """Apply parallelism to `model` (an ArcticForCausalLM, best built on the meta device) and
+    build the DeepSpeed engine, in the one correct order (module docstring). Collective.
+
+    make_optimizer(param_groups) -> torch optimizer; default AdamW from `optim`.
+    load_weights(model): fills the (sharded, possibly meta) model on `device` instead of the keyed
+    init from `seed`, e.g. lambda m: moe.hf.load_hf_weights(m, hf_dir, device).
+    Call init_distributed first and validate_parallel before that.
+    """
+    check_deepspeed_version()
+    import deepspeed
+
+    groups = build_parallel_groups(parallel.ep_size) if parallel.ep_size > 1 else None
+    if groups is not None:  # each rank keeps experts [ep_rank * E/ep, (ep_rank + 1) * E/ep)
+        apply_expert_parallel(model, groups, async_dispatch=parallel.async_dispatch)
+    if load_weights is None:
+        model.to_empty(device=device)
+        # Keyed by (seed, name, global expert id): every rank gets the 1-process weights it holds.
+        model.reset_parameters(seed=seed)
+    else:
+        load_weights(model)
+    if groups is not None:
+        apply_deepspeed_moe(model)  # last before initialize: the markers live on the Parameter objects
+    if make_optimizer is None:
+        def make_optimizer(groups_):
+            return torch.optim.AdamW(groups_, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps)
+    optimizer = make_optimizer(split_moe_param_groups(param_groups(model, optim.weight_decay)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(total_steps, optim.warmup_ratio, optim.min_lr_ratio))
+    config = build_deepspeed_config(parallel, global_batch_size=global_batch_size, micro_batch_size=micro_batch_size,
+                                    dp_size=dist.get_world_size(), grad_clip=optim.grad_clip, device=device)
+    ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+    check_engine(ds, model)
+    return Engine(ds, model, groups, optim.grad_clip, floe_clips(parallel, device))

@@ -1,0 +1,324 @@
+"""The training loop: build once (data, model, engine), then a short `train_step`, log, save.
+
+launch/train.py is only the Hydra entry point around `train(configs, resolved)`: everything
+here takes floe's dataclasses and works without Hydra.
+
+One optimizer step, on every rank:
+    loss tokens of the global batch  <- the loader, on the host (it knows every rank's rows)
+    for each micro-batch: forward, backward of (lm_sum * scale + aux), DeepSpeed counts it
+    one all-reduce of the logged sums -> one host sync -> non-finite check (before the update)
+    engine.step(): clip + update, the gradient norm computed once
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+import kernels
+from moe import checkpoint
+from moe.config import ModelConfig
+from moe.data import DataConfig, StepLoader, build_dataset
+from moe.data.loader import batch_errors
+from moe.init_from import weight_loader
+from moe.model import ArcticForCausalLM
+from moe.optim import OptimConfig
+from moe.parallel import (ParallelConfig, build_engine, check_deepspeed_version, init_distributed,
+                          parallel_errors, read_launch_env, teardown)
+
+log = logging.getLogger("floe")
+
+# What each step sums over micro-batches and ranks (one all-reduce): the logged quantities.
+SUMMED = ("lm_sum", "balance", "aux", "dropped", "assigned", "input_tokens")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 60
+    epochs: int = 1
+    global_batch_size: int = 16
+    micro_batch_size: int = 8
+    seed: int = 0
+    save_every: int = 0
+    keep_last: int = 2
+    resume: str = "auto"
+    kernels: str = "auto"
+    device: str = "auto"
+    init_from: str | None = None  # a Hugging Face Arctic directory to start from (moe/init_from.py)
+    require_init_from: bool = False  # set by recipes that fine-tune a pretrained model (+experiment=arctic_sft)
+
+    def __post_init__(self):
+        errors = batch_errors(self.global_batch_size, self.micro_batch_size, dp_size=1)
+        if self.epochs <= 0:
+            errors.append(f"train.epochs must be > 0, got {self.epochs}")
+        for name in ("max_steps", "save_every", "keep_last"):
+            if getattr(self, name) < 0:
+                errors.append(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if self.resume not in ("auto", "never"):
+            errors.append(f"train.resume must be 'auto' or 'never', got {self.resume!r}")
+        if self.kernels not in ("auto", *kernels.BACKENDS):
+            errors.append(f"train.kernels must be one of ('auto', {', '.join(map(repr, kernels.BACKENDS))}), "
+                          f"got {self.kernels!r}")
+        if self.require_init_from and not self.init_from:
+            errors.append("train.init_from is required here (train.require_init_from is true, e.g. by "
+                          "+experiment=arctic_sft): set train.init_from=<a Hugging Face Arctic directory, "
+                          "e.g. tools/export.py's output>")
+        if self.device not in ("auto", "cpu", "cuda"):
+            errors.append(f"train.device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        if errors:
+            raise ValueError("invalid train config:\n  " + "\n  ".join(errors))
+
+
+@dataclass
+class Configs:
+    model: ModelConfig
+    data: DataConfig
+    optim: OptimConfig
+    parallel: ParallelConfig
+    train: TrainConfig
+    run_dir: str
+    wandb: str
+    wandb_project: str
+    log_every: int
+
+
+def pick_device(choice: str) -> str:
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device=cuda but no CUDA device is available")
+    return choice
+
+
+def check_launch(c: Configs, world_size: int, vocab_size: int) -> None:
+    """Config rules that depend on the launch or the data; raised before any collective."""
+    errors = parallel_errors(c.model, world_size, c.parallel.ep_size, c.parallel.zero_stage,
+                             c.train.global_batch_size, c.train.micro_batch_size)
+    if c.train.kernels == "triton" and pick_device(c.train.device) == "cpu" and not kernels.interpreter_enabled():
+        errors.append("train.kernels=triton on a CPU needs TRITON_INTERPRET=1 in the environment (slow: for "
+                      "checking the kernels); use train.kernels=auto or reference to train on a CPU")
+    if vocab_size > c.model.vocab_size:
+        errors.append(f"model.vocab_size ({c.model.vocab_size}) is smaller than the tokenizer's vocabulary "
+                      f"({vocab_size}); set model.vocab_size >= {vocab_size}")
+    if errors:
+        raise ValueError("invalid launch:\n  " + "\n  ".join(errors))
+
+
+def train(c: Configs, resolved: dict) -> dict:
+    """Run training as configured; returns the last step's metrics (on every rank).
+    `resolved` is the whole config as plain data, written to run_dir/config.yaml."""
+    device_kind = pick_device(c.train.device)
+    launch = read_launch_env()  # torchrun's RANK / WORLD_SIZE, checked before any collective
+    logging.basicConfig(level=logging.INFO if launch.rank == 0 else logging.WARNING,
+                        format="[%(asctime)s floe] %(message)s", datefmt="%H:%M:%S", force=True)
+    # Everything that can be checked without talking to other ranks is checked first.
+    tokenizer, dataset = build_dataset(c.data, seed=c.train.seed)
+    check_launch(c, launch.world_size, tokenizer.vocab_size)
+    check_deepspeed_version()
+    kernels.set_backend(c.train.kernels)
+    device = torch.device(device_kind, launch.local_rank if device_kind == "cuda" else None)
+    env_before = dict(os.environ)
+    created_group = init_distributed(device)
+    try:
+        return Trainer(c, resolved, dataset, device).fit()
+    finally:
+        kernels.set_backend(None)
+        if created_group:
+            teardown()
+            for key in set(os.environ) - set(env_before):  # the 1-process rendezvous init_distributed made up
+                del os.environ[key]
+
+
+class Trainer:
+    """Build once, then `fit`: train_step, log, save until the last step."""
+
+    def __init__(self, c: Configs, resolved: dict, dataset, device: torch.device):
+        self.c, self.device = c, device
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        if self.rank == 0:
+            write_run_dir(c.run_dir, resolved)
+            log.info("run dir %s; %d rank(s) on %s; data: %s", c.run_dir, self.world_size, device.type,
+                     json.dumps(dataset.stats))
+        with torch.device("meta"):  # shapes only: no rank ever allocates experts it does not own
+            model = ArcticForCausalLM(c.model)
+        self.loader = StepLoader(dataset, global_batch_size=c.train.global_batch_size,
+                                 micro_batch_size=c.train.micro_batch_size, dp_rank=self.rank,
+                                 dp_size=self.world_size, seed=c.train.seed)
+        self.total_steps = c.train.max_steps or c.train.epochs * self.loader.steps_per_epoch
+        self.ckpt_dir = os.path.join(c.run_dir, "checkpoints")
+        resume_from = checkpoint.latest_checkpoint(self.ckpt_dir) if c.train.resume == "auto" else None
+        # A run's own checkpoint wins over init_from: its weights would be overwritten anyway.
+        load_weights = weight_loader(c.train.init_from, device) if c.train.init_from and not resume_from else None
+        self.engine = build_engine(model, c.parallel, c.optim, seed=c.train.seed, device=device,
+                                   global_batch_size=c.train.global_batch_size, load_weights=load_weights,
+                                   micro_batch_size=c.train.micro_batch_size, total_steps=self.total_steps)
+        self._log_model()
+        self.step = self._resume(resume_from)
+        self.writer = MetricsWriter(c, resolved, self.step) if self.rank == 0 else None
+        self.progress = None
+        if self.rank == 0:
+            from tqdm import tqdm
+
+            self.progress = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step",
+                                 dynamic_ncols=True)
+
+    def _log_model(self) -> None:
+        groups, cfg = self.engine.groups, self.c.model
+        if groups is not None:
+            experts = self.engine.model.layers[0].moe.experts
+            log.info("expert parallel: ep_size %d, rank %d holds experts %d..%d of %d", groups.ep_size, self.rank,
+                     experts.first_expert, experts.first_expert + experts.num_local_experts - 1, cfg.num_experts)
+        total, active = cfg.num_params()
+        log.info("model: %.2fM parameters, %.2fM active per token", total / 1e6, active / 1e6)
+
+    def _resume(self, path: str | None) -> int:
+        if path is None:
+            return 0
+        client = checkpoint.load(self.engine.ds, path)
+        self.loader.load_state_dict(client["loader"])
+        log.info("resumed from %s at step %d", path, client["step"])
+        return client["step"]
+
+    def fit(self) -> dict:
+        record: dict = {}
+        try:
+            while self.step < self.total_steps:
+                record = self.train_step()
+                self.log(record)
+                self.maybe_save()
+        finally:
+            if self.progress is not None:
+                self.progress.close()
+            if self.writer is not None:
+                self.writer.close()
+        if self.rank == 0 and record:
+            log.info("done: step %d loss %.4f balance %.4f (%.1f under uniform routing)", record["step"],
+                     record["loss"], record["balance_loss"], record["balance_uniform"])
+        return record
+
+    def train_step(self) -> dict:
+        """One optimizer step over the loader's next global batch; returns its metrics."""
+        t0 = time.perf_counter()
+        engine = self.engine
+        num_loss_tokens = self.loader.global_loss_tokens()  # every rank's rows, counted on the host
+        micro_batches = [{k: v.to(self.device) for k, v in mb.items()} for mb in self.loader.next_step()]
+        assert len(micro_batches) == engine.grad_accum, (len(micro_batches), engine.grad_accum)
+        # The LM loss is normalised by the loss tokens of the whole global batch, so the gradient is
+        # the same at any world size and accumulation split. DeepSpeed divides each micro-batch loss
+        # by grad_accum and averages gradients over ranks; this factor undoes both for the LM term
+        # (the aux term stays a mean).
+        lm_scale = engine.grad_accum * self.world_size / max(num_loss_tokens, 1.0)
+        sums = torch.zeros(len(SUMMED), dtype=torch.float64, device=self.device)
+        for i, mb in enumerate(micro_batches):
+            out = engine(input_ids=mb["input_ids"], position_ids=mb["position_ids"], labels=mb["labels"],
+                         attention_mask=mb["attention_mask"])
+            engine.backward(out.lm_loss_sum * lm_scale + out.aux_loss)
+            sums += self._sums(out, mb)
+            if i < len(micro_batches) - 1:
+                engine.micro_step()
+        dist.all_reduce(sums)
+        # NOTE: host sync once per step for logging and the non-finite check.
+        totals = dict(zip(SUMMED, sums.tolist()))
+        loss = totals["lm_sum"] / max(num_loss_tokens, 1.0)
+        # Checked before the update is applied, with the same verdict on every rank, so no rank
+        # skips a collective the others enter and the last checkpoint stays clean.
+        if not math.isfinite(loss) or not math.isfinite(totals["aux"]):
+            raise FloatingPointError(f"non-finite loss at step {self.step + 1} (before its update was applied): "
+                                     f"lm {loss}, aux {totals['aux']}; resume from the last checkpoint with a "
+                                     "lower optim.lr or a higher optim.warmup_ratio")
+        grad_norm = engine.step()  # clip and update
+        self.step += 1
+        return self._record(totals, loss, num_loss_tokens, grad_norm, time.perf_counter() - t0)
+
+    def _sums(self, out, mb) -> torch.Tensor:
+        """This micro-batch's contribution to SUMMED, on the device (no sync)."""
+        assigned = float(sum(st.num_assignments for st in out.router_stats))
+        return torch.stack([
+            out.lm_loss_sum.detach().double(), out.balance_loss.detach().double(), out.aux_loss.detach().double(),
+            sum(st.dropped for st in out.router_stats).double(),
+            torch.tensor(assigned, device=self.device, dtype=torch.float64),
+            mb["attention_mask"].sum().double()])
+
+    def _record(self, totals: dict, loss: float, num_loss_tokens: int, grad_norm: float, elapsed: float) -> dict:
+        num_micro = self.engine.grad_accum * self.world_size
+        return {
+            "step": self.step,
+            "epoch": self.loader.epoch,
+            "loss": loss,
+            "balance_loss": totals["balance"] / num_micro,
+            "balance_uniform": float(self.c.model.num_layers),  # balance_loss under perfectly uniform routing
+            "aux_loss": totals["aux"] / num_micro,
+            "lr": self.engine.lr,
+            "grad_norm": grad_norm,
+            "tokens_per_s": totals["input_tokens"] / elapsed,
+            "dropped_frac": totals["dropped"] / max(totals["assigned"], 1.0),
+            "loss_tokens": num_loss_tokens,
+            "step_time_s": elapsed,
+        }
+
+    def log(self, record: dict) -> None:
+        if self.rank != 0:
+            return
+        if record["step"] % self.c.log_every == 0 or record["step"] == self.total_steps:
+            self.writer.write(record)
+        self.progress.update(1)
+        self.progress.set_postfix(loss=f"{record['loss']:.3f}", bal=f"{record['balance_loss']:.3f}",
+                                  drop=f"{record['dropped_frac']:.3f}", lr=f"{record['lr']:.1e}")
+
+    def maybe_save(self) -> None:
+        save_every = self.c.train.save_every
+        if (save_every and self.step % save_every == 0) or self.step == self.total_steps:
+            path = checkpoint.save(self.engine.ds, self.ckpt_dir, self.step,
+                                   {"step": self.step, "loader": self.loader.state_dict()},
+                                   keep_last=self.c.train.keep_last)
+            log.info("saved %s", path)
+
+
+def write_run_dir(run_dir: str, resolved: dict) -> None:
+    """Create run_dir and write the resolved config (rank 0 only)."""
+    import yaml
+
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+        yaml.safe_dump(resolved, f, sort_keys=False)
+
+
+class MetricsWriter:
+    """metrics.jsonl (rank 0), plus wandb when enabled."""
+
+    def __init__(self, c: Configs, resolved: dict, resume_step: int):
+        self.path = os.path.join(c.run_dir, "metrics.jsonl")
+        if os.path.exists(self.path):  # drop lines past the checkpoint we resume from
+            with open(self.path) as f:
+                kept = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= resume_step]
+            with open(self.path, "w") as f:
+                f.writelines(kept)
+        self.wandb = None
+        if c.wandb != "disabled":
+            import wandb
+
+            self.wandb = wandb.init(project=c.wandb_project, dir=c.run_dir, mode=c.wandb, config=resolved,
+                                    name=os.path.basename(os.path.normpath(c.run_dir)), resume="allow",
+                                    id=_wandb_id(c.run_dir))
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(record, step=record["step"])
+
+    def close(self):
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _wandb_id(run_dir: str) -> str:
+    import hashlib
+
+    return hashlib.sha1(os.path.abspath(run_dir).encode()).hexdigest()[:16]

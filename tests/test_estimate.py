@@ -1,0 +1,181 @@
+"""The memory plan (moe/estimate.py, tools/estimate.py) against independent numbers:
+hand-computed state bytes, a real run's tracked activations, and the expert layout rule."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from moe.config import PRESETS
+from moe.estimate import EstimateSpec, build_shard, fake_process_group, measure_activations, optimizer_groups, \
+    state_bytes
+from moe.memory import PeakMemoryTracker
+
+TINY = PRESETS["tiny"]
+# tiny by hand: vocab 1024, hidden 64, 2 layers, 4 heads of 16, 2 kv heads, dense ffn 64, 8 experts of 64
+SHAPE = dict(vocab_size=1024, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, dense_ffn=64,
+             expert_ffn=64, num_experts=8)
+assert {k: getattr(TINY, k) for k in SHAPE} == SHAPE, "the tiny preset changed: redo the hand counts below"
+EMBED = HEAD = 1024 * 64
+PER_LAYER_DENSE = (64 * 64 * 2 + 32 * 64 * 2) + 3 * 64 * 64 + 8 * 64  # attention, dense MLP, router
+NORMS = 2 * 3 * 64 + 64  # three per block, the final one
+EXPERTS_PER_LAYER = 8 * 3 * 64 * 64
+
+
+def _states(world_size, ep_size, zero_stage, precision, overlap=False, bucket=1000):
+    spec = EstimateSpec(TINY, world_size=world_size, ep_size=ep_size, zero_stage=zero_stage, precision=precision,
+                        reduce_bucket_size=bucket, overlap_comm=overlap)
+    with fake_process_group(world_size, 0) if ep_size > 1 else _nothing():
+        model, _ = build_shard(TINY, ep_size)
+        return state_bytes(spec, model, optimizer_groups(model, spec))
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _aligned(numel, parts):
+    return math.ceil(numel / (2 * parts)) * 2 * parts  # DeepSpeed pads each flat group to 2 x partitions
+
+
+def test_state_bytes_stage0_fp32_by_hand():
+    n = EMBED + HEAD + 2 * (PER_LAYER_DENSE + EXPERTS_PER_LAYER) + NORMS
+    assert n == 378304
+    s = _states(1, 1, 0, "fp32")
+    assert s == {"weights": 4 * n, "grads": 4 * n, "master": 0, "adam": 8 * n, "buckets": 0}
+
+
+def test_state_bytes_stage0_ep2_fp32_by_hand():
+    dense = EMBED + HEAD + 2 * PER_LAYER_DENSE + NORMS
+    experts = 2 * EXPERTS_PER_LAYER // 2  # 4 of 8 experts per rank
+    s = _states(4, 2, 0, "fp32")
+    assert s == {"weights": 4 * (dense + experts), "grads": 4 * (dense + experts), "master": 0,
+                 "adam": 8 * (dense + experts), "buckets": 0}
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_state_bytes_stage2_ep2_by_hand(precision):
+    world, ep = 6, 2  # dense over 6 ranks, experts over 3 (padding in the norm group: 448 -> 456)
+    decay = EMBED + HEAD + 2 * PER_LAYER_DENSE
+    no_decay = NORMS
+    experts = 2 * EXPERTS_PER_LAYER // 2
+    flat = [_aligned(decay, world), _aligned(no_decay, world), _aligned(experts, world // ep)]
+    assert flat[1] == 456
+    part = flat[0] // world + flat[1] // world + flat[2] // (world // ep)
+    width = 2 if precision == "bf16" else 4
+    s = _states(world, ep, 2, precision, overlap=True, bucket=1000)
+    assert s == {"weights": width * sum(flat), "master": 4 * part, "adam": 8 * part,
+                 # bf16 + fp32 accumulation: the fp32 partition buffer; fp32: grads_in_partition
+                 "grads": 4 * part, "buckets": 2 * 1000 * width}
+
+
+def test_state_bytes_stage2_ep1_and_bf16_stage1_by_hand():
+    n = 378304
+    s = _states(4, 1, 2, "fp32", overlap=False, bucket=500)
+    dense = [_aligned(n - NORMS, 4), _aligned(NORMS, 4)]
+    part = sum(dense) // 4
+    assert s == {"weights": 4 * sum(dense), "grads": 4 * part, "master": 4 * part, "adam": 8 * part,
+                 "buckets": 4 * 500}
+    s1 = _states(4, 1, 1, "bf16")  # BF16_Optimizer: fp32 gradients of the whole flat group, no bucket
+    assert s1 == {"weights": 2 * sum(dense), "grads": 4 * sum(dense), "master": 4 * part, "adam": 8 * part,
+                  "buckets": 0}
+
+
+def test_bf16_stage0_is_refused_as_deepspeed_does():
+    with pytest.raises(ValueError, match="zero_stage=0"):
+        _states(1, 1, 0, "bf16")
+
+
+def _real_activations(num_layers, batch, seq, checkpointing="none"):
+    """A real forward + backward of the real model with real routing, tracked the same way."""
+    from moe.estimate import _apply_checkpointing
+    from moe.model import ArcticForCausalLM
+
+    torch.manual_seed(0)
+    model = ArcticForCausalLM(TINY.replace(num_layers=num_layers))
+    _apply_checkpointing(model, checkpointing)
+    for p in model.parameters():
+        p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
+    ids = torch.randint(0, TINY.vocab_size, (batch, seq))
+    with PeakMemoryTracker() as mem:
+        out = model(ids, position_ids=torch.arange(seq).expand(batch, seq), labels=ids,
+                    attention_mask=torch.ones(batch, seq, dtype=torch.long))
+        (out.lm_loss_sum + out.aux_loss).backward()
+    return mem.peak_bytes
+
+
+@pytest.mark.parametrize("num_layers,batch,checkpointing", [(1, 4, "none"), (2, 2, "none"), (2, 4, "full")])
+def test_fake_activations_match_a_real_run(num_layers, batch, checkpointing):
+    spec = EstimateSpec(TINY, world_size=1, precision="fp32", kernels="reference", device="cpu",
+                        seq_len=128, routing="balanced", activation_checkpointing=checkpointing)
+    fake = measure_activations(spec, num_layers, batch)
+    real = _real_activations(num_layers, batch, 128, checkpointing)
+    assert abs(fake - real) <= 0.15 * real, (fake, real)
+
+
+def test_full_checkpointing_keeps_one_block_input_per_layer():
+    spec = EstimateSpec(TINY, world_size=1, precision="fp32", kernels="reference", device="cpu", seq_len=128,
+                        routing="balanced", activation_checkpointing="full")
+    per_layer = measure_activations(spec, 3, 2) - measure_activations(spec, 2, 2)
+    block_input = 2 * 128 * 64 * 4  # [B, S, D] fp32
+    router_stats = 4 + 4 + 8 * 8 + 8  # balance and z losses (fp32 scalars), tokens per expert [E], dropped
+    assert per_layer == block_input + router_stats
+
+
+def test_worst_routing_holds_more_than_balanced_under_expert_parallelism():
+    spec = EstimateSpec(TINY, world_size=4, ep_size=2, precision="fp32", kernels="reference", device="cpu",
+                        seq_len=128)
+    with fake_process_group(4, 1):
+        worst = measure_activations(spec, 1, 2)
+        balanced = measure_activations(spec.__class__(**{**spec.__dict__, "routing": "balanced"}), 1, 2)
+    assert worst > balanced
+
+
+@pytest.mark.parametrize("preset,ep_size,rank", [("arctic_480b", 128, 37), ("tiny", 8, 203), ("tiny", 2, 255)])
+def test_rank_dry_run_holds_the_layout_rules_experts(preset, ep_size, rank, capsys):
+    from tools.estimate import main
+
+    cfg = PRESETS[preset]
+    main(["--dry-run", "--json", f"model={preset}", f"parallel.ep_size={ep_size}", "+world_size=256",
+          f"+rank={rank}"])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # The rule (moe/parallel/groups.py): expert-parallel groups are blocks of ep_size consecutive
+    # ranks; position p in the block owns experts [p*E/ep, (p+1)*E/ep).
+    local = cfg.num_experts // ep_size
+    position = rank % ep_size
+    assert out["experts"] == list(range(position * local, (position + 1) * local))
+    total, _ = cfg.num_params()
+    expert_params = cfg.num_layers * local * 3 * cfg.hidden_size * cfg.expert_ffn
+    dense = total - cfg.num_layers * cfg.num_experts * 3 * cfg.hidden_size * cfg.expert_ffn
+    assert out["params_per_rank"] == dense + expert_params
+    assert out["expert_params"] == expert_params
+
+
+def test_tool_json_has_the_documented_keys(capsys):
+    from tools.estimate import main
+
+    main(["--json", "model=tiny", "train.device=cpu", "data.seq_len=64", "train.micro_batch_size=2",
+          "+world_size=1", "+gpu_mem_gb=1"])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("params_per_rank", "weights_gb", "grads_gb", "optimizer_gb", "activations_gb", "buffers_gb",
+                "total_gb", "gpu_mem_gb", "fits", "max_micro_batch", "experts"):
+        assert key in out, key
+    assert out["fits"] is True and out["max_micro_batch"] >= 2
+    parts = out["weights_gb"] + out["grads_gb"] + out["optimizer_gb"] + max(
+        out["activations_gb"] + out["buffers_gb"], out["step_extra_gb"], out["reduce_extra_gb"])
+    assert out["total_gb"] == pytest.approx(parts)
+
+
+def test_tool_names_a_bad_key():
+    from tools.estimate import main
+
+    with pytest.raises(ValueError, match=r"\+routing"):
+        main(["model=tiny", "+routing=sometimes"])
+    with pytest.raises(ValueError, match="parallel.ep_size"):
+        main(["model=tiny", "parallel.ep_size=3", "+world_size=6"])

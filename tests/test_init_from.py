@@ -1,0 +1,164 @@
+"""`train.init_from`: a floe run started from a Hugging Face Arctic directory written by
+tools/export.py. References: the exported model evaluated directly (the safetensors file read
+in memory with from_hf, a plain forward per micro-batch), the exported tensors themselves, and an
+uninterrupted run (for resume)."""
+from __future__ import annotations
+
+import glob
+import math
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from launch.train import parse_config, train
+from moe.data import DataConfig, StepLoader, build_dataset
+from moe.hf import from_hf, read_hf_config
+from moe.model import ArcticForCausalLM
+from tests.distributed import run_distributed
+from tests.test_parallel_train import checkpoint_params
+from tests.test_train import make_cfg, read_metrics
+from tools.export import export
+
+# The data every run here uses; dropless, so a loss does not depend on how the batch is split.
+DATA = ["data.seq_len=64", "data.num_examples=200"]
+BATCH = ["train.global_batch_size=4", "train.micro_batch_size=2"]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A tiny dropless run trained 3 steps, exported as a Hugging Face Arctic directory."""
+    root = tmp_path_factory.mktemp("init_from")
+    train(make_cfg(root / "source", "model.capacity_factor=null", "train.max_steps=3", *DATA, *BATCH))
+    out = str(root / "exported")
+    export(str(root / "source"), out)
+    return out
+
+
+def exported_model(hf_dir):
+    """The exported model, read independently of load_hf_weights: whole file, from_hf, load_state_dict."""
+    config = read_hf_config(hf_dir)
+    model = ArcticForCausalLM(config)
+    model.load_state_dict(from_hf(load_file(os.path.join(hf_dir, "model.safetensors")), config))
+    return model
+
+
+@torch.no_grad()
+def direct_losses(hf_dir, steps):
+    """The loss of each of the first `steps` global batches of the runs below, by a plain forward."""
+    model = exported_model(hf_dir)
+    data = DataConfig(name="synthetic", seq_len=64, num_examples=200, eval_fraction=0.05,
+                      tokenizer=os.path.join(hf_dir, "tokenizer.model"))
+    _, dataset = build_dataset(data, seed=0)
+    loader = StepLoader(dataset, global_batch_size=4, micro_batch_size=2, dp_rank=0, dp_size=1, seed=0)
+    losses = []
+    for _ in range(steps):
+        tokens = loader.global_loss_tokens()
+        lm_sum = sum(model(**mb).lm_loss_sum.double() for mb in loader.next_step())
+        losses.append(float(lm_sum) / tokens)
+    return losses
+
+
+def test_config_and_tokenizer_come_from_the_directory(exported, tmp_path):
+    c = parse_config(make_cfg(tmp_path, f"train.init_from={exported}", "model.capacity_factor=2.0", *DATA))
+    assert c.model.capacity_factor == 2.0 and c.model.hidden_size == 64  # training-only fields may differ
+    assert c.data.tokenizer == os.path.join(exported, "tokenizer.model")
+    with pytest.raises(ValueError, match=r"model.hidden_size=32 contradicts .*config.json \(64\)"):
+        parse_config(make_cfg(tmp_path, f"train.init_from={exported}", "model.hidden_size=32", *DATA))
+    other = tmp_path / "other.model"
+    other.write_bytes(open(c.data.tokenizer, "rb").read() + b"x")
+    with pytest.raises(ValueError, match="data.tokenizer=.*differs from train.init_from's"):
+        parse_config(make_cfg(tmp_path, f"train.init_from={exported}", f"data.tokenizer={other}", *DATA))
+    bare = tmp_path / "bare"  # no tokenizer.model: data.tokenizer (here floe's embedded one) stays
+    shutil.copytree(exported, bare, ignore=shutil.ignore_patterns("tokenizer.model"))
+    assert parse_config(make_cfg(tmp_path, f"train.init_from={bare}", *DATA)).data.tokenizer is None
+
+
+def test_first_losses_equal_the_exported_model_and_lr_0_keeps_weights(exported, tmp_path):
+    run = tmp_path / "run"
+    train(make_cfg(run, f"train.init_from={exported}", "optim.lr=0", "train.max_steps=2", *DATA, *BATCH))
+    got = [m["loss"] for m in read_metrics(run)]
+    want = direct_losses(exported, 2)
+    assert got == pytest.approx(want, rel=1e-6, abs=0)
+    assert got[0] != got[1]  # two different batches, so the check is not vacuous
+    state, reference = checkpoint_params(run, 2), exported_model(exported).state_dict()
+    assert state.keys() == reference.keys()
+    for name, tensor in reference.items():
+        assert torch.equal(state[name], tensor), name  # lr 0: exactly as loaded
+
+
+def test_resume_uses_its_own_checkpoint_not_init_from(exported, tmp_path):
+    args = ["optim.lr=1e-3", "train.max_steps=4", "train.save_every=2", *DATA, *BATCH]
+    straight = tmp_path / "straight"
+    train(make_cfg(straight, f"train.init_from={exported}", *args))
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_00000004")
+    (resumed / "checkpoints" / "latest").write_text("step_00000002")
+    zeroed = tmp_path / "zeroed"  # same config and tokenizer, different weights
+    shutil.copytree(exported, zeroed)
+    weights = load_file(zeroed / "model.safetensors")
+    save_file({k: torch.zeros_like(v) for k, v in weights.items()}, zeroed / "model.safetensors")
+    train(make_cfg(resumed, f"train.init_from={zeroed}", *args))
+    a, b = read_metrics(straight), read_metrics(resumed)
+    assert [m["step"] for m in b] == [1, 2, 3, 4]
+    assert [m["loss"] for m in a] == [m["loss"] for m in b]
+
+
+def _ep2_worker(rank, world_size, run_dir, exported):
+    from tests.test_parallel_train import _compose
+
+    return train(_compose(run_dir, [f"train.init_from={exported}", "optim.lr=0", "train.max_steps=1",
+                                    "train.global_batch_size=4", "train.micro_batch_size=2",
+                                    "data.num_examples=200", "parallel.ep_size=2", "parallel.zero_stage=2"]))
+
+
+@pytest.mark.slow
+def test_first_loss_on_two_processes_ep2(exported, tmp_path):
+    results = run_distributed(_ep2_worker, world_size=2, args=(str(tmp_path / "run"), exported), timeout=180)
+    want = direct_losses(exported, 1)[0]
+    for record in results:
+        assert record["loss"] == pytest.approx(want, rel=1e-6, abs=0)
+
+
+TINY_RECIPE = [*DATA, "train.global_batch_size=4", "train.micro_batch_size=1", "train.max_steps=2",
+               "parallel.ep_size=1", "log.wandb=disabled"]
+
+
+def test_arctic_sft_refuses_without_init_from(tmp_path):
+    for experiment in ("arctic_sft", "arctic_sft_frozen_moe"):
+        with pytest.raises(ValueError, match=r"train.init_from is required"):
+            train(make_cfg(tmp_path, f"+experiment={experiment}", *TINY_RECIPE))
+        assert not torch.distributed.is_initialized()
+        assert not os.path.exists(tmp_path / "config.yaml")  # refused before any work
+
+
+def test_arctic_sft_recipes_run_from_an_export(exported, tmp_path):
+    reference = exported_model(exported).state_dict()
+    for experiment, frozen in (("arctic_sft", False), ("arctic_sft_frozen_moe", True)):
+        run = tmp_path / experiment
+        cfg = make_cfg(run, f"+experiment={experiment}", f"train.init_from={exported}", *TINY_RECIPE)
+        assert (cfg.optim.lr, cfg.train.epochs, cfg.parallel.zero_stage) == (2e-5, 2, 2)
+        last = train(cfg)
+        assert last["step"] == 2 and math.isfinite(last["loss"])
+        state = checkpoint_params(run, 2)
+        moe_names = {n for n in reference if ".moe." in n}
+        for name, tensor in reference.items():
+            assert torch.equal(state[name], tensor) == (frozen and name in moe_names), name
+        # ZeRO-2's fp32 master partition holds exactly the trainable parameters: none of the MoE's if frozen.
+        optim_file, = glob.glob(str(run / "checkpoints" / "step_00000002" / "*optim_states.pt"))
+        held = optimizer_elements(optim_file)
+        trainable = sum(t.numel() for n, t in reference.items() if not (frozen and n in moe_names))
+        assert held == trainable
+
+
+def optimizer_elements(path):
+    """Elements of fp32 master weights and of each Adam moment in a ZeRO-1/2 optimizer checkpoint."""
+    state = torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+    masters = sum(t.numel() for t in state["single_partition_of_fp32_groups"])
+    moments = [sum(s[k].numel() for s in state["base_optimizer_state"]["state"].values())
+               for k in ("exp_avg", "exp_avg_sq")]
+    assert moments == [masters, masters]
+    return masters
