@@ -496,3 +496,38 @@ def test_fix_engine_refuses_experts_without_deepspeed_markers():
         check_engine(types.SimpleNamespace(has_moe_layers=True), model)
     apply_deepspeed_moe(model)  # marks them again
     check_engine(types.SimpleNamespace(has_moe_layers=True), model)
+
+
+_STALE_LOCK_SCRIPT = """
+import torch
+from moe.parallel.engine import fake_process_group, init_distributed, teardown
+with fake_process_group(4, 1):
+    pass
+init_distributed(torch.device("cpu"))
+teardown()
+print("up")
+"""
+
+
+def test_a_stale_extension_build_lock_does_not_hang_the_comm_layer(tmp_path):
+    """A process killed while DeepSpeed JIT-built its CPU shared-memory op left torch's build
+    lock behind, and every later process waited on it forever (CI timed out this way). floe
+    never builds that op: with a stale lock planted, bringing up a fake group and a real group of
+    one returns at once and builds nothing."""
+    import os
+    import subprocess
+    import sys
+
+    build_dir = tmp_path / "ext" / "deepspeed_shm_comm"
+    build_dir.mkdir(parents=True)
+    (build_dir / "lock").write_text("")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    env["TORCH_EXTENSIONS_DIR"] = str(tmp_path / "ext")
+    try:
+        out = subprocess.run([sys.executable, "-c", _STALE_LOCK_SCRIPT], env=env, capture_output=True, text=True,
+                             timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the comm layer waited on a stale extension build lock")
+    assert out.returncode == 0 and out.stdout.strip().endswith("up"), out.stderr[-2000:]
+    assert sorted(p.name for p in build_dir.iterdir()) == ["lock"], "DeepSpeed built its shm op"

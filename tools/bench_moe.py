@@ -43,6 +43,9 @@ def init_single_process_group():
         dist.init_process_group("gloo")
     import deepspeed
 
+    from moe.parallel.engine import skip_shm_comm_build
+
+    skip_shm_comm_build()
     deepspeed.init_distributed(dist_backend="gloo")  # DeepSpeed's comm layer wraps the torch group
 
 

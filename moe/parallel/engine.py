@@ -64,6 +64,23 @@ def check_deepspeed_version(version: str | None = None) -> None:
                           f"how that range reduces expert gradients and names its groups. pip install '{pin}'")
 
 
+def skip_shm_comm_build() -> None:
+    """Keep DeepSpeed's comm layer from JIT-compiling its shared-memory all-reduce.
+
+    On a CPU, every DeepSpeed TorchBackend (deepspeed.init_distributed) builds the C++ op
+    `deepspeed_shm_comm` with ninja into ~/.cache/torch_extensions. DeepSpeed uses it only under
+    its own launcher (it needs LOCAL_SIZE == world size; torchrun does not set LOCAL_SIZE), so under
+    floe it is built and never used. The build costs about a minute of CPU and prints compiler
+    output, and torch's build lock (a file in that cache) left behind by a process killed mid-build
+    makes every later process on the machine wait for it forever: the hang that timed out CI.
+    Private DeepSpeed state (checked on 0.19.8): comm/torch.py's build_shm_op returns None when
+    the op is marked incompatible in deepspeed.ops.__compatible_ops__ (probed once, 0.2 s).
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -83,6 +100,7 @@ def init_distributed(device: torch.device, timeout_s: float = 600.0) -> bool:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(backend=default_backend(device), timeout=timedelta(seconds=timeout_s))
+    skip_shm_comm_build()
     deepspeed.init_distributed(dist_backend=dist.get_backend(), timeout=timedelta(seconds=timeout_s))
     return created
 
@@ -143,6 +161,7 @@ def fake_process_group(world_size: int, rank: int):
         raise RuntimeError("a process group already exists in this process; run the estimate alone")
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
     try:
+        skip_shm_comm_build()
         deepspeed.init_distributed(dist_backend="fake")
         yield
     finally:
