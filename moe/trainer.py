@@ -29,8 +29,8 @@ from moe.data.loader import batch_errors
 from moe.init_from import weight_loader
 from moe.model import ArcticForCausalLM
 from moe.optim import OptimConfig
-from moe.parallel import (ParallelConfig, build_engine, check_deepspeed_version, init_distributed,
-                          parallel_errors, read_launch_env, teardown)
+from moe.parallel import (PRECISIONS, ParallelConfig, build_engine, check_deepspeed_version, init_distributed,
+                          parallel_errors, read_launch_env, resolve_precision, teardown)
 
 log = logging.getLogger("floe")
 
@@ -52,6 +52,7 @@ class TrainConfig:
     device: str = "auto"
     init_from: str | None = None  # a Hugging Face Arctic directory to start from (moe/init_from.py)
     require_init_from: bool = False  # set by recipes that fine-tune a pretrained model (+experiment=arctic_sft)
+    precision: str = "auto"  # auto (bf16 on cuda, fp32 on cpu) | fp32 | bf16 (fp32 master weights), on any device
 
     def __post_init__(self):
         errors = batch_errors(self.global_batch_size, self.micro_batch_size, dp_size=1)
@@ -69,6 +70,9 @@ class TrainConfig:
             errors.append("train.init_from is required here (train.require_init_from is true, e.g. by "
                           "+experiment=arctic_sft): set train.init_from=<a Hugging Face Arctic directory, "
                           "e.g. tools/export.py's output>")
+        if self.precision not in ("auto", *PRECISIONS):
+            errors.append(f"train.precision must be one of ('auto', {', '.join(map(repr, PRECISIONS))}), "
+                          f"got {self.precision!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             errors.append(f"train.device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
         if errors:
@@ -157,7 +161,8 @@ class Trainer:
         load_weights = weight_loader(c.train.init_from, device) if c.train.init_from and not resume_from else None
         self.engine = build_engine(model, c.parallel, c.optim, seed=c.train.seed, device=device,
                                    global_batch_size=c.train.global_batch_size, load_weights=load_weights,
-                                   micro_batch_size=c.train.micro_batch_size, total_steps=self.total_steps)
+                                   micro_batch_size=c.train.micro_batch_size, total_steps=self.total_steps,
+                                   precision=c.train.precision)
         self._log_model()
         self.step = self._resume(resume_from)
         self.writer = MetricsWriter(c, resolved, self.step) if self.rank == 0 else None
@@ -175,7 +180,8 @@ class Trainer:
             log.info("expert parallel: ep_size %d, rank %d holds experts %d..%d of %d", groups.ep_size, self.rank,
                      experts.first_expert, experts.first_expert + experts.num_local_experts - 1, cfg.num_experts)
         total, active = cfg.num_params()
-        log.info("model: %.2fM parameters, %.2fM active per token", total / 1e6, active / 1e6)
+        log.info("model: %.2fM parameters, %.2fM active per token; %s, ZeRO-%d", total / 1e6, active / 1e6,
+                 resolve_precision(self.c.train.precision, self.device), self.c.parallel.zero_stage)
 
     def _resume(self, path: str | None) -> int:
         if path is None:

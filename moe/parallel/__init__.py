@@ -24,6 +24,7 @@ from moe.parallel.dispatch import (
     full_state_dict,
 )
 from moe.parallel.engine import (
+    PRECISIONS,
     TESTED_DEEPSPEED,
     Engine,
     apply_deepspeed_moe,
@@ -34,6 +35,7 @@ from moe.parallel.engine import (
     check_engine,
     fake_process_group,
     init_distributed,
+    resolve_precision,
     split_moe_param_groups,
     teardown,
 )
@@ -51,9 +53,9 @@ from moe.parallel.groups import (
 
 __all__ = [
     "AllToAllDispatcher", "all_to_all", "apply_expert_parallel", "expert_parallel_layers", "full_state_dict",
-    "TESTED_DEEPSPEED", "Engine", "apply_deepspeed_moe", "build_deepspeed_config", "build_engine",
+    "PRECISIONS", "TESTED_DEEPSPEED", "Engine", "apply_deepspeed_moe", "build_deepspeed_config", "build_engine",
     "build_parallel_groups", "check_deepspeed_version", "check_engine", "fake_process_group", "init_distributed",
-    "split_moe_param_groups", "teardown",
+    "resolve_precision", "split_moe_param_groups", "teardown",
     "clip_grad_norm_", "global_grad_norm", "is_expert_param",
     "LaunchEnv", "ParallelConfig", "ParallelGroups", "default_backend", "expected_layout", "parallel_errors",
     "read_launch_env", "validate_parallel",

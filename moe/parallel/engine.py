@@ -243,25 +243,48 @@ def check_engine(engine, model: nn.Module) -> None:
                            "right before deepspeed.initialize")
 
 
-def floe_clips(parallel: ParallelConfig, device: torch.device) -> bool:
+PRECISIONS = ("fp32", "bf16")
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """train.precision: fp32 | bf16, or auto = bf16 on CUDA and fp32 elsewhere (the default)."""
+    if precision == "auto":
+        return "bf16" if torch.device(device).type == "cuda" else "fp32"
+    if precision not in PRECISIONS:
+        raise ValueError(f"train.precision must be one of ('auto', 'fp32', 'bf16'), got {precision!r}")
+    return precision
+
+
+def floe_clips(parallel: ParallelConfig, precision: str) -> bool:
     """Whether floe clips and takes the gradient norm itself: ZeRO-0 in fp32, the one path where
-    DeepSpeed computes no norm and would average the experts' (see the module docstring)."""
-    return parallel.zero_stage == 0 and torch.device(device).type != "cuda"
+    DeepSpeed computes no norm and would average the experts' (see the module docstring). In bf16
+    at ZeRO-0 DeepSpeed's bf16 optimizer takes the norm with the experts summed correctly."""
+    return parallel.zero_stage == 0 and precision == "fp32"
 
 
 def build_deepspeed_config(parallel: ParallelConfig, *, global_batch_size: int, micro_batch_size: int,
-                           dp_size: int, grad_clip: float, device: torch.device | str = "cpu") -> dict:
-    """DeepSpeed config dict: ZeRO stage 0/1/2, bf16 on GPU and fp32 on CPU, gradient
-    accumulation = global batch / (micro batch x data-parallel size). The values were checked
-    by parallel_errors before any collective."""
+                           dp_size: int, grad_clip: float, device: torch.device | str = "cpu",
+                           precision: str = "auto") -> dict:
+    """DeepSpeed config dict: ZeRO stage 0/1/2, fp32 or bf16 (train.precision, on any device),
+    gradient accumulation = global batch / (micro batch x data-parallel size). The values were
+    checked by parallel_errors before any collective.
+
+    bf16 is DeepSpeed's mixed precision: bf16 weights and activations, fp32 master weights and
+    Adam moments. Gradients are accumulated across micro-batches in fp32 at ZeRO 1/2
+    (data_types.grad_accum_dtype). DeepSpeed 0.19.8 has no bf16-weights + fp32-accumulation
+    optimizer at ZeRO-0 (deepspeed.initialize raises NotImplementedError for that mix), so at
+    ZeRO-0 the gradients accumulate in bf16 and its bf16 optimizer wrapper (fp32 master weights)
+    steps: exact with one micro-batch per step, and the reason to prefer ZeRO 1/2 with
+    gradient accumulation in bf16."""
     on_gpu = torch.device(device).type == "cuda"
+    precision = resolve_precision(precision, device)
     assert global_batch_size % (micro_batch_size * dp_size) == 0 and parallel.zero_stage in (0, 1, 2)
     config = {
         "train_batch_size": global_batch_size,
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": global_batch_size // (micro_batch_size * dp_size),
-        "gradient_clipping": 0.0 if floe_clips(parallel, device) else float(grad_clip),
-        "bf16": {"enabled": on_gpu},
+        "gradient_clipping": 0.0 if floe_clips(parallel, precision) else float(grad_clip),
+        "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": False},
         "steps_per_print": 10**12,
         "wall_clock_breakdown": False,
@@ -276,8 +299,7 @@ def build_deepspeed_config(parallel: ParallelConfig, *, global_batch_size: int, 
             "overlap_comm": on_gpu if parallel.overlap_comm is None else bool(parallel.overlap_comm),
             "contiguous_gradients": bool(parallel.contiguous_gradients),
         })
-    if on_gpu:
-        # bf16 weights with fp32 master copies and fp32 gradient accumulation across micro-batches.
+    if precision == "bf16" and parallel.zero_stage > 0:
         config["data_types"] = {"grad_accum_dtype": "fp32"}
     return config
 
@@ -289,6 +311,14 @@ class Engine:
         self.ds, self.model, self.groups = ds, model, groups
         self.grad_clip, self.clip_here = grad_clip, clip_here
         self.grad_accum = ds.gradient_accumulation_steps()
+        # Private DeepSpeed behaviour (checked on 0.19.8): at ZeRO-1 in bf16 the engine's optimizer is
+        # BF16_Optimizer, which adds every parameter's bf16 .grad into its fp32 accumulator after each
+        # backward and relies on a backward prologue to zero the bf16 grads first. Through
+        # engine.backward that prologue never runs, so micro-batch i was counted (accum - i) times
+        # (the gradient norm came out 2.5x at 4 micro-batches). floe zeroes them after each micro-step.
+        from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+
+        self._clear_bf16_grads = ds.optimizer.clear_lp_grads if isinstance(ds.optimizer, BF16_Optimizer) else None
 
     def __call__(self, *args, **kwargs):
         return self.ds(*args, **kwargs)
@@ -300,6 +330,8 @@ class Engine:
         """After a backward inside the accumulation window: DeepSpeed only counts it."""
         assert not self.ds.is_gradient_accumulation_boundary()
         self.ds.step()
+        if self._clear_bf16_grads is not None:  # already in the fp32 accumulator (see __init__)
+            self._clear_bf16_grads()
 
     def step(self) -> float:
         """Close the accumulation window: clip, update; returns the global gradient norm before
@@ -333,7 +365,7 @@ class Engine:
 
 def build_engine(model: nn.Module, parallel: ParallelConfig, optim: OptimConfig, *, seed: int,
                  device: torch.device, global_batch_size: int, micro_batch_size: int, total_steps: int,
-                 make_optimizer=None, load_weights=None) -> Engine:
+                 make_optimizer=None, load_weights=None, precision: str = "auto") -> Engine:
     """Apply parallelism to `model` (an ArcticForCausalLM, best built on the meta device) and
     build the DeepSpeed engine, in the one correct order (module docstring). Collective.
 
@@ -363,7 +395,8 @@ def build_engine(model: nn.Module, parallel: ParallelConfig, optim: OptimConfig,
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(total_steps, optim.warmup_ratio, optim.min_lr_ratio))
     config = build_deepspeed_config(parallel, global_batch_size=global_batch_size, micro_batch_size=micro_batch_size,
-                                    dp_size=dist.get_world_size(), grad_clip=optim.grad_clip, device=device)
+                                    dp_size=dist.get_world_size(), grad_clip=optim.grad_clip, device=device,
+                                    precision=precision)
     ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
     check_engine(ds, model)
-    return Engine(ds, model, groups, optim.grad_clip, floe_clips(parallel, device))
+    return Engine(ds, model, groups, optim.grad_clip, floe_clips(parallel, resolve_precision(precision, device)))
