@@ -52,12 +52,15 @@ class TrainConfig:
     device: str = "auto"
     init_from: str | None = None  # a Hugging Face Arctic directory to start from (moe/init_from.py)
     require_init_from: bool = False  # set by recipes that fine-tune a pretrained model (+experiment=arctic_sft)
+    max_skipped_steps: int = 3  # consecutive non-finite (skipped) steps before the run stops with an error
     precision: str = "auto"  # auto (bf16 on cuda, fp32 on cpu) | fp32 | bf16 (fp32 master weights), on any device
 
     def __post_init__(self):
         errors = batch_errors(self.global_batch_size, self.micro_batch_size, dp_size=1)
         if self.epochs <= 0:
             errors.append(f"train.epochs must be > 0, got {self.epochs}")
+        if self.max_skipped_steps < 1:
+            errors.append(f"train.max_skipped_steps must be >= 1, got {self.max_skipped_steps}")
         for name in ("max_steps", "save_every", "keep_last"):
             if getattr(self, name) < 0:
                 errors.append(f"train.{name} must be >= 0, got {getattr(self, name)}")
@@ -139,6 +142,10 @@ def train(c: Configs, resolved: dict) -> dict:
                 del os.environ[key]
 
 
+class NonFiniteTraining(FloatingPointError):
+    """train.max_skipped_steps consecutive steps were not finite: the run stops (non-zero exit)."""
+
+
 class Trainer:
     """Build once, then `fit`: train_step, log, save until the last step."""
 
@@ -165,6 +172,7 @@ class Trainer:
                                    precision=c.train.precision)
         self._log_model()
         self.step = self._resume(resume_from)
+        self.skipped_steps = self.consecutive_skips = 0
         self.writer = MetricsWriter(c, resolved, self.step) if self.rank == 0 else None
         self.progress = None
         if self.rank == 0:
@@ -197,6 +205,7 @@ class Trainer:
             while self.step < self.total_steps:
                 record = self.train_step()
                 self.log(record)
+                self.stop_if_diverged()
                 self.maybe_save()
         finally:
             if self.progress is not None:
@@ -204,8 +213,9 @@ class Trainer:
             if self.writer is not None:
                 self.writer.close()
         if self.rank == 0 and record:
-            log.info("done: step %d loss %.4f balance %.4f (%.1f under uniform routing)", record["step"],
-                     record["loss"], record["balance_loss"], record["balance_uniform"])
+            log.info("done: step %d loss %.4f balance %.4f (%.1f under uniform routing)%s", record["step"],
+                     record["loss"], record["balance_loss"], record["balance_uniform"],
+                     f"; {self.skipped_steps} non-finite step(s) skipped" if self.skipped_steps else "")
         return record
 
     def train_step(self) -> dict:
@@ -232,15 +242,36 @@ class Trainer:
         # NOTE: host sync once per step for logging and the non-finite check.
         totals = dict(zip(SUMMED, sums.tolist()))
         loss = totals["lm_sum"] / max(num_loss_tokens, 1.0)
-        # Checked before the update is applied, with the same verdict on every rank, so no rank
-        # skips a collective the others enter and the last checkpoint stays clean.
-        if not math.isfinite(loss) or not math.isfinite(totals["aux"]):
-            raise FloatingPointError(f"non-finite loss at step {self.step + 1} (before its update was applied): "
-                                     f"lm {loss}, aux {totals['aux']}; resume from the last checkpoint with a "
-                                     "lower optim.lr or a higher optim.warmup_ratio")
-        grad_norm = engine.step()  # clip and update
+        # The loss (all-reduced) and the gradient norm (global) decide, before the update and alike
+        # on every rank, whether this step is applied (Engine.step).
+        finite_loss = math.isfinite(loss) and math.isfinite(totals["aux"])
+        grad_norm, applied = engine.step(skip=not finite_loss)  # clip and update, or skip
         self.step += 1
-        return self._record(totals, loss, num_loss_tokens, grad_norm, time.perf_counter() - t0)
+        self._count_skip(applied, loss, grad_norm)
+        record = self._record(totals, loss, num_loss_tokens, grad_norm, time.perf_counter() - t0)
+        record.update(skipped=not applied, skipped_steps=self.skipped_steps)
+        return record
+
+    def _count_skip(self, applied: bool, loss: float, grad_norm: float) -> None:
+        """Count a skipped (non-finite) step; stop after train.max_skipped_steps in a row."""
+        if applied:
+            self.consecutive_skips = 0
+            return
+        self.skipped_steps += 1
+        self.consecutive_skips += 1
+        log.warning("step %d skipped (not applied): loss %s, gradient norm %s (%d in a row, %d in all)",
+                    self.step, loss, grad_norm, self.consecutive_skips, self.skipped_steps)
+
+    def stop_if_diverged(self) -> None:
+        """Raise NonFiniteTraining after train.max_skipped_steps skipped steps in a row."""
+        if self.consecutive_skips >= self.c.train.max_skipped_steps:
+            last = checkpoint.latest_checkpoint(self.ckpt_dir)
+            raise NonFiniteTraining(
+                f"{self.consecutive_skips} consecutive steps (up to step {self.step}) had a non-finite loss or "
+                f"gradient norm and were skipped (train.max_skipped_steps={self.c.train.max_skipped_steps}); "
+                f"nothing non-finite was applied or saved. Last good checkpoint: "
+                f"{last or 'none (no checkpoint was written)'}. Lower optim.lr, raise optim.warmup_ratio or check "
+                f"model.init_std, then relaunch (it resumes from that checkpoint) or start a new run.dir")
 
     def _sums(self, out, mb) -> torch.Tensor:
         """This micro-batch's contribution to SUMMED, on the device (no sync)."""
@@ -279,6 +310,8 @@ class Trainer:
 
     def maybe_save(self) -> None:
         save_every = self.c.train.save_every
+        if self.consecutive_skips and self.step != self.total_steps:
+            return  # a skipped step changed nothing worth a checkpoint; `latest` stays the last applied step
         if (save_every and self.step % save_every == 0) or self.step == self.total_steps:
             path = checkpoint.save(self.engine.ds, self.ckpt_dir, self.step,
                                    {"step": self.step, "loader": self.loader.state_dict()},
@@ -314,6 +347,8 @@ class MetricsWriter:
                                     id=_wandb_id(c.run_dir))
 
     def write(self, record: dict) -> None:
+        # A skipped step's non-finite loss or norm is written as null (strict JSON has no NaN/inf).
+        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.wandb is not None:

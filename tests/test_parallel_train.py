@@ -160,3 +160,16 @@ def test_bf16_tracks_the_fp32_run(tmp_path, one_process, procs, ep_size, zero_st
         assert mg["balance_loss"] == pytest.approx(mr["balance_loss"], rel=2e-2)
         assert math.isfinite(mg["grad_norm"]) and mg["grad_norm"] == pytest.approx(mr["grad_norm"], rel=0.1)
     assert any(mg["loss"] != mr["loss"] for mg, mr in zip(got, ref)), "bf16 gave the fp32 losses bit for bit"
+
+
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_non_finite_steps_are_skipped_alike_on_two_ranks(tmp_path, zero_stage):
+    """model.init_std=1e30 on 2 processes at ep_size 2: the gradient norm is global, so both ranks
+    skip the same steps (no rank enters a collective the other skips: the run ends, no hang), and
+    rank 0 logs them."""
+    run_dir = str(tmp_path / "run")
+    results = run_distributed(_train_worker, 2, args=(run_dir, [
+        "model.init_std=1e30", "train.max_steps=2", "train.max_skipped_steps=5", "parallel.ep_size=2",
+        f"parallel.zero_stage={zero_stage}"]), timeout=120)
+    assert [(r["skipped"], r["skipped_steps"]) for r in results] == [(True, 2), (True, 2)]
+    assert [(m["skipped"], m["skipped_steps"]) for m in metrics(run_dir)] == [(True, 1), (True, 2)]

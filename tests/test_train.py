@@ -117,12 +117,69 @@ def test_every_config_composes(tmp_path):
         parse_config(make_cfg(tmp_path, f"+experiment={exp}"))
 
 
-def test_non_finite_loss_stops_before_the_update(tmp_path):
-    # Weights of 1e30 overflow the logits: the very first step's loss is not finite.
-    with pytest.raises(FloatingPointError, match="before its update was applied"):
-        train(make_cfg(tmp_path / "run", "model.init_std=1e30", "train.max_steps=3"))
-    assert not (tmp_path / "run" / "checkpoints" / "latest").exists()
+def _trained_weights(run_dir):
+    from tools.generate import load_model_for_inference
+
+    return load_model_for_inference(str(run_dir))[0].state_dict()
+
+
+def test_non_finite_steps_are_never_applied_and_stop_after_max_skipped_steps(tmp_path):
+    """Weights of 1e30 overflow the gradients on every step. Each step is skipped (never applied),
+    counted in metrics.jsonl (the non-finite norm written as null), and the third in a row stops
+    the run with a message naming the last good checkpoint; no checkpoint is written."""
+    from moe.trainer import NonFiniteTraining
+
+    run_dir = tmp_path / "run"
+    with pytest.raises(NonFiniteTraining, match=r"3 consecutive steps \(up to step 3\).*Last good checkpoint: none"):
+        train(make_cfg(run_dir, "model.init_std=1e30", "train.max_steps=10"))
+    assert not (run_dir / "checkpoints" / "latest").exists()
+    got = read_metrics(run_dir)
+    assert [(m["step"], m["skipped"], m["skipped_steps"], m["grad_norm"]) for m in got] == [
+        (1, True, 1, None), (2, True, 2, None), (3, True, 3, None)]
     assert "RANK" not in os.environ  # the made-up 1-process rendezvous is cleaned up
+
+
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_finite_loss_with_non_finite_gradients_is_not_applied(tmp_path, zero_stage):
+    """model.init_std=1e30: the loss is finite (uniform logits) but the gradient norm is not (the
+    case that used to be applied and saved at ZeRO-0, and skipped silently forever at ZeRO-2). No
+    update is applied: the saved weights are the initial ones, bit for bit, both steps are counted
+    as skipped and the learning-rate schedule did not advance."""
+    from moe.config import PRESETS
+    from moe.model import ArcticForCausalLM
+
+    run_dir = tmp_path / "run"
+    train(make_cfg(run_dir, "model.init_std=1e30", "train.max_steps=2", "train.max_skipped_steps=5",
+                   f"parallel.zero_stage={zero_stage}"))
+    got = read_metrics(run_dir)
+    assert [m["loss"] is not None for m in got] == [True, True], got  # finite losses
+    assert [(m["skipped"], m["skipped_steps"]) for m in got] == [(True, 1), (True, 2)]
+    assert got[0]["lr"] == got[1]["lr"]
+    init = ArcticForCausalLM(PRESETS["tiny"].replace(init_std=1e30))
+    init.reset_parameters(seed=0)
+    saved = _trained_weights(run_dir)
+    for name, tensor in init.state_dict().items():
+        assert torch.isfinite(saved[name]).all(), name
+        assert torch.equal(saved[name], tensor), name
+
+
+def test_divergence_mid_run_keeps_the_last_good_checkpoint(tmp_path):
+    """optim.lr=1e4 diverges after a few good steps: the steps after it are skipped and the run
+    stops naming the last checkpoint, which holds finite weights; resume would pick exactly it."""
+    from moe import checkpoint
+    from moe.trainer import NonFiniteTraining
+
+    run_dir = tmp_path / "run"
+    with pytest.raises(NonFiniteTraining) as err:
+        train(make_cfg(run_dir, "optim.lr=1e4", "optim.warmup_ratio=0", "optim.grad_clip=0", "train.max_steps=40",
+                       "train.save_every=1", "train.max_skipped_steps=2"))
+    got = read_metrics(run_dir)
+    skipped = [m["step"] for m in got if m["skipped"]]
+    assert len(skipped) == 2 and skipped == [got[-2]["step"], got[-1]["step"]], got
+    latest = checkpoint.latest_checkpoint(str(run_dir / "checkpoints"))
+    assert latest is not None and latest in str(err.value)
+    assert latest.endswith(f"step_{got[-3]['step']:08d}")  # the last applied step
+    assert all(torch.isfinite(t).all() for t in _trained_weights(run_dir).values())
 
 
 def test_triton_kernels_on_cpu_need_the_interpreter(tmp_path, monkeypatch):

@@ -30,6 +30,7 @@ group. floe therefore clips stage-0 fp32 itself (`Engine.step`) and tells DeepSp
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import socket
 from datetime import timedelta
@@ -74,11 +75,18 @@ def skip_shm_comm_build() -> None:
     output, and torch's build lock (a file in that cache) left behind by a process killed mid-build
     makes every later process on the machine wait for it forever: the hang that timed out CI.
     Private DeepSpeed state (checked on 0.19.8): comm/torch.py's build_shm_op returns None when
-    the op is marked incompatible in deepspeed.ops.__compatible_ops__ (probed once, 0.2 s).
+    the op is marked incompatible in deepspeed.ops.__compatible_ops__, and it is that dict's only
+    reader. The dict is filled lazily by a probe that compiles test programs (printing linker
+    errors such as "cannot find -laio"); when nothing has probed yet, floe installs the one entry
+    it needs instead of running the probe.
     """
     import deepspeed.ops
 
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    probed = vars(deepspeed.ops).get("__compatible_ops__")
+    if probed is None:
+        vars(deepspeed.ops)["__compatible_ops__"] = {"deepspeed_shm_comm": False}
+    else:
+        probed["deepspeed_shm_comm"] = False
 
 
 def _free_port() -> int:
@@ -319,6 +327,7 @@ class Engine:
         from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
 
         self._clear_bf16_grads = ds.optimizer.clear_lp_grads if isinstance(ds.optimizer, BF16_Optimizer) else None
+        assert not clip_here or hasattr(ds.optimizer, "overflow"), "build_engine gates the optimizer it clips for"
 
     def __call__(self, *args, **kwargs):
         return self.ds(*args, **kwargs)
@@ -333,17 +342,34 @@ class Engine:
         if self._clear_bf16_grads is not None:  # already in the fp32 accumulator (see __init__)
             self._clear_bf16_grads()
 
-    def step(self) -> float:
-        """Close the accumulation window: clip, update; returns the global gradient norm before
-        clipping, computed once (by floe at fp32 ZeRO-0, else by DeepSpeed)."""
+    def step(self, skip: bool = False) -> tuple[float, bool]:
+        """Close the accumulation window: clip and update. Returns (the global gradient norm before
+        clipping, computed once: by floe at fp32 ZeRO-0, else by DeepSpeed; whether the update was
+        applied).
+
+        A step whose gradient norm is not finite is never applied: every DeepSpeed optimizer
+        (ZeRO 1/2, its bf16 wrappers) takes the all-reduced norm and skips the update on inf/NaN
+        before touching a weight; at fp32 ZeRO-0 floe takes the norm itself, before the update, and
+        gates the optimizer the same way. The verdict comes from the global norm, so every rank
+        agrees. A skipped step zeroes the gradients and does not advance the learning-rate schedule
+        (DeepSpeed counts it in skipped_steps). `skip=True` (e.g. a non-finite loss) forces the
+        verdict on the floe-clipped path; elsewhere a non-finite loss has non-finite gradients."""
         assert self.ds.is_gradient_accumulation_boundary()
-        norm = self._clip() if self.clip_here else None
+        norm = None
+        if self.clip_here:
+            norm = float(self._clip())  # NOTE: host sync, before the update (the verdict)
+            self.ds.optimizer.overflow = skip or not math.isfinite(norm)
         self.ds.step()
-        if norm is None:  # ZeRO-1/2 and DeepSpeed's bf16 optimizer compute it (experts included)
+        if norm is None:  # ZeRO-1/2 and DeepSpeed's bf16 optimizers compute it (experts included)
             norm = self.ds.get_global_grad_norm()
             if norm is None:
                 raise RuntimeError("DeepSpeed computed no gradient norm for this step (its ZeRO norm is disabled)")
-        return float(norm)  # NOTE: host sync (the norm is logged every step)
+        norm = float(norm)  # NOTE: host sync (the norm is logged every step)
+        applied = self.ds.was_step_applied()
+        if applied and (skip or not math.isfinite(norm)):
+            raise FloatingPointError(f"DeepSpeed applied an update with gradient norm {norm} (skip requested: "
+                                     f"{skip}); the weights are no longer trustworthy")
+        return norm, applied
 
     @property
     def lr(self) -> float:
@@ -361,6 +387,26 @@ class Engine:
             return deepspeed_clip_grad_norm_(parameters=self.model.parameters(), max_norm=self.grad_clip,
                                              mpu=self.ds.mpu)
         return clip_grad_norm_(self.model.parameters(), self.grad_clip, ep_group)
+
+
+def _gate_optimizer_step(optimizer: torch.optim.Optimizer) -> None:
+    """Give a plain torch optimizer DeepSpeed's overflow contract: while `optimizer.overflow` is
+    True its step() does nothing. Private DeepSpeed behaviour (checked on 0.19.8): the engine
+    reads `optimizer.overflow` after calling step() to count the step as skipped and to hold
+    the learning-rate schedule; at ZeRO-0 in fp32 `ds.optimizer` is the client optimizer itself.
+    The optimizer becomes an instance of a subclass of its own class (isinstance checks, torch's
+    step hooks and the scheduler's wrapping of the bound step keep working)."""
+    base = type(optimizer)
+
+    class Gated(base):
+        def step(self, *args, **kwargs):
+            if self.overflow:
+                return None
+            return super().step(*args, **kwargs)
+
+    Gated.__name__ = Gated.__qualname__ = f"Gated{base.__name__}"
+    optimizer.__class__ = Gated
+    optimizer.overflow = False
 
 
 def build_engine(model: nn.Module, parallel: ParallelConfig, optim: OptimConfig, *, seed: int,
@@ -392,6 +438,9 @@ def build_engine(model: nn.Module, parallel: ParallelConfig, optim: OptimConfig,
         def make_optimizer(groups_):
             return torch.optim.AdamW(groups_, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps)
     optimizer = make_optimizer(split_moe_param_groups(param_groups(model, optim.weight_decay)))
+    clip_here = floe_clips(parallel, resolve_precision(precision, device))
+    if clip_here:  # before the scheduler wraps optimizer.step
+        _gate_optimizer_step(optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(total_steps, optim.warmup_ratio, optim.min_lr_ratio))
     config = build_deepspeed_config(parallel, global_batch_size=global_batch_size, micro_batch_size=micro_batch_size,
@@ -399,4 +448,4 @@ def build_engine(model: nn.Module, parallel: ParallelConfig, optim: OptimConfig,
                                     precision=precision)
     ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
     check_engine(ds, model)
-    return Engine(ds, model, groups, optim.grad_clip, floe_clips(parallel, resolve_precision(precision, device)))
+    return Engine(ds, model, groups, optim.grad_clip, clip_here)
