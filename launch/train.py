@@ -25,7 +25,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from moe import trainer
-from moe.config import PRESETS, ModelConfig
+from moe.config import PRESETS, ConfigError, ModelConfig
 from moe.data import DataConfig
 from moe.init_from import init_data_config, init_model_config
 from moe.optim import OptimConfig
@@ -91,13 +91,16 @@ def parse_config(cfg: DictConfig) -> Configs:
             built[key] = _build_section(cfg, key, cls)
         except (ValueError, TypeError) as e:
             errors.append(str(e))
+    every = cfg.log.every
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        errors.append(f"log.every must be an integer >= 1 (optimizer steps between metrics lines), got {every!r}")
     if cfg.log.wandb not in ("offline", "online", "disabled"):
         errors.append(f"log.wandb must be offline, online or disabled, got {cfg.log.wandb!r}")
     if "model" in built and "data" in built and "train" in built and built["data"].seq_len > built["model"].max_seq_len:
         errors.append(f"data.seq_len ({built['data'].seq_len}) must be <= model.max_seq_len "
                       f"({built['model'].max_seq_len})")
     if errors:
-        raise ValueError("invalid config:\n" + "\n".join(errors))
+        raise ConfigError("invalid config:\n" + "\n".join(errors))
     return Configs(run_dir=str(cfg.run.dir), wandb=str(cfg.log.wandb), wandb_project=str(cfg.log.project),
                    log_every=int(cfg.log.every), **built)
 
@@ -114,7 +117,14 @@ def train(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base=None, config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    train(cfg)
+    try:
+        train(cfg)
+    except ConfigError as e:
+        # One clean message (no traceback), printed once under torchrun (every rank found the same
+        # problem before any collective), and exit code 2 as for a command-line error.
+        if os.environ.get("RANK", "0") == "0":
+            print(f"floe: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -19,17 +19,23 @@ class OptimConfig:
     eps: float = 1e-8
 
     def __post_init__(self):
-        errors = []
-        if not self.lr >= 0:  # 0: the weights stay as loaded (e.g. to evaluate an init_from model)
-            errors.append(f"optim.lr must be >= 0, got {self.lr!r}")
-        if not 0 <= self.warmup_ratio < 1:
-            errors.append(f"optim.warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            errors.append(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
-        if not self.weight_decay >= 0:
-            errors.append(f"optim.weight_decay must be >= 0, got {self.weight_decay!r}")
-        if not self.grad_clip >= 0:
-            errors.append(f"optim.grad_clip must be >= 0 (0 = off), got {self.grad_clip!r}")
+        from moe.config import field_type_errors
+
+        errors = field_type_errors(self, "optim")
+        typed = {f for f in ("lr", "warmup_ratio", "min_lr_ratio", "weight_decay", "grad_clip", "beta1", "beta2",
+                             "eps") if not any(e.startswith(f"optim.{f} ") for e in errors)}
+        checks = [  # (key, holds, what it must be); checked where the type is right
+            ("lr", lambda v: v >= 0, ">= 0"),  # 0: the weights stay as loaded (e.g. to evaluate an init_from model)
+            ("warmup_ratio", lambda v: 0 <= v < 1, "in [0, 1)"),
+            ("min_lr_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),
+            ("weight_decay", lambda v: v >= 0, ">= 0"),
+            ("grad_clip", lambda v: v >= 0, ">= 0 (0 = off)"),
+            ("beta1", lambda v: 0 <= v < 1, "in [0, 1)"),
+            ("beta2", lambda v: 0 <= v < 1, "in [0, 1)"),
+            ("eps", lambda v: v > 0, "> 0"),
+        ]
+        errors += [f"optim.{key} must be {what}, got {getattr(self, key)!r}" for key, holds, what in checks
+                   if key in typed and not holds(getattr(self, key))]
         if errors:
             raise ValueError("invalid optim config:\n  " + "\n  ".join(errors))
 

@@ -23,8 +23,8 @@ import torch.distributed as dist
 
 import kernels
 from moe import checkpoint
-from moe.config import ModelConfig
-from moe.data import DataConfig, StepLoader, build_dataset
+from moe.config import ConfigError, ModelConfig
+from moe.data import DataConfig, StepLoader, build_dataset, check_enough_rows
 from moe.data.loader import batch_errors
 from moe.init_from import weight_loader
 from moe.model import ArcticForCausalLM
@@ -56,6 +56,10 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on cuda, fp32 on cpu) | fp32 | bf16 (fp32 master weights), on any device
 
     def __post_init__(self):
+        from moe.config import field_type_errors
+
+        if errors := field_type_errors(self, "train"):
+            raise ValueError("invalid train config:\n  " + "\n  ".join(errors))
         errors = batch_errors(self.global_batch_size, self.micro_batch_size, dp_size=1)
         if self.epochs <= 0:
             errors.append(f"train.epochs must be > 0, got {self.epochs}")
@@ -114,7 +118,7 @@ def check_launch(c: Configs, world_size: int, vocab_size: int) -> None:
         errors.append(f"model.vocab_size ({c.model.vocab_size}) is smaller than the tokenizer's vocabulary "
                       f"({vocab_size}); set model.vocab_size >= {vocab_size}")
     if errors:
-        raise ValueError("invalid launch:\n  " + "\n  ".join(errors))
+        raise ConfigError("invalid launch:\n  " + "\n  ".join(errors))
 
 
 def train(c: Configs, resolved: dict) -> dict:
@@ -125,7 +129,11 @@ def train(c: Configs, resolved: dict) -> dict:
     logging.basicConfig(level=logging.INFO if launch.rank == 0 else logging.WARNING,
                         format="[%(asctime)s floe] %(message)s", datefmt="%H:%M:%S", force=True)
     # Everything that can be checked without talking to other ranks is checked first.
-    tokenizer, dataset = build_dataset(c.data, seed=c.train.seed)
+    try:
+        tokenizer, dataset = build_dataset(c.data, seed=c.train.seed)
+        check_enough_rows(dataset, c.train.global_batch_size)  # before the model and any collective
+    except (ValueError, FileNotFoundError) as e:  # a data file, line or key: bad input, not a crash
+        raise ConfigError(str(e)) from e
     check_launch(c, launch.world_size, tokenizer.vocab_size)
     check_deepspeed_version()
     kernels.set_backend(c.train.kernels)

@@ -74,6 +74,56 @@ def test_config_errors_name_every_key(tmp_path):
         assert key in str(err.value)
 
 
+def test_wrong_types_and_ranges_are_named_together(tmp_path):
+    """Issue 8.6's inputs: every bad key named in one message, before anything runs (these used to
+    be TypeErrors without the key, torch errors after DeepSpeed was up, or silently accepted)."""
+    from launch.train import parse_config
+    from moe.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        parse_config(make_cfg(tmp_path, "optim.lr=abc", "model.capacity_factor=abc", "train.global_batch_size=abc",
+                              "data.weights=[a,1]", "train.seed=abc", "train.max_steps=1.5", "log.every=0"))
+    msg = str(err.value)
+    for expected in ("optim.lr must be a number, got 'abc'", "model.capacity_factor must be a number or null",
+                     "train.global_batch_size must be an integer, got 'abc'", "data.weights must be a list of numbers",
+                     "train.seed must be an integer", "train.max_steps must be an integer, got 1.5",
+                     "log.every must be an integer >= 1"):
+        assert expected in msg, (expected, msg)
+    with pytest.raises(ConfigError) as err:
+        parse_config(make_cfg(tmp_path, "optim.beta1=1.5", "optim.eps=-1", "optim.beta2=abc"))
+    assert "optim.beta1 must be in [0, 1), got 1.5" in str(err.value)
+    assert "optim.eps must be > 0, got -1.0" in str(err.value) and "optim.beta2 must be a number" in str(err.value)
+    assert parse_config(make_cfg(tmp_path, "optim.lr=1")).optim.lr == 1.0  # an int is a number
+
+
+def test_config_error_is_one_clean_message_and_exit_code_2(tmp_path):
+    """From the command line: no traceback, the message once, exit code 2; a rank other than 0
+    (torchrun) prints nothing, so the message is not repeated once per rank."""
+    args = [sys.executable, os.path.join(REPO, "launch", "train.py"), "optim.lr=abc", "train.seed=x",
+            "log.wandb=disabled", f"run.dir={tmp_path / 'run'}"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    out = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and out.stderr.count("optim.lr must be a number") == 1
+    assert "train.seed must be an integer" in out.stderr
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())  # nothing written (Hydra
+    # creates the empty run dir itself)
+    out = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, env={**env, "RANK": "1"}, timeout=120)
+    assert out.returncode == 2 and "optim.lr" not in out.stderr
+
+
+def test_too_little_data_is_reported_before_the_model_is_built(tmp_path, monkeypatch):
+    import moe.trainer
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was built before the data check")
+
+    monkeypatch.setattr(moe.trainer, "Trainer", no_model)
+    with pytest.raises(ValueError, match=r"packs into \d+ rows.*fewer than one global batch.*Fix"):
+        train(make_cfg(tmp_path, "data.num_examples=20"))
+    assert not torch.distributed.is_initialized()
+
+
 def test_batch_split_error_before_any_collective(tmp_path):
     cfg = make_cfg(tmp_path, "train.global_batch_size=10", "train.micro_batch_size=4")
     with pytest.raises(ValueError, match="train.global_batch_size"):

@@ -32,6 +32,10 @@ class DataConfig:
     eval_paths: list[str] = field(default_factory=list)  # JSONL files or globs, one eval source each
 
     def __post_init__(self):
+        from moe.config import field_type_errors
+
+        if errors := field_type_errors(self, "data"):
+            raise ValueError("invalid data config:\n  " + "\n  ".join(errors))
         # Hydra hands over ListConfig and friends; keep plain Python types.
         self.paths = [str(p) for p in (self.paths or [])]
         self.sources = [str(s) for s in (self.sources or [])]

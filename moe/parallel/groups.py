@@ -39,6 +39,17 @@ class ParallelConfig:
     contiguous_gradients: bool = True
     async_dispatch: bool = True  # expert-parallel all-to-all in flight during attention
 
+    def __post_init__(self):
+        from moe.config import field_type_errors
+
+        errors = field_type_errors(self, "parallel")  # values against the launch: parallel_errors
+        if not errors:
+            for name in ("reduce_bucket_size", "allgather_bucket_size"):
+                if getattr(self, name) < 1:
+                    errors.append(f"parallel.{name} must be >= 1, got {getattr(self, name)!r}")
+        if errors:
+            raise ValueError("invalid parallel config:\n  " + "\n  ".join(errors))
+
 
 @dataclass(frozen=True)
 class LaunchEnv:
