@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 import kernels
 from moe import router
@@ -113,6 +114,29 @@ class LocalDispatcher:
         return y_RD
 
 
+class _WeightedScatterAdd(torch.autograd.Function):
+    """out[T, D] = sum over rows a of token_idx[a]: weight[a] * y[a] (dropped assignments add nothing).
+
+    The same arithmetic as index_add of y * weight, but autograd's index_add keeps its whole
+    [A, D] source for backward; this keeps only y (which the weight's gradient needs anyway),
+    so each MoE layer holds one [A, D] tensor fewer until backward.
+    """
+
+    @staticmethod
+    def forward(ctx, y_AD, weight_A, token_idx_A, num_tokens: int):
+        ctx.save_for_backward(y_AD, weight_A, token_idx_A)
+        weighted_AD = y_AD * weight_A.to(y_AD.dtype)[:, None]
+        return y_AD.new_zeros(num_tokens, y_AD.shape[1]).index_add_(0, token_idx_A, weighted_AD)
+
+    @staticmethod
+    def backward(ctx, grad_TD):
+        y_AD, weight_A, token_idx_A = ctx.saved_tensors
+        grad_AD = grad_TD.index_select(0, token_idx_A)
+        grad_y = grad_AD * weight_A.to(grad_AD.dtype)[:, None] if ctx.needs_input_grad[0] else None
+        grad_w = (grad_AD * y_AD).sum(1).to(weight_A.dtype) if ctx.needs_input_grad[1] else None
+        return grad_y, grad_w, None, None
+
+
 @dataclass
 class _Pending:
     """What start() hands to finish()."""
@@ -135,6 +159,7 @@ class MoELayer(nn.Module):
         self.experts = GroupedExperts(config.num_experts, config.hidden_size, config.expert_ffn)
         self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)  # router
         self.dispatcher = LocalDispatcher()
+        self.checkpoint_experts = False  # set by moe.model.apply_activation_checkpointing
         self.init_weights()
 
     @torch.no_grad()
@@ -151,10 +176,17 @@ class MoELayer(nn.Module):
             seeded_normal_(self.gate.weight, std, seed, f"{prefix}gate.weight")
         self.experts.init_weights(seed, key, std, out_std)
 
-    def route(self, x_TD: torch.Tensor, dropless: bool = False) -> tuple[router.RoutePlan, MoEStats]:
-        """Router in fp32: plan for every token plus the losses and counts. dropless: no capacity."""
+    def router_logits(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """Router logits [T, E], in fp32 whatever the activations' dtype."""
+        return x_TD.float() @ self.gate.weight.float().t()
+
+    def route(self, x_TD: torch.Tensor, dropless: bool = False,
+              logits_TE: torch.Tensor | None = None) -> tuple[router.RoutePlan, MoEStats]:
+        """Router in fp32: plan for every token plus the losses and counts. dropless: no capacity.
+        logits_TE: router_logits(x_TD) when the caller computed them already."""
         cfg = self.config
-        logits_TE = x_TD.float() @ self.gate.weight.float().t()
+        if logits_TE is None:
+            logits_TE = self.router_logits(x_TD)
         num_tokens = x_TD.shape[0]
         cap = None if dropless else router.capacity(num_tokens, cfg.num_experts, cfg.top_k, cfg.capacity_factor)
         plan = router.route(logits_TE, cfg.top_k, cap, cfg.drop_policy, cfg.normalize_weights)
@@ -186,15 +218,14 @@ class MoELayer(nn.Module):
     @staticmethod
     def unpermute(y_AD: torch.Tensor, perm: Permutation, num_tokens: int) -> torch.Tensor:
         """Weight each expert output by its router weight and sum the k contributions per token."""
-        y_AD = y_AD * perm.weight_A.to(y_AD.dtype)[:, None]
-        out_TD = y_AD.new_zeros(num_tokens, y_AD.shape[1])
-        return out_TD.index_add(0, perm.token_idx_A, y_AD)  # dropped assignments add nothing
+        return _WeightedScatterAdd.apply(y_AD, perm.weight_A, perm.token_idx_A, num_tokens)
 
     # The block calls start() before attention and finish() after its dense MLP, so a
     # dispatcher that communicates has its exchange in flight in between.
-    def start(self, x_TD: torch.Tensor, dropless: bool = False) -> _Pending:
-        """Route, permute and dispatch; returns the pending state finish() consumes."""
-        plan, stats = self.route(x_TD, dropless)
+    def start(self, x_TD: torch.Tensor, dropless: bool = False, logits_TE: torch.Tensor | None = None) -> _Pending:
+        """Route, permute and dispatch; returns the pending state finish() consumes.
+        logits_TE: router_logits(x_TD) when the caller computed them (activation checkpointing)."""
+        plan, stats = self.route(x_TD, dropless, logits_TE)
         x_AD, perm = self.permute(x_TD, plan)
         handle = self.dispatcher.dispatch(x_AD, perm.tokens_per_expert_E)
         return _Pending(handle, perm, stats, x_TD.shape[0])
@@ -202,7 +233,12 @@ class MoELayer(nn.Module):
     def finish(self, pending: _Pending) -> tuple[torch.Tensor, MoEStats]:
         """Run the experts on what the dispatcher delivers and combine: (y [T, D], stats)."""
         x_RD, tokens_per_local_expert = self.dispatcher.receive(pending.handle)
-        y_RD = self.experts(x_RD, tokens_per_local_expert)
+        if self.checkpoint_experts and torch.is_grad_enabled():
+            # Only the expert MLPs between receive and combine are recomputed in backward: the
+            # routing, the permutation and the all-to-alls of this forward are reused as they are.
+            y_RD = checkpoint(self.experts, x_RD, tokens_per_local_expert, use_reentrant=False)
+        else:
+            y_RD = self.experts(x_RD, tokens_per_local_expert)
         y_AD = self.dispatcher.combine(y_RD, pending.handle)
         return self.unpermute(y_AD, pending.perm, pending.num_tokens), pending.stats
 

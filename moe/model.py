@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from moe.config import ModelConfig
 from moe.init import draw_seed, init_stds, seeded_normal_
@@ -111,19 +112,72 @@ class ArcticBlock(nn.Module):
         self.mlp = DenseMLP(d, config.dense_ffn)
         self.norm_moe = nn.RMSNorm(d, eps=eps)
         self.moe = MoELayer(config)
+        self.checkpointing = "none"  # one of CHECKPOINTING; set by apply_activation_checkpointing
 
     def forward(self, x_BSD, rope, attn_mask, moe_tokens, dropless: bool = False, cache=None):
         b, s, d = x_BSD.shape
-        moe_in_TD = self.norm_moe(x_BSD).reshape(b * s, d)
-        if moe_tokens is not None:
-            moe_in_TD = moe_in_TD[moe_tokens]  # padding stays out of routing, capacity and stats
-        pending = self.moe.start(moe_in_TD, dropless)  # the MoE reads the block input, not h
-        h = x_BSD + self.attn(self.norm_in(x_BSD), rope, attn_mask, cache)
-        out = h + self.mlp(self.norm_res(h))
+        mode = self.checkpointing if torch.is_grad_enabled() else "none"
+        if mode == "full":  # keeps neither the norm's output nor the router's input
+            moe_in_TD, logits_TE = _checkpoint(self._moe_input, x_BSD, moe_tokens, True)
+        else:
+            moe_in_TD, logits_TE = self._moe_input(x_BSD, moe_tokens), None
+        pending = self.moe.start(moe_in_TD, dropless, logits_TE)  # the MoE reads the block input, not h
+        del moe_in_TD  # only the rows gathered by start() are still needed
+        if mode == "full":
+            out = _checkpoint(self._attention_and_mlp, x_BSD, rope, attn_mask, cache)
+        elif mode == "selective":
+            h = x_BSD + self.attn(self.norm_in(x_BSD), rope, attn_mask, cache)
+            out = h + _checkpoint(self._mlp, h)
+        else:
+            out = self._attention_and_mlp(x_BSD, rope, attn_mask, cache)
         moe_out_TD, stats = self.moe.finish(pending)
         if moe_tokens is not None:
-            moe_out_TD = moe_out_TD.new_zeros(b * s, d).index_copy(0, moe_tokens, moe_out_TD)
+            # index_put, not index_copy: autograd's index_copy would keep the [T, D] source until backward
+            moe_out_TD = moe_out_TD.new_zeros(b * s, d).index_put((moe_tokens,), moe_out_TD)
         return out + moe_out_TD.view(b, s, d), stats
+
+    def _moe_input(self, x_BSD, moe_tokens, with_logits: bool = False):
+        """norm_moe(x) as [T, D] rows without the padding (and the router logits when asked)."""
+        moe_in_TD = self.norm_moe(x_BSD).reshape(-1, x_BSD.shape[-1])
+        if moe_tokens is not None:
+            moe_in_TD = moe_in_TD[moe_tokens]  # padding stays out of routing, capacity and stats
+        return (moe_in_TD, self.moe.router_logits(moe_in_TD)) if with_logits else moe_in_TD
+
+    def _attention_and_mlp(self, x_BSD, rope, attn_mask, cache):
+        h = x_BSD + self.attn(self.norm_in(x_BSD), rope, attn_mask, cache)
+        return h + self.mlp(self.norm_res(h))
+
+    def _mlp(self, h_BSD):
+        return self.mlp(self.norm_res(h_BSD))
+
+
+# train.activation_checkpointing: what each block recomputes in backward instead of keeping.
+#   none       nothing
+#   moe        the expert MLPs (their [rows, expert_ffn] intermediates); attention and the dense MLP kept
+#   selective  the expert MLPs and the dense MLP with its norm: every [tokens, ffn]-wide intermediate,
+#              at the cost of one more forward of the MLPs; attention (whose recompute would cost the
+#              O(S^2) attention again) and the router are kept
+#   full       everything but what came over the network: norms, attention, dense MLP, router logits
+#              and experts; a block keeps its input, the routing plan ([T, E] fp32 and [T, k] ints),
+#              the rows received from the dispatch and the rows the combine brought back
+# In every mode the routing decided in the forward is reused and no all-to-all is repeated: the
+# checkpointed regions never contain a route() or a dispatcher call.
+CHECKPOINTING = ("none", "moe", "selective", "full")
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str) -> nn.Module:
+    """Make every ArcticBlock of `model` recompute per `mode` (see CHECKPOINTING) in backward; in place."""
+    if mode not in CHECKPOINTING:
+        raise ValueError(f"train.activation_checkpointing must be one of {CHECKPOINTING}, got {mode!r}")
+    for block in model.modules():
+        if isinstance(block, ArcticBlock):
+            block.checkpointing = mode
+            block.moe.checkpoint_experts = mode != "none"
+    return model
+
+
+def _checkpoint(fn, *args):
+    return torch_checkpoint(fn, *args, use_reentrant=False)
 
 
 def shift_targets(labels_BS: torch.Tensor, position_ids_BS: torch.Tensor) -> torch.Tensor:

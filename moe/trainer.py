@@ -27,7 +27,7 @@ from moe.config import ConfigError, ModelConfig
 from moe.data import DataConfig, StepLoader, build_dataset, check_enough_rows
 from moe.data.loader import batch_errors
 from moe.init_from import weight_loader
-from moe.model import ArcticForCausalLM
+from moe.model import CHECKPOINTING, ArcticForCausalLM, apply_activation_checkpointing
 from moe.optim import OptimConfig
 from moe.parallel import (PRECISIONS, ParallelConfig, build_engine, check_deepspeed_version, init_distributed,
                           parallel_errors, read_launch_env, resolve_precision, teardown)
@@ -54,6 +54,7 @@ class TrainConfig:
     require_init_from: bool = False  # set by recipes that fine-tune a pretrained model (+experiment=arctic_sft)
     max_skipped_steps: int = 3  # consecutive non-finite (skipped) steps before the run stops with an error
     precision: str = "auto"  # auto (bf16 on cuda, fp32 on cpu) | fp32 | bf16 (fp32 master weights), on any device
+    activation_checkpointing: str = "none"  # none | moe | selective | full (moe/model.py CHECKPOINTING)
 
     def __post_init__(self):
         from moe.config import field_type_errors
@@ -80,6 +81,9 @@ class TrainConfig:
         if self.precision not in ("auto", *PRECISIONS):
             errors.append(f"train.precision must be one of ('auto', {', '.join(map(repr, PRECISIONS))}), "
                           f"got {self.precision!r}")
+        if self.activation_checkpointing not in CHECKPOINTING:
+            errors.append(f"train.activation_checkpointing must be one of {', '.join(CHECKPOINTING)}, "
+                          f"got {self.activation_checkpointing!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             errors.append(f"train.device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
         if errors:
@@ -166,6 +170,7 @@ class Trainer:
                      json.dumps(dataset.stats))
         with torch.device("meta"):  # shapes only: no rank ever allocates experts it does not own
             model = ArcticForCausalLM(c.model)
+        apply_activation_checkpointing(model, c.train.activation_checkpointing)
         self.loader = StepLoader(dataset, global_batch_size=c.train.global_batch_size,
                                  micro_batch_size=c.train.micro_batch_size, dp_rank=self.rank,
                                  dp_size=self.world_size, seed=c.train.seed)

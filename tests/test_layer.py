@@ -146,3 +146,25 @@ def test_dropless_flag_ignores_capacity():
     y_ref, ref = dropless(x)
     assert capped.dropped > 0 and stats.dropped == 0
     assert torch.equal(y, y_ref) and torch.equal(stats.tokens_per_expert, ref.tokens_per_expert)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_unpermute_matches_index_add_of_weighted_rows(dtype):
+    """MoELayer.unpermute's own backward against autograd through index_add of y * weight, with
+    tokens that get 0, 1 and 2 rows (dropped assignments) and fp32 router weights."""
+    from moe.layer import Permutation
+
+    torch.manual_seed(0)
+    token_idx = torch.tensor([0, 3, 3, 1, 0, 4, 2, 4])  # token 5 has no surviving row
+    y = torch.randn(8, 5, dtype=dtype, requires_grad=True)
+    w = torch.rand(8, requires_grad=True)
+    g = torch.randn(6, 5, dtype=dtype)
+    perm = Permutation(token_idx_A=token_idx, weight_A=w, tokens_per_expert_E=torch.zeros(1))
+    out = MoELayer.unpermute(y, perm, 6)
+    dy, dw = torch.autograd.grad(out, (y, w), g)
+    ref = torch.zeros(6, 5, dtype=dtype).index_add(0, token_idx, y * w.to(dtype)[:, None])
+    ref_dy, ref_dw = torch.autograd.grad(ref, (y, w), g)
+    assert torch.equal(out, ref) and out[5].abs().sum() == 0
+    tol = dict(rtol=0, atol=0) if dtype == torch.float64 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(dy, ref_dy, **tol)
+    torch.testing.assert_close(dw, ref_dw, **tol)
