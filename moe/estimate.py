@@ -30,10 +30,10 @@ import torch.nn as nn
 
 from moe.config import ModelConfig
 from moe.memory import GIB, PeakMemoryTracker
+from moe.model import CHECKPOINTING, apply_activation_checkpointing
 from moe.parallel import fake_process_group
 
 PRECISIONS = ("fp32", "bf16")
-CHECKPOINTING = ("none", "full", "moe", "selective")
 EXPERT_KERNELS = ("reference", "triton")
 # DeepSpeed's engine flattens stage-0 gradients for the all-reduce in buffers of this many
 # elements (runtime/engine.py, allreduce_gradients(bucket_size=MEMORY_OPT_ALLREDUCE_SIZE)).
@@ -247,31 +247,6 @@ def transient_bytes(spec: EstimateSpec, model: nn.Module, groups: list[GroupStat
 # ----------------------------------------------------------------------------- activations
 
 
-class _CheckpointedBlock(nn.Module):
-    """A block whose activations are recomputed in backward (torch.utils.checkpoint, non-reentrant)."""
-
-    def __init__(self, block: nn.Module):
-        super().__init__()
-        self.block = block
-
-    def forward(self, *args):
-        from torch.utils.checkpoint import checkpoint
-
-        return checkpoint(self.block, *args, use_reentrant=False)
-
-
-def _apply_checkpointing(model: nn.Module, mode: str) -> None:
-    """`full`: every block keeps only its input and recomputes the rest in backward; the other
-    modes need floe's own checkpointing (train.activation_checkpointing), not in this build."""
-    if mode == "none":
-        return
-    if mode != "full":
-        raise ValueError(f"train.activation_checkpointing={mode}: this build of floe cannot estimate it (only "
-                         "none and full)")
-    for i, block in enumerate(model.layers):
-        model.layers[i] = _CheckpointedBlock(block)
-
-
 def measure_activations(spec: EstimateSpec, num_layers: int, micro_batch: int) -> int:
     """Peak bytes of everything a forward + backward of `num_layers` blocks allocates besides
     the weights and the gradients (each gradient is dropped as soon as it is accumulated, as
@@ -288,7 +263,7 @@ def measure_activations(spec: EstimateSpec, num_layers: int, micro_batch: int) -
         model.to(torch.bfloat16)  # DeepSpeed's bf16 mode casts the module (still on the meta device here)
     with fake:
         model.to_empty(device="cpu")
-        _apply_checkpointing(model, spec.activation_checkpointing)
+        apply_activation_checkpointing(model, spec.activation_checkpointing)  # training's own code
         for p in model.parameters():
             if p.requires_grad:
                 p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))

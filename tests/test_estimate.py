@@ -94,12 +94,11 @@ def test_bf16_stage0_is_refused_as_deepspeed_does():
 
 def _real_activations(num_layers, batch, seq, checkpointing="none"):
     """A real forward + backward of the real model with real routing, tracked the same way."""
-    from moe.estimate import _apply_checkpointing
-    from moe.model import ArcticForCausalLM
+    from moe.model import ArcticForCausalLM, apply_activation_checkpointing
 
     torch.manual_seed(0)
     model = ArcticForCausalLM(TINY.replace(num_layers=num_layers))
-    _apply_checkpointing(model, checkpointing)
+    apply_activation_checkpointing(model, checkpointing)
     for p in model.parameters():
         p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
     ids = torch.randint(0, TINY.vocab_size, (batch, seq))
@@ -110,7 +109,8 @@ def _real_activations(num_layers, batch, seq, checkpointing="none"):
     return mem.peak_bytes
 
 
-@pytest.mark.parametrize("num_layers,batch,checkpointing", [(1, 4, "none"), (2, 2, "none"), (2, 4, "full")])
+@pytest.mark.parametrize("num_layers,batch,checkpointing",
+                         [(1, 4, "none"), (2, 2, "none"), (2, 4, "full"), (2, 4, "selective")])
 def test_fake_activations_match_a_real_run(num_layers, batch, checkpointing):
     spec = EstimateSpec(TINY, world_size=1, precision="fp32", kernels="reference", device="cpu",
                         seq_len=128, routing="balanced", activation_checkpointing=checkpointing)
@@ -119,13 +119,18 @@ def test_fake_activations_match_a_real_run(num_layers, batch, checkpointing):
     assert abs(fake - real) <= 0.15 * real, (fake, real)
 
 
-def test_full_checkpointing_keeps_one_block_input_per_layer():
+def test_full_checkpointing_keeps_the_block_input_and_what_came_over_the_network():
+    """Under train.activation_checkpointing=full a block keeps its input, the rows its experts
+    received and the rows the combine brought back (neither can be recomputed without repeating
+    the all-to-all), and the routing plan; nothing else D- or F-wide."""
     spec = EstimateSpec(TINY, world_size=1, precision="fp32", kernels="reference", device="cpu", seq_len=128,
                         routing="balanced", activation_checkpointing="full")
     per_layer = measure_activations(spec, 3, 2) - measure_activations(spec, 2, 2)
-    block_input = 2 * 128 * 64 * 4  # [B, S, D] fp32
-    router_stats = 4 + 4 + 8 * 8 + 8  # balance and z losses (fp32 scalars), tokens per expert [E], dropped
-    assert per_layer == block_input + router_stats
+    tokens, d = 2 * 128, TINY.hidden_size
+    rows = tokens * TINY.top_k  # balanced routing at capacity 1.25 drops nothing
+    must = 4 * (tokens * d + rows * d + rows * d)  # block input, received rows, combined rows (fp32)
+    routing = per_layer - must  # probabilities [T, E], choices and weights [T, k], row indices [A]
+    assert 0 < routing < 4 * tokens * d // 2, (per_layer, must)
 
 
 def test_worst_routing_holds_more_than_balanced_under_expert_parallelism():

@@ -20,7 +20,6 @@ CPU run (fp32, reference kernels), which --measure checks against real training 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -28,8 +27,6 @@ import sys
 if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# train.* keys the estimate reads even where this build's TrainConfig does not know them yet
-TRAIN_KEYS = ("precision", "activation_checkpointing")
 EXTRA_KEYS = {"world_size": 1, "gpu_mem_gb": 80.0, "rank": 0, "routing": "worst", "reserve_gb": 0.0}
 
 
@@ -51,15 +48,13 @@ def build_spec(cfg):
     """EstimateSpec from a composed config; every bad key named in one ValueError."""
     from launch.train import parse_config
     from moe.estimate import EstimateSpec
+    from moe.parallel import resolve_precision
 
     extras = {k: cfg.get(k, default) for k, default in EXTRA_KEYS.items()}
-    train_keys = {k: cfg.train.get(k) for k in TRAIN_KEYS}
     c = parse_config(_without_extras(cfg))
     device = "cpu" if c.train.device == "cpu" else "cuda"
-    precision = (getattr(c.train, "precision", None) or train_keys["precision"]
-                 or ("bf16" if device == "cuda" else "fp32"))
-    checkpointing = (getattr(c.train, "activation_checkpointing", None) or train_keys["activation_checkpointing"]
-                     or "none")
+    precision = resolve_precision(c.train.precision, device)  # training's own rule for train.precision=auto
+    checkpointing = c.train.activation_checkpointing
     kernels = c.train.kernels if c.train.kernels != "auto" else ("triton" if device == "cuda" else "reference")
     overlap = c.parallel.overlap_comm if c.parallel.overlap_comm is not None else device == "cuda"
     return EstimateSpec(
@@ -76,15 +71,9 @@ def _without_extras(cfg):
     from omegaconf import OmegaConf, open_dict
 
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
-    from launch.train import TrainConfig
-
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
     with open_dict(cfg):
         for k in EXTRA_KEYS:
             cfg.pop(k, None)
-        for k in TRAIN_KEYS:
-            if k not in known:
-                cfg.train.pop(k, None)
     return cfg
 
 
