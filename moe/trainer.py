@@ -24,8 +24,9 @@ import torch.distributed as dist
 import kernels
 from moe import checkpoint
 from moe.config import ConfigError, ModelConfig
-from moe.data import DataConfig, StepLoader, build_dataset, check_enough_rows
+from moe.data import DataConfig, StepLoader, build_dataset, build_eval_dataset, check_enough_rows, eval_micro_batches
 from moe.data.loader import batch_errors
+from moe.evaluation import eval_loss_record, eval_loss_sums
 from moe.init_from import weight_loader
 from moe.model import CHECKPOINTING, ArcticForCausalLM, apply_activation_checkpointing
 from moe.optim import OptimConfig
@@ -46,6 +47,7 @@ class TrainConfig:
     micro_batch_size: int = 8
     seed: int = 0
     save_every: int = 0
+    eval_every: int = 0  # optimizer steps between held-out evaluations; 0 = only at the end
     keep_last: int = 2
     resume: str = "auto"
     kernels: str = "auto"
@@ -66,7 +68,7 @@ class TrainConfig:
             errors.append(f"train.epochs must be > 0, got {self.epochs}")
         if self.max_skipped_steps < 1:
             errors.append(f"train.max_skipped_steps must be >= 1, got {self.max_skipped_steps}")
-        for name in ("max_steps", "save_every", "keep_last"):
+        for name in ("max_steps", "save_every", "eval_every", "keep_last"):
             if getattr(self, name) < 0:
                 errors.append(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if self.resume not in ("auto", "never"):
@@ -136,6 +138,7 @@ def train(c: Configs, resolved: dict) -> dict:
     try:
         tokenizer, dataset = build_dataset(c.data, seed=c.train.seed)
         check_enough_rows(dataset, c.train.global_batch_size)  # before the model and any collective
+        eval_dataset = build_eval_dataset(c.data, seed=c.train.seed)  # None without data.eval_*
     except (ValueError, FileNotFoundError) as e:  # a data file, line or key: bad input, not a crash
         raise ConfigError(str(e)) from e
     check_launch(c, launch.world_size, tokenizer.vocab_size)
@@ -145,7 +148,7 @@ def train(c: Configs, resolved: dict) -> dict:
     env_before = dict(os.environ)
     created_group = init_distributed(device)
     try:
-        return Trainer(c, resolved, dataset, device).fit()
+        return Trainer(c, resolved, dataset, device, eval_dataset).fit()
     finally:
         kernels.set_backend(None)
         if created_group:
@@ -161,8 +164,8 @@ class NonFiniteTraining(FloatingPointError):
 class Trainer:
     """Build once, then `fit`: train_step, log, save until the last step."""
 
-    def __init__(self, c: Configs, resolved: dict, dataset, device: torch.device):
-        self.c, self.device = c, device
+    def __init__(self, c: Configs, resolved: dict, dataset, device: torch.device, eval_dataset=None):
+        self.c, self.device, self.eval_dataset = c, device, eval_dataset
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         if self.rank == 0:
             write_run_dir(c.run_dir, resolved)
@@ -217,6 +220,7 @@ class Trainer:
         try:
             while self.step < self.total_steps:
                 record = self.train_step()
+                record.update(self.maybe_evaluate())
                 self.log(record)
                 self.stop_if_diverged()
                 self.maybe_save()
@@ -315,11 +319,31 @@ class Trainer:
     def log(self, record: dict) -> None:
         if self.rank != 0:
             return
-        if record["step"] % self.c.log_every == 0 or record["step"] == self.total_steps:
+        if record["step"] % self.c.log_every == 0 or record["step"] == self.total_steps or "eval_loss" in record:
             self.writer.write(record)
         self.progress.update(1)
         self.progress.set_postfix(loss=f"{record['loss']:.3f}", bal=f"{record['balance_loss']:.3f}",
                                   drop=f"{record['dropped_frac']:.3f}", lr=f"{record['lr']:.1e}")
+
+    def maybe_evaluate(self) -> dict:
+        """eval_loss and eval_loss/<source> every train.eval_every steps and at the last step; {} otherwise."""
+        every = self.c.train.eval_every
+        if self.eval_dataset is None or not ((every and self.step % every == 0) or self.step == self.total_steps):
+            return {}
+        return self.evaluate()
+
+    def evaluate(self) -> dict:
+        """Held-out loss over the whole eval set: each rank its share of the rows, summed over ranks
+        (same value as 1 process). Every rank runs the same number of micro-batches, so the expert
+        all-to-all stays matched. Training state is untouched; the model is back in train mode."""
+        t0 = time.perf_counter()
+        ds = self.eval_dataset
+        batches = eval_micro_batches(ds, self.c.train.micro_batch_size, dp_rank=self.rank, dp_size=self.world_size)
+        sums = eval_loss_sums(self.engine.model, batches, len(ds.source_names), self.device)
+        dist.all_reduce(sums)
+        record = eval_loss_record(sums, ds.source_labels)
+        record["eval_time_s"] = time.perf_counter() - t0
+        return record
 
     def maybe_save(self) -> None:
         save_every = self.c.train.save_every
