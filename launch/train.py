@@ -99,10 +99,14 @@ def parse_config(cfg: DictConfig) -> Configs:
     if "model" in built and "data" in built and "train" in built and built["data"].seq_len > built["model"].max_seq_len:
         errors.append(f"data.seq_len ({built['data'].seq_len}) must be <= model.max_seq_len "
                       f"({built['model'].max_seq_len})")
+    every = cfg.log.get("expert_load_every", 10)
+    if not isinstance(every, int) or isinstance(every, bool) or every < 0:
+        errors.append(f"log.expert_load_every must be an integer >= 0, got {every!r}")
     if errors:
         raise ConfigError("invalid config:\n" + "\n".join(errors))
     return Configs(run_dir=str(cfg.run.dir), wandb=str(cfg.log.wandb), wandb_project=str(cfg.log.project),
-                   log_every=int(cfg.log.every), **built)
+                   log_every=int(cfg.log.every),
+                   expert_load_every=int(cfg.log.get("expert_load_every", 10)), **built)
 
 
 def train(cfg: DictConfig) -> dict:

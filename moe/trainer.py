@@ -28,6 +28,7 @@ from moe.data import DataConfig, StepLoader, build_dataset, build_eval_dataset, 
 from moe.data.loader import batch_errors
 from moe.evaluation import eval_loss_record, eval_loss_sums
 from moe.init_from import weight_loader
+from moe.metrics import device_peak_flops, load_cv, mem_peak_gb, train_flops_per_token
 from moe.model import CHECKPOINTING, ArcticForCausalLM, apply_activation_checkpointing
 from moe.optim import OptimConfig
 from moe.parallel import (PRECISIONS, ParallelConfig, build_engine, check_deepspeed_version, init_distributed,
@@ -35,7 +36,8 @@ from moe.parallel import (PRECISIONS, ParallelConfig, build_engine, check_deepsp
 
 log = logging.getLogger("floe")
 
-# What each step sums over micro-batches and ranks (one all-reduce): the logged quantities.
+# What each step sums over micro-batches and ranks (one all-reduce): the logged quantities,
+# followed by the kept assignments per expert of every layer (num_layers x num_experts counts).
 SUMMED = ("lm_sum", "balance", "aux", "dropped", "assigned", "input_tokens")
 
 
@@ -103,6 +105,7 @@ class Configs:
     wandb: str
     wandb_project: str
     log_every: int
+    expert_load_every: int = 10  # optimizer steps between lines of run_dir/expert_load.jsonl; 0 = last step only
 
 
 def pick_device(choice: str) -> str:
@@ -187,6 +190,11 @@ class Trainer:
                                    micro_batch_size=c.train.micro_batch_size, total_steps=self.total_steps,
                                    precision=c.train.precision)
         self._log_model()
+        self.flops_per_token = train_flops_per_token(c.model, c.data.seq_len)
+        self.peak_flops = device_peak_flops(device, next(self.engine.model.parameters()).dtype)
+        if self.peak_flops is None and self.rank == 0:
+            log.warning("no peak FLOP/s known for %s: mfu is not logged (set FLOE_PEAK_TFLOPS)",
+                        torch.cuda.get_device_name(device))
         self.step = self._resume(resume_from)
         self.skipped_steps = self.consecutive_skips = 0
         self.writer = MetricsWriter(c, resolved, self.step) if self.rank == 0 else None
@@ -247,7 +255,8 @@ class Trainer:
         # by grad_accum and averages gradients over ranks; this factor undoes both for the LM term
         # (the aux term stays a mean).
         lm_scale = engine.grad_accum * self.world_size / max(num_loss_tokens, 1.0)
-        sums = torch.zeros(len(SUMMED), dtype=torch.float64, device=self.device)
+        sums = torch.zeros(len(SUMMED) + self.c.model.num_layers * self.c.model.num_experts, dtype=torch.float64,
+                           device=self.device)
         for i, mb in enumerate(micro_batches):
             out = engine(input_ids=mb["input_ids"], position_ids=mb["position_ids"], labels=mb["labels"],
                          attention_mask=mb["attention_mask"])
@@ -257,7 +266,7 @@ class Trainer:
                 engine.micro_step()
         dist.all_reduce(sums)
         # NOTE: host sync once per step for logging and the non-finite check.
-        totals = dict(zip(SUMMED, sums.tolist()))
+        totals = self._totals(sums.tolist())
         loss = totals["lm_sum"] / max(num_loss_tokens, 1.0)
         # The loss (all-reduced) and the gradient norm (global) decide, before the update and alike
         # on every rank, whether this step is applied (Engine.step).
@@ -297,7 +306,25 @@ class Trainer:
             out.lm_loss_sum.detach().double(), out.balance_loss.detach().double(), out.aux_loss.detach().double(),
             sum(st.dropped for st in out.router_stats).double(),
             torch.tensor(assigned, device=self.device, dtype=torch.float64),
-            mb["attention_mask"].sum().double()])
+            mb["attention_mask"].sum().double(),
+            *torch.stack([st.tokens_per_expert for st in out.router_stats]).reshape(-1).double()])
+
+    def _totals(self, values: list[float]) -> dict:
+        """The summed values by name; "tokens_per_expert": [layer][expert] kept assignments (ints)."""
+        totals = dict(zip(SUMMED, values))
+        load, num_experts = values[len(SUMMED):], self.c.model.num_experts
+        totals["tokens_per_expert"] = [[int(v) for v in load[i:i + num_experts]]
+                                       for i in range(0, len(load), num_experts)]
+        return totals
+
+    def _step_metrics(self, totals: dict, elapsed: float) -> dict:
+        """mfu, mem_peak_gb and expert load (see moe/metrics.py for what each measures)."""
+        out = {"mem_peak_gb": mem_peak_gb(self.device), "expert_load_cv": load_cv(totals["tokens_per_expert"])}
+        if self.peak_flops:
+            tokens_per_s = totals["input_tokens"] / elapsed  # every rank's tokens
+            out["mfu"] = self.flops_per_token * tokens_per_s / (self.peak_flops * self.world_size)
+        out["tokens_per_expert"] = totals["tokens_per_expert"]  # to expert_load.jsonl, not to metrics.jsonl
+        return out
 
     def _record(self, totals: dict, loss: float, num_loss_tokens: int, grad_norm: float, elapsed: float) -> dict:
         num_micro = self.engine.grad_accum * self.world_size
@@ -314,11 +341,16 @@ class Trainer:
             "dropped_frac": totals["dropped"] / max(totals["assigned"], 1.0),
             "loss_tokens": num_loss_tokens,
             "step_time_s": elapsed,
+            **self._step_metrics(totals, elapsed),
         }
 
     def log(self, record: dict) -> None:
         if self.rank != 0:
             return
+        load = record.pop("tokens_per_expert", None)
+        every = self.c.expert_load_every
+        if load is not None and ((every and record["step"] % every == 0) or record["step"] == self.total_steps):
+            self.writer.write_expert_load(record["step"], load)
         if record["step"] % self.c.log_every == 0 or record["step"] == self.total_steps or "eval_loss" in record:
             self.writer.write(record)
         self.progress.update(1)
@@ -366,15 +398,17 @@ def write_run_dir(run_dir: str, resolved: dict) -> None:
 
 
 class MetricsWriter:
-    """metrics.jsonl (rank 0), plus wandb when enabled."""
+    """metrics.jsonl and expert_load.jsonl (rank 0), plus wandb when enabled."""
 
     def __init__(self, c: Configs, resolved: dict, resume_step: int):
         self.path = os.path.join(c.run_dir, "metrics.jsonl")
-        if os.path.exists(self.path):  # drop lines past the checkpoint we resume from
-            with open(self.path) as f:
-                kept = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= resume_step]
-            with open(self.path, "w") as f:
-                f.writelines(kept)
+        self.load_path = os.path.join(c.run_dir, "expert_load.jsonl")
+        for path in (self.path, self.load_path):
+            if os.path.exists(path):  # drop lines past the checkpoint we resume from
+                with open(path) as f:
+                    kept = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= resume_step]
+                with open(path, "w") as f:
+                    f.writelines(kept)
         self.wandb = None
         if c.wandb != "disabled":
             import wandb
@@ -390,6 +424,18 @@ class MetricsWriter:
             f.write(json.dumps(record) + "\n")
         if self.wandb is not None:
             self.wandb.log(record, step=record["step"])
+
+    def write_expert_load(self, step: int, tokens_per_expert: list[list[int]]) -> None:
+        """One compact line {"step", "tokens_per_expert": [[layer 0 counts], ...]}; to wandb as one
+        histogram per layer whose bins are the experts (bin e holds expert e's tokens)."""
+        with open(self.load_path, "a") as f:
+            f.write(json.dumps({"step": step, "tokens_per_expert": tokens_per_expert}, separators=(",", ":")) + "\n")
+        if self.wandb is not None:
+            import wandb
+
+            edges = list(range(len(tokens_per_expert[0]) + 1))
+            self.wandb.log({f"expert_load/layer_{i}": wandb.Histogram(np_histogram=(counts, edges))
+                            for i, counts in enumerate(tokens_per_expert)}, step=step)
 
     def close(self):
         if self.wandb is not None:

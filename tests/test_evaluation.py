@@ -134,7 +134,8 @@ def _eval_of(run_dir):
 
 @pytest.mark.slow
 def test_eval_on_two_processes_equals_one(tmp_path):
-    """2 ranks at ep_size 2 (expert all-to-all inside the eval forward, odd row split) vs 1 rank."""
+    """2 ranks at ep_size 2 (expert all-to-all inside the eval forward, odd row split) vs 1 rank;
+    also the step's expert load (counts summed over ranks)."""
     common = ["train.max_steps=1", "model.capacity_factor=null"]
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     run_distributed(_train_worker, 1, args=(one, common), timeout=240)
@@ -145,3 +146,6 @@ def test_eval_on_two_processes_equals_one(tmp_path):
     for k in e1:
         if k.startswith("eval_loss"):
             assert e2[k] == pytest.approx(e1[k], rel=1e-5), k
+    # the expert load of the step, summed over the ranks, is the 1-process count
+    load1, load2 = (open(os.path.join(d, "expert_load.jsonl")).read() for d in (one, two))
+    assert load1 == load2 and load1.count("\n") == 1

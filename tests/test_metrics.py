@@ -1,0 +1,153 @@
+"""moe.metrics (FLOPs, device peaks, memory, expert-load CV) and the Trainer's step metrics:
+mfu, mem_peak_gb, expert_load_cv in metrics.jsonl and the counts in expert_load.jsonl."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from moe import metrics
+from moe.config import PRESETS
+from tests.distributed import REPO, run_distributed
+
+
+def test_train_flops_per_token_of_tiny_by_hand():
+    # tiny: vocab 1024, hidden 64, 2 layers, 4 heads of 16 (2 KV heads), dense MLP 64, 8 experts
+    # of width 64, top-2. Per layer: q 64x64 + o 64x64 + k, v 64x32 each = 12288; dense SwiGLU
+    # 3 x 64 x 64 = 12288; router 8 x 64 = 512; two experts 2 x 3 x 64 x 64 = 24576 -> 49664.
+    # Two layers 99328 + head 1024 x 64 = 65536 -> 164864 weights a token multiplies through.
+    assert metrics.matmul_params(PRESETS["tiny"]) == 164864
+    # 6 N + attention 6 x layers 2 x (4 heads x 16) x S: at S = 64, 989184 + 49152
+    assert metrics.train_flops_per_token(PRESETS["tiny"], 64) == 6 * 164864 + 6 * 2 * 64 * 64 == 1038336
+
+
+def test_load_cv_by_hand():
+    # layer 0 even: 0; layer 1 all on one of 4 experts: mean 1, std sqrt((9 + 1 + 1 + 1) / 4) = sqrt(3)
+    assert metrics.load_cv([[1, 1, 1, 1], [4, 0, 0, 0]]) == pytest.approx(math.sqrt(3) / 2)
+    assert metrics.load_cv([[2, 6]]) == pytest.approx(0.5)  # mean 4, std 2
+    assert metrics.load_cv([[0, 0]]) == 0.0  # a layer that saw no token
+
+
+@pytest.mark.parametrize("name,peak", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
+                                       ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA H200", 989e12),
+                                       ("Some Future GPU", None)])
+def test_gpu_peak_table(monkeypatch, name, peak):
+    monkeypatch.delenv(metrics.PEAK_ENV, raising=False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert metrics.device_peak_flops(torch.device("cuda", 0)) == peak
+    monkeypatch.setenv(metrics.PEAK_ENV, "123.5")
+    assert metrics.device_peak_flops(torch.device("cuda", 0)) == 123.5e12
+
+
+def test_cpu_gemm_ceiling_is_measured_once_and_cached(tmp_path, monkeypatch):
+    monkeypatch.delenv(metrics.PEAK_ENV, raising=False)
+    calls = []
+    real = metrics.measure_gemm_flops
+
+    def counting(dtype=torch.float32):
+        calls.append(dtype)
+        return real(dtype, n=256, seconds=0.05)
+
+    monkeypatch.setattr(metrics, "measure_gemm_flops", counting)
+    first = metrics.device_peak_flops(torch.device("cpu"), torch.float32, cache_dir=tmp_path)
+    again = metrics.device_peak_flops(torch.device("cpu"), torch.float32, cache_dir=tmp_path)
+    assert calls == [torch.float32] and first == again and first > 1e8  # any CPU does 0.1 GFLOP/s
+    metrics.cpu_peak_flops(torch.bfloat16, cache_dir=tmp_path)  # another dtype is another ceiling
+    assert calls == [torch.float32, torch.bfloat16]
+    assert len(json.loads((tmp_path / "cpu_peak.json").read_text())) == 2
+
+
+def test_cpu_mem_peak_sees_a_large_allocation():
+    # In a fresh process: the peak RSS must rise to the resident size before + 256 MiB (touched).
+    code = ("import os, torch; from moe.metrics import mem_peak_gb; "
+            "rss = int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2**30; "
+            "x = torch.ones(64 * 2**20); print(rss, mem_peak_gb(torch.device('cpu')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": REPO})
+    assert out.returncode == 0, out.stderr
+    rss, peak = map(float, out.stdout.split())
+    assert 0.24 < peak - rss < 0.3, (rss, peak)
+
+
+# ---------------------------------------------------------------------------- in the Trainer
+TRAIN = ["model.capacity_factor=null", "train.global_batch_size=4", "train.micro_batch_size=2",
+         "train.max_steps=2", "train.save_every=1", "train.keep_last=0", "data.num_examples=200",
+         "data.seq_len=64", "data.eval_fraction=0", "log.wandb=disabled", "log.expert_load_every=1",
+         "run.name=test"]
+
+
+def _train_worker(rank, world_size, run_dir, overrides):
+    from hydra import compose, initialize_config_dir
+
+    from launch.train import CONF_DIR, train
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        return train(compose("config", overrides=[f"run.dir={run_dir}", *TRAIN, *overrides]))
+
+
+def _jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def naive_step_load(run_dir, step):
+    """Tokens per expert per layer of optimizer step `step`, counted from the router logits of the
+    model in checkpoint step-1 on that step's micro-batches: every real token's top-2 experts."""
+    from moe.data import DataConfig, StepLoader, build_dataset
+    from tools.export import load_checkpoint_model
+
+    model, _ = load_checkpoint_model(os.path.join(run_dir, "checkpoints", f"step_{step - 1:08d}"), run_dir)
+    cfg = model.config
+    _, ds = build_dataset(DataConfig(num_examples=200, seq_len=64, eval_fraction=0.0), seed=0)
+    loader = StepLoader(ds, global_batch_size=4, micro_batch_size=2, dp_rank=0, dp_size=1, seed=0)
+    for _ in range(step - 1):  # the batches of the earlier steps
+        loader.next_step()
+    logits = []  # the router logits of each layer, recomputed from the MoE's input tokens
+
+    def spy(moe):
+        start = moe.start
+
+        def start_and_record(x_TD, *args, **kwargs):
+            logits.append(x_TD.float() @ moe.gate.weight.float().t())
+            return start(x_TD, *args, **kwargs)
+        return start_and_record
+
+    for layer in model.layers:
+        layer.moe.start = spy(layer.moe)
+    counts = [[0] * cfg.num_experts for _ in range(cfg.num_layers)]
+    with torch.no_grad():
+        for mb in loader.next_step():
+            logits.clear()
+            model(input_ids=mb["input_ids"], position_ids=mb["position_ids"], attention_mask=mb["attention_mask"])
+            assert len(logits) == cfg.num_layers
+            for layer, lg in enumerate(logits):
+                assert lg.shape[0] == int(mb["attention_mask"].sum())  # real tokens only
+                for row in lg.float().tolist():
+                    best = sorted(range(cfg.num_experts), key=lambda e: -row[e])[:cfg.top_k]
+                    for e in best:
+                        counts[layer][e] += 1
+    return counts
+
+
+def test_step_metrics_and_expert_load(tmp_path, monkeypatch):
+    run_dir = str(tmp_path / "run")
+    # A known peak (1 GFLOP/s) makes mfu checkable from the logged throughput alone.
+    run_distributed(_train_worker, 1, args=(run_dir, []), env={metrics.PEAK_ENV: "0.001"}, timeout=240)
+    lines = _jsonl(os.path.join(run_dir, "metrics.jsonl"))
+    loads = _jsonl(os.path.join(run_dir, "expert_load.jsonl"))
+    assert [m["step"] for m in lines] == [1, 2] and [r["step"] for r in loads] == [1, 2]
+    flops = metrics.train_flops_per_token(PRESETS["tiny"], 64)
+    for m, load in zip(lines, loads):
+        assert "tokens_per_expert" not in m  # the full counts live in expert_load.jsonl only
+        assert m["mfu"] == pytest.approx(flops * m["tokens_per_s"] / 1e9, rel=1e-9)
+        assert 0.05 < m["mem_peak_gb"] < 64
+        assert m["expert_load_cv"] == pytest.approx(metrics.load_cv(load["tokens_per_expert"]))
+        counts = load["tokens_per_expert"]
+        assert len(counts) == 2 and all(len(c) == 8 for c in counts)
+        assert all(sum(c) == sum(counts[0]) for c in counts)  # dropless: every layer routes each token twice
+    assert loads[1]["tokens_per_expert"] == naive_step_load(run_dir, 2)
