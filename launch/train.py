@@ -14,7 +14,9 @@ registered below as the `model` group (there are no conf/model/*.yaml files).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
+import re
 import sys
 
 if __package__ in (None, ""):  # run as a script: make the repo root importable
@@ -43,6 +45,31 @@ def register_presets() -> None:
 
 
 register_presets()
+
+MAX_RUN_NAME = 120  # longer override sets get a hashed name (a path component is at most 255 bytes)
+
+
+def run_name(override_dirname: str) -> str:
+    """The run's directory name from Hydra's override_dirname: "default" for no overrides (so a
+    default run and an override run are siblings, not parent and child); the overrides themselves
+    when short and free of path separators; otherwise a readable prefix and a stable hash of them,
+    e.g. data.paths=[/d/a.jsonl] -> "data.paths=_d_a.jsonl-<10 hex digits>"."""
+    if not override_dirname:
+        return "default"
+    if len(override_dirname) <= MAX_RUN_NAME and re.fullmatch(r"[\w.,=+:@\-\[\]]+", override_dirname):
+        return override_dirname
+    digest = hashlib.sha1(override_dirname.encode()).hexdigest()[:10]
+    prefix = re.sub(r"[^\w.,=+-]+", "_", override_dirname)[:60].strip("_")
+    return f"{prefix}-{digest}"
+
+
+def run_dir(mode, model: str, name: str, sweep_dir: str) -> str:
+    """runs/<model>/<name>; in a -m sweep <hydra.sweep.dir>/<name>, so a sweep's runs sit together."""
+    return os.path.join(sweep_dir, name) if str(mode).endswith("MULTIRUN") else os.path.join("runs", model, name)
+
+
+OmegaConf.register_new_resolver("floe_run_name", run_name, replace=True)
+OmegaConf.register_new_resolver("floe_run_dir", run_dir, replace=True)
 
 
 def _build(cls, section: DictConfig | dict, key: str):
@@ -99,14 +126,16 @@ def parse_config(cfg: DictConfig) -> Configs:
     if "model" in built and "data" in built and "train" in built and built["data"].seq_len > built["model"].max_seq_len:
         errors.append(f"data.seq_len ({built['data'].seq_len}) must be <= model.max_seq_len "
                       f"({built['model'].max_seq_len})")
-    every = cfg.log.get("expert_load_every", 10)
-    if not isinstance(every, int) or isinstance(every, bool) or every < 0:
-        errors.append(f"log.expert_load_every must be an integer >= 0, got {every!r}")
+    for key, low in (("expert_load_every", 0), ("console_every", 1)):
+        every = cfg.log.get(key, 10)
+        if not isinstance(every, int) or isinstance(every, bool) or every < low:
+            errors.append(f"log.{key} must be an integer >= {low}, got {every!r}")
     if errors:
         raise ConfigError("invalid config:\n" + "\n".join(errors))
     return Configs(run_dir=str(cfg.run.dir), wandb=str(cfg.log.wandb), wandb_project=str(cfg.log.project),
                    log_every=int(cfg.log.every),
-                   expert_load_every=int(cfg.log.get("expert_load_every", 10)), **built)
+                   expert_load_every=int(cfg.log.get("expert_load_every", 10)),
+                   console_every=int(cfg.log.get("console_every", 10)), **built)
 
 
 def train(cfg: DictConfig) -> dict:

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -105,7 +106,8 @@ class Configs:
     wandb: str
     wandb_project: str
     log_every: int
-    expert_load_every: int = 10  # optimizer steps between lines of run_dir/expert_load.jsonl; 0 = last step only
+    expert_load_every: int = 10
+    console_every: int = 10  # optimizer steps between console lines when stderr is not a terminal  # optimizer steps between lines of run_dir/expert_load.jsonl; 0 = last step only
 
 
 def pick_device(choice: str) -> str:
@@ -130,6 +132,35 @@ def check_launch(c: Configs, world_size: int, vocab_size: int) -> None:
         raise ConfigError("invalid launch:\n  " + "\n  ".join(errors))
 
 
+def total_steps(t: TrainConfig, steps_per_epoch: int) -> int:
+    """Optimizer steps of the whole run: train.max_steps, or train.epochs full epochs when it is 0."""
+    return t.max_steps or t.epochs * steps_per_epoch
+
+
+def completed_run(c: Configs, dataset, rank: int) -> dict | None:
+    """For a relaunch of a run whose latest checkpoint is its last step (train.resume=auto): say so
+    and return its last metrics line (or {"step": N}); None when there is training left to do.
+    Reads only files, so every rank decides the same before any process group exists."""
+    latest = checkpoint.latest_checkpoint(os.path.join(c.run_dir, "checkpoints")) if c.train.resume == "auto" else None
+    if latest is None:
+        return None
+    step = int(os.path.basename(latest).rsplit("_", 1)[1])
+    last = total_steps(c.train, dataset.num_rows // c.train.global_batch_size)
+    if step < last:
+        return None
+    if rank == 0:
+        log.info("%s is already complete (checkpoint at step %d of %d): nothing to train. Use another run.dir, "
+                 "or train.resume=never to train it again from scratch", c.run_dir, step, last)
+    record = {"step": step}
+    path = os.path.join(c.run_dir, "metrics.jsonl")
+    if os.path.isfile(path):
+        with open(path) as f:
+            lines = [ln for ln in f if ln.strip()]
+        if lines:
+            record = json.loads(lines[-1])
+    return record
+
+
 def train(c: Configs, resolved: dict) -> dict:
     """Run training as configured; returns the last step's metrics (on every rank).
     `resolved` is the whole config as plain data, written to run_dir/config.yaml."""
@@ -146,6 +177,9 @@ def train(c: Configs, resolved: dict) -> dict:
         raise ConfigError(str(e)) from e
     check_launch(c, launch.world_size, tokenizer.vocab_size)
     check_deepspeed_version()
+    done = completed_run(c, dataset, launch.rank)
+    if done is not None:
+        return done
     kernels.set_backend(c.train.kernels)
     device = torch.device(device_kind, launch.local_rank if device_kind == "cuda" else None)
     env_before = dict(os.environ)
@@ -172,15 +206,16 @@ class Trainer:
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         if self.rank == 0:
             write_run_dir(c.run_dir, resolved)
-            log.info("run dir %s; %d rank(s) on %s; data: %s", c.run_dir, self.world_size, device.type,
-                     json.dumps(dataset.stats))
+            stats_file = write_data_stats(c.run_dir, dataset, eval_dataset)
+            log.info("run dir %s; %d rank(s) on %s; data statistics in %s", c.run_dir, self.world_size,
+                     device.type, stats_file)
         with torch.device("meta"):  # shapes only: no rank ever allocates experts it does not own
             model = ArcticForCausalLM(c.model)
         apply_activation_checkpointing(model, c.train.activation_checkpointing)
         self.loader = StepLoader(dataset, global_batch_size=c.train.global_batch_size,
                                  micro_batch_size=c.train.micro_batch_size, dp_rank=self.rank,
                                  dp_size=self.world_size, seed=c.train.seed)
-        self.total_steps = c.train.max_steps or c.train.epochs * self.loader.steps_per_epoch
+        self.total_steps = total_steps(c.train, self.loader.steps_per_epoch)
         self.ckpt_dir = os.path.join(c.run_dir, "checkpoints")
         resume_from = checkpoint.latest_checkpoint(self.ckpt_dir) if c.train.resume == "auto" else None
         # A run's own checkpoint wins over init_from: its weights would be overwritten anyway.
@@ -199,7 +234,7 @@ class Trainer:
         self.skipped_steps = self.consecutive_skips = 0
         self.writer = MetricsWriter(c, resolved, self.step) if self.rank == 0 else None
         self.progress = None
-        if self.rank == 0:
+        if self.rank == 0 and sys.stderr.isatty():
             from tqdm import tqdm
 
             self.progress = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step",
@@ -353,9 +388,29 @@ class Trainer:
             self.writer.write_expert_load(record["step"], load)
         if record["step"] % self.c.log_every == 0 or record["step"] == self.total_steps or "eval_loss" in record:
             self.writer.write(record)
-        self.progress.update(1)
-        self.progress.set_postfix(loss=f"{record['loss']:.3f}", bal=f"{record['balance_loss']:.3f}",
-                                  drop=f"{record['dropped_frac']:.3f}", lr=f"{record['lr']:.1e}")
+        self.console(record)
+
+    def console(self, record: dict) -> None:
+        """A progress bar on a terminal; in a log file (stderr not a terminal) one plain line every
+        log.console_every steps instead of carriage-return redraws. Eval results get a line either way."""
+        if self.progress is not None:
+            self.progress.update(1)
+            self.progress.set_postfix(loss=f"{record['loss']:.3f}", bal=f"{record['balance_loss']:.3f}",
+                                      drop=f"{record['dropped_frac']:.3f}", lr=f"{record['lr']:.1e}")
+        step, every = record["step"], self.c.console_every
+        if self.progress is None and (step % every == 0 or step == self.total_steps):
+            mfu = f" mfu {100 * record['mfu']:.2f}%" if "mfu" in record else ""
+            log.info("step %d/%d loss %.4f balance %.3f dropped %.3f lr %.2e grad_norm %.3f %.0f tokens/s%s",
+                     step, self.total_steps, record["loss"], record["balance_loss"], record["dropped_frac"],
+                     record["lr"], record["grad_norm"], record["tokens_per_s"], mfu)
+        if "eval_loss" in record:
+            per_source = ", ".join(f"{k.split('/', 1)[1]} {v:.4f}" for k, v in record.items()
+                                   if k.startswith("eval_loss/"))
+            line = f"eval at step {step}: loss {record['eval_loss']:.4f} ({per_source})"
+            if self.progress is not None:
+                self.progress.write(line)
+            else:
+                log.info(line)
 
     def maybe_evaluate(self) -> dict:
         """eval_loss and eval_loss/<source> every train.eval_every steps and at the last step; {} otherwise."""
@@ -395,6 +450,18 @@ def write_run_dir(run_dir: str, resolved: dict) -> None:
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, "config.yaml"), "w") as f:
         yaml.safe_dump(resolved, f, sort_keys=False)
+
+
+def write_data_stats(run_dir: str, dataset, eval_dataset) -> str:
+    """run_dir/data_stats.json: the train (and eval) set's statistics, too long for the console
+    (the data builder already logged a one-line summary of each); returns its path."""
+    path = os.path.join(run_dir, "data_stats.json")
+    stats = {"train": dataset.stats}
+    if eval_dataset is not None:
+        stats["eval"] = eval_dataset.stats
+    with open(path, "w") as f:
+        json.dump(stats, f, indent=1)
+    return path
 
 
 class MetricsWriter:

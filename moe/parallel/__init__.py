@@ -16,6 +16,10 @@ Without DeepSpeed (tests, benchmarks): build_parallel_groups(ep_size), then
 apply_expert_parallel(model, groups) shards each MoE layer's experts and installs the
 all-to-all dispatcher.
 """
+from moe.parallel.quiet import quiet_libraries
+
+quiet_libraries()  # before anything below imports DeepSpeed
+
 from moe.parallel.dispatch import (
     AllToAllDispatcher,
     all_to_all,

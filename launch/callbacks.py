@@ -1,0 +1,50 @@
+"""Hydra callbacks of launch/train.py (registered in conf/config.yaml under hydra.callbacks).
+
+CompareAtSweepEnd: at the end of a `-m` sweep, the table of tools/compare.py over the sweep's runs
+is printed and written with its plots to <hydra.sweep.dir>/compare (compare.md, compare.csv, *.png).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+log = logging.getLogger("floe")
+
+
+class CompareAtSweepEnd(Callback):
+    """Collects each job's run.dir as it ends; compares them when the sweep ends.
+
+    The jobs report to this object, so it sees them under Hydra's default (in-process) launcher;
+    with a remote launcher run `python tools/compare.py '<hydra.sweep.dir>/*'` afterwards.
+    """
+
+    def __init__(self) -> None:
+        self.run_dirs: list[str] = []
+        self.failed: list[str] = []
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        run_dir = str(config.run.dir)
+        if job_return.status == JobStatus.COMPLETED and os.path.isfile(os.path.join(run_dir, "metrics.jsonl")):
+            self.run_dirs.append(run_dir)
+        else:
+            self.failed.append(run_dir)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from tools.compare import compare_runs, to_markdown
+
+        if self.failed:
+            print(f"sweep: {len(self.failed)} run(s) failed or logged nothing: {', '.join(self.failed)}")
+        if not self.run_dirs:
+            return
+        out = os.path.join(str(config.hydra.sweep.dir), "compare")
+        try:
+            table = compare_runs(self.run_dirs, out)
+        except ValueError as e:  # a broken metrics file must not hide the runs' own results
+            print(f"sweep: no comparison table: {e}")
+            return
+        print(f"\nsweep of {len(self.run_dirs)} run(s); table and plots in {out}\n{to_markdown(table)}", end="")

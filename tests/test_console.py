@@ -1,0 +1,97 @@
+"""What launch/train.py prints and where runs go: quiet libraries, a log-file-friendly console,
+data statistics in a file, a relaunch of a finished run, run.dir names, the table after a -m sweep."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from launch.train import MAX_RUN_NAME, run_name
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["data.num_examples=200", "data.seq_len=64", "train.global_batch_size=4", "train.micro_batch_size=2",
+         "log.wandb=disabled"]
+
+
+def launch(*args, timeout=300):
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    return subprocess.run([sys.executable, "launch/train.py", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def test_run_names():
+    assert run_name("") == "default"  # a default run is a sibling of the override runs
+    assert run_name("model.capacity_factor=1.0,optim.lr=0.001") == "model.capacity_factor=1.0,optim.lr=0.001"
+    with_path = run_name("data.paths=[/data/a.jsonl,/data/b.jsonl]")
+    assert "/" not in with_path and with_path.startswith("data.paths=")
+    assert with_path == run_name("data.paths=[/data/a.jsonl,/data/b.jsonl]")  # stable
+    assert with_path != run_name("data.paths=[/data/a.jsonl,/data/c.jsonl]")
+    long_a = ",".join(f"model.x{i}=1" for i in range(40))
+    long_b = long_a.replace("x39=1", "x39=2")
+    assert len(long_a) > 255  # OSError: File name too long, as a directory name
+    assert len(run_name(long_a)) <= MAX_RUN_NAME and run_name(long_a) != run_name(long_b)
+
+
+def test_default_and_override_run_dirs_are_siblings():
+    dirs = []
+    for args in ([], ["model.capacity_factor=1.0"]):
+        out = launch(*args, "--cfg", "job", "--resolve", timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        dirs.append(next(line.split(":", 1)[1].strip() for line in out.stdout.splitlines()
+                         if line.startswith("  dir:")))
+    assert dirs == ["runs/tiny/default", "runs/tiny/model.capacity_factor=1.0"]
+
+
+def test_deepspeed_and_gloo_warnings_are_silenced():
+    code = ("import os, torch, moe.parallel, deepspeed, torch.distributed as dist\n"
+            "from deepspeed.accelerator import get_accelerator\n"
+            "assert get_accelerator()._name == 'cpu'\n"
+            "os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(__import__('tests.distributed', "
+            "fromlist=['free_port']).free_port()))\n"
+            "dist.init_process_group('gloo', rank=0, world_size=1)\n"
+            "out = torch.zeros(2); dist.all_gather_into_tensor(out, torch.ones(2))  # as DeepSpeed's ZeRO-2 does\n"
+            "dist.destroy_process_group(); print('done')\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("DS_ACCELERATOR", "PYTHONWARNINGS")}
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                         env={**env, "PYTHONPATH": REPO, "CUDA_VISIBLE_DEVICES": ""})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "done", out.stdout
+    assert "Setting accelerator" not in out.stderr and "Warning" not in out.stderr, out.stderr
+
+
+def test_log_file_console_data_stats_and_relaunch(tmp_path):
+    run_dir = tmp_path / "run"
+    out = launch(f"run.dir={run_dir}", *SMALL, "train.max_steps=3", "log.console_every=2")
+    assert out.returncode == 0, out.stderr[-3000:]
+    console = out.stdout + out.stderr
+    assert "\r" not in console  # no progress-bar redraws in a log file
+    steps = [line.split("step ", 1)[1].split()[0] for line in console.splitlines() if "] step " in line]
+    assert steps == ["2/3", "3/3"]
+    assert "eval at step 3: loss" in console
+    assert "Setting accelerator" not in console
+    stats = json.loads((run_dir / "data_stats.json").read_text())
+    assert stats["train"]["rows"] > 0 and stats["eval"]["examples"] > 0
+    assert '"sources"' not in console  # the long JSON is in the file, not on the console
+    metrics = (run_dir / "metrics.jsonl").read_text()
+
+    again = launch(f"run.dir={run_dir}", *SMALL, "train.max_steps=3")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "already complete (checkpoint at step 3 of 3)" in again.stdout + again.stderr
+    assert "model:" not in again.stdout + again.stderr  # nothing was built
+    assert (run_dir / "metrics.jsonl").read_text() == metrics
+
+
+@pytest.mark.slow
+def test_sweep_prints_the_compare_table(tmp_path):
+    sweep = tmp_path / "sweep"
+    out = launch("-m", "train.max_steps=1,2", *SMALL, f"hydra.sweep.dir={sweep}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    runs = sorted(p.name for p in sweep.iterdir() if (p / "metrics.jsonl").is_file())
+    assert len(runs) == 2
+    table = out.stdout[out.stdout.index("| run |"):].splitlines()
+    assert "train.max_steps" in table[0] and "eval_loss (final)" in table[0] and "mfu (final)" in table[0]
+    assert len(table) == 4 and sorted(row.split(" | ")[0].strip("| ") for row in table[2:]) == runs
+    assert (sweep / "compare" / "compare.md").is_file() and (sweep / "compare" / "loss.png").is_file()
