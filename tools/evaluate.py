@@ -1,7 +1,7 @@
 """Exact-match evaluation of a trained run: greedy replies to held-out questions.
 
-    python tools/evaluate.py runs/tiny                                  # the embedded held-out questions
-    python tools/evaluate.py runs/tiny --data eval.jsonl --out runs/tiny/eval_predictions.jsonl
+    python tools/evaluate.py runs/tiny/default                          # the embedded held-out questions
+    python tools/evaluate.py runs/tiny/default --data eval.jsonl --out runs/tiny/default/eval_predictions.jsonl
 
 Each record is a chat ({"messages": [...]}: the prompt is every turn before the last assistant
 turn, the reference that turn's content) or {"prompt", "completion"}; an optional "source" field

@@ -1,7 +1,7 @@
 """Export a training checkpoint as a Hugging Face Arctic directory.
 
-    python tools/export.py runs/tiny --out exported/tiny            # the run's latest checkpoint
-    python tools/export.py runs/tiny/checkpoints/step_00000060 --out exported/tiny --dtype bfloat16
+    python tools/export.py runs/tiny/default --out exported/tiny    # the run's latest checkpoint
+    python tools/export.py runs/tiny/default/checkpoints/step_00000060 --out exported/tiny --dtype bfloat16
 
 Writes model.safetensors (or shards plus model.safetensors.index.json past --max-shard-gb),
 config.json (model_type "arctic"), generation_config.json (eos = <|im_end|>), tokenizer.json,

@@ -1,6 +1,6 @@
 """Generate a reply from a trained run or a Hugging Face export, with the ChatML template.
 
-    python tools/generate.py runs/tiny --prompt "What is 3 + 4?"            # the run's latest checkpoint
+    python tools/generate.py runs/tiny/default --prompt "What is 3 + 4?"            # the run's latest checkpoint
     python tools/generate.py exported/tiny --prompt "Who are you?" --temperature 0.8 --top-p 0.9 --seed 1
 
 The prompt becomes a user turn followed by the assistant header, tokenised exactly as training
