@@ -106,8 +106,8 @@ class Configs:
     wandb: str
     wandb_project: str
     log_every: int
-    expert_load_every: int = 10
-    console_every: int = 10  # optimizer steps between console lines when stderr is not a terminal  # optimizer steps between lines of run_dir/expert_load.jsonl; 0 = last step only
+    expert_load_every: int = 10  # optimizer steps between lines of run_dir/expert_load.jsonl; 0 = last step only
+    console_every: int = 10  # optimizer steps between console lines when stderr is not a terminal
 
 
 def pick_device(choice: str) -> str:
