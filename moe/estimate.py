@@ -177,6 +177,9 @@ def state_bytes(spec: EstimateSpec, model: nn.Module, groups: list[GroupState]) 
     gradient-reduction buckets, by DeepSpeed 0.19.8's rules for the optimizer it picks
     (runtime/engine.py _do_optimizer_sanity_check):
       fp32, stage 0: torch's AdamW on the module: fp32 weights, grads, two moments; no master;
+      bf16, stage 0: FP16_Optimizer in bf16 mode (fp16/fused_optimizer.py): bf16 flat weights (the
+        module's parameters are views of it), bf16 gradients, an fp32 flat master copy and fp32
+        moments of every trainable element (nothing partitioned);
       bf16, stage 1: BF16_Optimizer (bf16_optimizer.py): bf16 flat weights, fp32 gradients of
         the WHOLE flat group (fp32_groups_gradients_flat), fp32 master and moments of the partition;
       stage 1/2 otherwise: DeepSpeedZeroOptimizer (stage_1_and_2.py): flat weights in the model
@@ -195,10 +198,9 @@ def state_bytes(spec: EstimateSpec, model: nn.Module, groups: list[GroupState]) 
     part = sum(g.partition for g in groups)
     out = {"weights": (aligned + frozen) * p_bytes, "grads": 0, "master": 0, "adam": 8 * part, "buckets": 0}
     if spec.zero_stage == 0:
+        out["grads"] = p_bytes * numel  # bf16 at ZeRO-0 accumulates in bf16 (moe/parallel/engine.py)
         if spec.precision == "bf16":
-            raise ValueError("train.precision=bf16 with parallel.zero_stage=0: DeepSpeed 0.19.8 supports bf16 "
-                             "weights with fp32 gradient accumulation only under ZeRO 1/2")
-        out["grads"] = 4 * numel
+            out["master"] = 4 * numel  # FP16_Optimizer in bf16 mode: one fp32 flat copy per group
         return out
     out["master"] = 4 * part
     if spec.zero_stage == 1 and spec.precision == "bf16":
@@ -223,7 +225,10 @@ def transient_bytes(spec: EstimateSpec, model: nn.Module, groups: list[GroupStat
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     largest = max(groups, key=lambda g: g.partition)
-    if spec.zero_stage == 0:
+    bf16_stage0 = spec.zero_stage == 0 and spec.precision == "bf16"
+    if bf16_stage0:  # the inner AdamW steps each group's flat fp32 master
+        shapes = [(g.numel,) for g in groups]
+    elif spec.zero_stage == 0:
         shapes = [tuple(p.shape) for p in model.parameters() if p.requires_grad]
     else:
         shapes = [(largest.partition,)]
@@ -238,9 +243,14 @@ def transient_bytes(spec: EstimateSpec, model: nn.Module, groups: list[GroupStat
     step = mem.peak_bytes
     if spec.zero_stage == 2 and spec.precision == "fp32":
         step += 4 * largest.partition
+    if bf16_stage0:
+        # FP16_Optimizer.step flattens every group's bf16 gradients into fp32 (all groups live
+        # until the update), through an fp32 copy of each gradient of the group being flattened.
+        step += 4 * sum(g.numel for g in groups) + 4 * largest.numel
     reduce = 0
     if spec.zero_stage == 0:
-        reduce = 4 * min(max(g.numel for g in groups), DS_STAGE0_ALLREDUCE_ELEMENTS)
+        grad_bytes = 2 if spec.precision == "bf16" else 4
+        reduce = grad_bytes * min(max(g.numel for g in groups), DS_STAGE0_ALLREDUCE_ELEMENTS)
     return {"step": step, "reduce": reduce}
 
 

@@ -87,9 +87,21 @@ def test_state_bytes_stage2_ep1_and_bf16_stage1_by_hand():
                   "buckets": 0}
 
 
-def test_bf16_stage0_is_refused_as_deepspeed_does():
-    with pytest.raises(ValueError, match="zero_stage=0"):
-        _states(1, 1, 0, "bf16")
+def test_state_bytes_stage0_bf16_by_hand():
+    """bf16 at ZeRO-0 (DeepSpeed's FP16_Optimizer in bf16 mode): bf16 weights and gradients, an fp32
+    master copy and fp32 moments of every element; the step flattens the gradients to fp32."""
+    n = EMBED + HEAD + 2 * (PER_LAYER_DENSE + EXPERTS_PER_LAYER) + NORMS
+    s = _states(1, 1, 0, "bf16")
+    assert s == {"weights": 2 * n, "grads": 2 * n, "master": 4 * n, "adam": 8 * n, "buckets": 0}
+    from moe.estimate import transient_bytes
+
+    spec = EstimateSpec(TINY, world_size=1, precision="bf16", zero_stage=0, device="cpu")
+    model, _ = build_shard(TINY, 1)
+    groups = optimizer_groups(model, spec)
+    largest = max(g.numel for g in groups)
+    extra = transient_bytes(spec, model, groups)
+    assert extra["reduce"] == 2 * largest  # the engine's all-reduce flattens bf16 gradients
+    assert extra["step"] >= 4 * n + 4 * largest  # fp32 flat gradients of every group + one group's copies
 
 
 def _real_activations(num_layers, batch, seq, checkpointing="none"):
