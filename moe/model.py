@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from moe.config import ModelConfig
@@ -34,6 +35,22 @@ class CausalLMOutput:
     aux_loss: torch.Tensor  # balance_coef * sum_l balance_l + z_loss_coef * sum_l z_l
     balance_loss: torch.Tensor  # sum over layers of the normalised GShard loss, before the coefficient
     router_stats: list[MoEStats] = field(default_factory=list)
+
+
+def flex_attention(q, k, v, block_mask: BlockMask, enable_gqa: bool):
+    """FlexAttention: compiled on CUDA (its fused kernel; eager would materialise the scores),
+    eager elsewhere (forward only on a CPU in torch 2.13)."""
+    from torch.nn.attention.flex_attention import flex_attention as eager
+
+    if not q.is_cuda:
+        return eager(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+    global _compiled_flex
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(eager, dynamic=False)
+    return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+
+
+_compiled_flex = None
 
 
 def rotate_half(x):
@@ -82,7 +99,9 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v)  # (B, G, cached + S, Dh)
         gqa = self.num_heads != self.num_kv_heads
-        if attn_mask is None:
+        if isinstance(attn_mask, BlockMask):  # packed rows on CUDA: no S x S mask, skipped blocks
+            y = flex_attention(q, k, v, block_mask=attn_mask, enable_gqa=gqa)
+        elif attn_mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
@@ -186,16 +205,39 @@ def shift_targets(labels_BS: torch.Tensor, position_ids_BS: torch.Tensor) -> tor
     return labels_BS[:, 1:].masked_fill(position_ids_BS[:, 1:] == 0, IGNORE_INDEX)
 
 
-def packed_attention_mask(position_ids_BS: torch.Tensor) -> torch.Tensor:
-    """Causal mask (B, 1, S, S) that also keeps each packed example to itself.
+def document_ids(position_ids_BS: torch.Tensor) -> torch.Tensor:
+    """[B, S] index of the packed example each token belongs to: a new example starts wherever
+    position_ids restart at 0 (as varlen attention derives it); tokens before the first restart
+    form an example of their own."""
+    return torch.cumsum(position_ids_BS == 0, dim=1)
 
-    An example starts wherever position_ids restart at 0, as varlen attention derives it.
-    """
-    doc_BS = torch.cumsum(position_ids_BS == 0, dim=1)
+
+def packed_attention_mask(position_ids_BS: torch.Tensor) -> torch.Tensor:
+    """Causal mask (B, 1, S, S) that also keeps each packed example to itself (the CPU path)."""
+    doc_BS = document_ids(position_ids_BS)
     same_doc = doc_BS[:, :, None] == doc_BS[:, None, :]  # (B, S, S)
     s = position_ids_BS.shape[1]
     causal = torch.ones(s, s, dtype=torch.bool, device=position_ids_BS.device).tril()
     return (same_doc & causal)[:, None]
+
+
+def packed_block_mask(position_ids_BS: torch.Tensor, block_size: int = 128) -> BlockMask:
+    """The same rule as packed_attention_mask as a FlexAttention BlockMask: per (B, query block, kv
+    block) only the list of blocks that hold an allowed pair (blocks above the diagonal or across
+    examples are never computed); no S x S tensor is kept. Built once per batch."""
+    doc_BS = document_ids(position_ids_BS)
+
+    def same_example_causal(b, h, q_idx, kv_idx):
+        return (doc_BS[b, q_idx] == doc_BS[b, kv_idx]) & (q_idx >= kv_idx)
+
+    b, s = doc_BS.shape
+    return create_block_mask(same_example_causal, b, None, s, s, device=doc_BS.device, BLOCK_SIZE=block_size)
+
+
+# The packed-attention kernel: "auto" = FlexAttention with a block mask on CUDA, dense-mask SDPA
+# elsewhere (torch 2.13 has no CPU backward for FlexAttention or varlen_attn); "dense" or "flex"
+# force one (flex runs forward-only on a CPU: tests compare it with dense there).
+PACKED_ATTENTION = ("auto", "dense", "flex")
 
 
 class ArcticForCausalLM(nn.Module):
@@ -207,6 +249,7 @@ class ArcticForCausalLM(nn.Module):
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = Rotary(config.head_dim, config.rope_theta)
+        self.packed_attention = "auto"  # one of PACKED_ATTENTION
         self.reset_parameters()
         if config.freeze_moe:
             for block in self.layers:
@@ -257,8 +300,11 @@ class ArcticForCausalLM(nn.Module):
         elif position_ids is None:
             position_ids = torch.arange(s, device=input_ids.device).expand(b, s)
             attn_mask = None  # one example per row: plain causal attention
-        else:
-            attn_mask = packed_attention_mask(position_ids)
+        else:  # example boundaries from the position_ids restarts, once per batch for every layer
+            kind = self.packed_attention
+            if kind == "auto":
+                kind = "flex" if input_ids.is_cuda else "dense"
+            attn_mask = packed_block_mask(position_ids) if kind == "flex" else packed_attention_mask(position_ids)
         moe_tokens = None
         if attention_mask is not None:
             # NOTE: device-to-host sync (nonzero) to size the MoE's token set.

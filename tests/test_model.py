@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from moe.config import PRESETS
@@ -112,3 +113,78 @@ def test_dropless_forward_matches_a_dropless_config():
     assert sum(int(st.dropped) for st in dropped.router_stats) > 0
     assert all(int(st.dropped) == 0 for st in out.router_stats)
     torch.testing.assert_close(out.logits, ref.logits, rtol=0, atol=0)
+
+
+def _naive_allowed(position_ids):
+    """allowed[b, q, k]: key k is in query q's packed example and not after it, by a plain loop."""
+    rows, s = position_ids.shape
+    allowed = torch.zeros(rows, s, s, dtype=torch.bool)
+    for b in range(rows):
+        doc, docs = 0, []
+        for t in range(s):
+            doc += int(position_ids[b, t] == 0)
+            docs.append(doc)
+        for q in range(s):
+            for k in range(q + 1):
+                allowed[b, q, k] = docs[q] == docs[k]
+    return allowed
+
+
+def _packed_positions():
+    # row 0: examples of 5, 40, 1 and 24 tokens; row 1 starts mid-example (no restart at 0) then
+    # 3 examples; row 2: one example over the whole row
+    rows = [[*range(5), *range(40), 0, *range(24)], [*range(7, 30), *range(20), *range(12), *range(15)],
+            list(range(70))]
+    return torch.tensor(rows)
+
+
+def test_packed_masks_match_a_naive_loop():
+    from torch.nn.attention.flex_attention import create_mask
+
+    from moe.model import packed_block_mask
+
+    pos = _packed_positions()
+    allowed = _naive_allowed(pos)
+    assert torch.equal(packed_attention_mask(pos)[:, 0], allowed)
+    block = 16  # 70 tokens: 5 blocks, the last one partial
+    bm = packed_block_mask(pos, block_size=block)
+    assert torch.equal(create_mask(bm.mask_mod, 3, 1, 70, 70)[:, 0], allowed)
+    # The block lists: a block is visited iff it holds an allowed pair (empty ones are skipped).
+    nb = -(-70 // block)
+    padded = torch.zeros(3, nb * block, nb * block, dtype=torch.bool)
+    padded[:, :70, :70] = allowed
+    any_allowed = padded.view(3, nb, block, nb, block).any(4).any(2)
+    assert torch.equal(bm.to_dense()[:, 0].bool(), any_allowed)
+    assert bm.to_dense().sum() < nb * (nb + 1) // 2 * 3  # fewer blocks than plain causal
+
+
+def test_flex_attention_forward_equals_dense_mask_on_cpu():
+    model = tiny_model()
+    pos = _packed_positions()
+    ids = torch.randint(0, 1024, pos.shape, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        dense = model(ids, position_ids=pos).logits
+        model.packed_attention = "flex"
+        flex = model(ids, position_ids=pos).logits
+    torch.testing.assert_close(flex, dense, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_packed_attention_equals_dense_mask(dtype):
+    """On CUDA packed rows take FlexAttention with a block mask (compiled): the loss and every
+    gradient equal the dense-mask SDPA path."""
+    pos = _packed_positions().cuda()
+    ids = torch.randint(0, 1024, pos.shape, device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    results = {}
+    for kind in ("dense", "auto"):
+        model = tiny_model().train().to(device="cuda", dtype=dtype)
+        model.packed_attention = kind
+        out = model(ids, position_ids=pos, labels=ids)
+        out.loss.backward()
+        results[kind] = (out.logits.float(), {n: p.grad.float() for n, p in model.named_parameters()})
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(results["auto"][0], results["dense"][0], **tol)
+    for name, grad in results["dense"][1].items():
+        torch.testing.assert_close(results["auto"][1][name], grad, **tol, msg=name)
