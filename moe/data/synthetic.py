@@ -68,8 +68,10 @@ def _math(rng: random.Random) -> dict:
         ans = (f"First {a} + {b} = {a + b}.\nThen {a + b} - {c} = {a + b - c}.\n"
                f"The answer is {a + b - c}.")
     else:
-        a, b = rng.randint(0, 99), rng.randint(0, 99)
         op = rng.choice(["+", "-", "*"])
+        # products stay in the times table (as in "mul"): a two-digit by two-digit product is not
+        # learnable by a small model from examples, so a held-out one only measured memorisation
+        a, b = (rng.randint(2, 12), rng.randint(2, 12)) if op == "*" else (rng.randint(0, 99), rng.randint(0, 99))
         value = {"+": a + b, "-": a - b, "*": a * b}[op]
         q = rng.choice([f"What is {a} {op} {b}?", f"Compute {a} {op} {b}.", f"Calculate {a} {op} {b}."])
         ans = f"{a} {op} {b} = {value}\nThe answer is {value}."
