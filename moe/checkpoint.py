@@ -1,71 +1,261 @@
-"""Atomic, resumable training checkpoints around a DeepSpeed engine.
+"""floe's checkpoint format: safetensors weights and optimizer state by name, JSON state, no pickle.
 
 Layout under <run.dir>/checkpoints/:
-    step_00000040/   one complete checkpoint (DeepSpeed's model/optimizer files, floe's state)
-    latest           the name of the newest complete checkpoint
-Every rank writes into a hidden temporary directory; only once all ranks are done does
-rank 0 rename it into place and then replace `latest`. A crash at any point leaves
-`latest` naming the previous complete checkpoint, so resume never sees a half-written one.
+    step_00000040/                        one complete checkpoint
+        floe.json                         format and version, step, the layout that wrote it (for information)
+        state.json                        step, loader position, lr schedule, Adam's step count, DeepSpeed counters
+        rng/rank_00000.json               each rank's python / numpy / torch (/ cuda) RNG state
+        model/dense_rank_00000.safetensors   dense weights by parameter name (split over the ranks that wrote them)
+        model/expert_00005.safetensors       expert 5 by global id: "layers.<i>.moe.experts.w1|w3|w2", one row each
+        optim/dense_rank_00000.safetensors   "<name>.exp_avg", "<name>.exp_avg_sq" (+ "<name>.fp32", the master
+        optim/expert_00005.safetensors        weights, only when the weights are not fp32), same split as model/
+    latest                                the name of the newest complete checkpoint
+
+Who writes what, in parallel, with no gather of the model on one rank:
+  - dense parameters are dealt out over ALL ranks, largest first to the least-loaded rank (every rank
+    holds a replica of the dense weights), so each rank writes about 1/world of the dense bytes;
+  - expert e is written once, by one of the ranks that hold it: local expert i by the rank whose
+    expert-data-parallel rank is i % (expert-data-parallel size);
+  - under ZeRO-1/2 the optimizer state is rebuilt one parameter at a time (an all-reduce over that
+    parameter's data-parallel group, moe.parallel.engine.full_optimizer_state) and kept only by its writer.
+Loading needs nothing of the layout that wrote it: every rank reads every dense tensor and the files of
+the experts it holds, and under ZeRO-1/2 keeps its own partition of their optimizer state. So a
+checkpoint resumes at any process count, parallel.ep_size and parallel.zero_stage the config allows.
+
+Atomic and kill-safe: every rank writes into a hidden temporary directory; only once all ranks are
+done does rank 0 rename it into place and then replace `latest`. A crash at any point leaves `latest`
+naming the previous complete checkpoint. Before anything is written every rank checks its weights and
+optimizer state for NaN/inf (one verdict for all ranks): a poisoned state is never saved.
+
+Safe to load: only JSON and safetensors are read (nothing is unpickled); `latest` must name a
+step_<N> directory directly inside the checkpoints directory (no path, no symlink leading out).
 """
 from __future__ import annotations
 
+import json
 import os
 import random
+import re
 import shutil
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-from moe.parallel.expert_checkpoint import load_model_state, save_expert_shards
+from moe.layer import EXPERT_WEIGHTS, MoELayer
+from moe.parallel import engine as ds_engine
 
 LATEST = "latest"
+FORMAT, VERSION = "floe-checkpoint", 1
+TAG_RE = re.compile(r"step_\d{8,}")
 
 
 def _tag(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+# ---- which tensor lives where ----------------------------------------------------------------------
+
+def expert_tensors(model: nn.Module) -> dict[str, tuple[int, torch.Tensor]]:
+    """{parameter name: (global id of row 0, tensor [experts held here, ...])} for every expert weight,
+    expert-parallel or not."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, MoELayer):
+            prefix = f"{name}.experts." if name else "experts."
+            for w in EXPERT_WEIGHTS:
+                out[prefix + w] = (m.experts.first_expert, getattr(m.experts, w))
+    return out
 
 
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def dense_writers(sizes: dict[str, int], world_size: int) -> dict[str, int]:
+    """{dense parameter name: the rank that writes it}: largest first to the least-loaded rank."""
+    load = [0] * world_size
+    owner = {}
+    for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
+        rank = min(range(world_size), key=lambda r: (load[r], r))
+        owner[name] = rank
+        load[rank] += sizes[name]
+    return owner
+
+
+def _expert_file(path: str, kind: str, gid: int) -> str:
+    return os.path.join(path, kind, f"expert_{gid:05d}.safetensors")
+
+
+def _edp_slot(engine) -> tuple[int, int]:
+    """(this rank's index among the ranks holding the same experts, how many hold them)."""
+    if engine.groups is None:
+        return dist.get_rank(), dist.get_world_size()
+    return dist.get_rank(group=engine.groups.edp_group), dist.get_world_size(group=engine.groups.edp_group)
+
+
+# ---- reading files safely ---------------------------------------------------------------------------
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: missing; is {os.path.dirname(path)} a complete floe checkpoint?") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a floe checkpoint JSON file ({e})") from None
+
+
+class _Tensors:
+    """Lazy name -> tensor lookup over safetensors files (a pickle or other file is a ValueError)."""
+
+    def __init__(self, files: list[str]):
+        self.where: dict[str, str] = {}
+        self.handles = {}
+        for path in files:
+            handle = _open_safetensors(path)
+            self.handles[path] = handle
+            for key in handle.keys():
+                if key in self.where:
+                    raise ValueError(f"{path}: tensor {key!r} is also in {self.where[key]}")
+                self.where[key] = path
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.where
+
+    def get(self, key: str) -> torch.Tensor:
+        return self.handles[self.where[key]].get_tensor(key)
+
+
+def _open_safetensors(path: str):
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: missing; is {os.path.dirname(os.path.dirname(path))} a complete checkpoint?")
+    try:
+        return safe_open(path, framework="pt", device="cpu")
+    except Exception as e:  # noqa: BLE001 -- safetensors raises its own error types for a bad header
+        raise ValueError(f"{path}: not a safetensors file ({type(e).__name__}: {e}); floe reads no other "
+                         "tensor format") from None
+
+
+def read_meta(path: str) -> dict:
+    """floe.json of checkpoint `path`, checked to be floe's format in a version this code reads."""
+    meta = _read_json(os.path.join(path, "floe.json"))
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise ValueError(f"{path}/floe.json: format {meta.get('format')!r} version {meta.get('version')!r}; this "
+                         f"floe reads {FORMAT!r} version {VERSION} (checkpoints of older floe versions, written "
+                         "by DeepSpeed, cannot be resumed)")
+    return meta
 
 
 def latest_checkpoint(ckpt_dir: str) -> str | None:
-    """Path of the newest complete checkpoint under ckpt_dir, or None."""
+    """Path of the newest complete checkpoint under ckpt_dir, or None. `latest` must name a
+    step_<N> directory directly inside ckpt_dir, which must not be a symlink leading elsewhere."""
     pointer = os.path.join(ckpt_dir, LATEST)
     if not os.path.isfile(pointer):
         return None
-    with open(pointer) as f:
+    with open(pointer, encoding="utf-8", errors="replace") as f:
         tag = f.read().strip()
+    if not TAG_RE.fullmatch(tag):
+        raise ValueError(f"{pointer} names {tag!r}, which is not a checkpoint of this directory (expected "
+                         "step_<N>, no path); fix or delete the file")
     path = os.path.join(ckpt_dir, tag)
+    if os.path.islink(path) or os.path.dirname(os.path.realpath(path)) != os.path.realpath(ckpt_dir):
+        raise ValueError(f"{pointer} names {path}, a link leading out of {ckpt_dir}; refusing to follow it")
     if not os.path.isdir(path):
         raise ValueError(f"{pointer} names checkpoint {tag!r}, but {path} does not exist")
     return path
 
 
+# ---- RNG state as JSON ------------------------------------------------------------------------------
+
+def rng_state() -> dict:
+    version, keys, gauss = random.getstate()
+    name, mt, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(keys), gauss], "numpy": [name, mt.tolist(), int(pos), int(has_gauss),
+                                                              float(cached)],
+             "torch": torch.get_rng_state().tolist()}
+    if torch.cuda.is_available():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, keys, gauss = state["python"]
+    random.setstate((version, tuple(keys), gauss))
+    name, mt, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(mt, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+# ---- save -------------------------------------------------------------------------------------------
+
+def check_finite(engine, step: int, ckpt_dir: str) -> None:
+    """Raise FloatingPointError on every rank if any rank holds a non-finite weight or optimizer
+    state (collective: one verdict for all ranks, before anything is written)."""
+    bad = ds_engine.nonfinite_state(engine.ds, engine.model)
+    count = torch.tensor([len(bad)], dtype=torch.int64, device=next(engine.model.parameters()).device)
+    dist.all_reduce(count)
+    if int(count.item()):  # NOTE: host sync, once per checkpoint
+        last = latest_checkpoint(ckpt_dir) if os.path.isdir(ckpt_dir) else None
+        raise FloatingPointError(
+            f"refusing to write checkpoint {_tag(step)}: {int(count.item())} weight/optimizer tensor(s) hold NaN or "
+            f"inf (on rank {dist.get_rank()}: {', '.join(bad[:5]) or 'none'}{' ...' if len(bad) > 5 else ''}); the "
+            f"last good checkpoint stays {last or 'none (no checkpoint yet)'}")
+
+
+@torch.no_grad()
 def save(engine, ckpt_dir: str, step: int, client_state: dict, keep_last: int = 2) -> str:
-    """Write checkpoint `step` atomically (collective: every rank must call it)."""
-    rank = dist.get_rank()
+    """Write checkpoint `step` of a moe.parallel.Engine atomically (collective: every rank calls it).
+    `client_state` (JSON-serialisable, e.g. the loader's position) comes back from load()."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    check_finite(engine, step, ckpt_dir)
     tag, tmp_tag = _tag(step), f".tmp-{_tag(step)}"
     tmp_path, final_path = os.path.join(ckpt_dir, tmp_tag), os.path.join(ckpt_dir, tag)
     if rank == 0:
         os.makedirs(ckpt_dir, exist_ok=True)
         shutil.rmtree(tmp_path, ignore_errors=True)  # left by a crash during an earlier save
+        for sub in ("model", "optim", "rng"):
+            os.makedirs(os.path.join(tmp_path, sub))
     dist.barrier()
-    engine.save_checkpoint(ckpt_dir, tag=tmp_tag, client_state=client_state, save_latest=False)
-    save_expert_shards(engine.module, tmp_path)  # experts by global id (DeepSpeed saves rank 0's shard only)
-    torch.save(rng_state(), os.path.join(tmp_path, f"rng_rank{rank}.pt"))
+
+    ds, model = engine.ds, engine.model
+    adam_step = ds_engine.optimizer_step_count(ds)
+    ds_engine.link_optimizer_state(ds)
+    experts = expert_tensors(model)
+    params = dict(model.named_parameters())
+    writer = dense_writers({n: p.numel() for n, p in params.items() if n not in experts}, world)
+    edp_rank, edp_size = _edp_slot(engine)
+    dense_model, dense_optim, expert_model, expert_optim = {}, {}, {}, {}
+    for name, p in params.items():  # the same order on every rank: the gathers below are collective
+        state = ds_engine.full_optimizer_state(ds, p) if adam_step is not None and ds_engine.optimizes(ds, p) else {}
+        if p.dtype == torch.float32:
+            state.pop("fp32", None)  # the weights are the master weights
+        if name in experts:
+            first = experts[name][0]
+            for local in range(p.shape[0]):
+                if local % edp_size == edp_rank:
+                    gid = first + local
+                    expert_model.setdefault(gid, {})[name] = p[local].clone()
+                    for k, v in state.items():
+                        expert_optim.setdefault(gid, {})[f"{name}.{k}"] = v[local].clone()
+        elif writer[name] == rank:
+            dense_model[name] = p.detach().clone()
+            dense_optim.update({f"{name}.{k}": v.detach().clone() for k, v in state.items()})
+    _save(dense_model, os.path.join(tmp_path, "model", f"dense_rank_{rank:05d}.safetensors"))
+    _save(dense_optim, os.path.join(tmp_path, "optim", f"dense_rank_{rank:05d}.safetensors"))
+    for gid, tensors in expert_model.items():
+        _save(tensors, _expert_file(tmp_path, "model", gid))
+    for gid, tensors in expert_optim.items():
+        _save(tensors, _expert_file(tmp_path, "optim", gid))
+    _write_json(os.path.join(tmp_path, "rng", f"rank_{rank:05d}.json"), rng_state())
+    if rank == 0:
+        _write_json(os.path.join(tmp_path, "state.json"), {
+            "step": step, "client": client_state, "adam_step": adam_step, **ds_engine.schedule_state(ds)})
+        _write_json(os.path.join(tmp_path, "floe.json"), {
+            "format": FORMAT, "version": VERSION, "step": step, "world_size": world,
+            "ep_size": engine.groups.ep_size if engine.groups is not None else 1,
+            "zero_stage": int(ds.zero_optimization_stage())})
     dist.barrier()  # every rank's files are on disk
     if rank == 0:
         shutil.rmtree(final_path, ignore_errors=True)
@@ -81,23 +271,111 @@ def save(engine, ckpt_dir: str, step: int, client_state: dict, keep_last: int = 
     return final_path
 
 
+def _save(tensors: dict[str, torch.Tensor], path: str) -> None:
+    if tensors:
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, path, metadata={"format": "pt"})
+
+
+def _write_json(path: str, obj) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f)
+
+
 def _prune(ckpt_dir: str, keep_last: int) -> None:
     if keep_last <= 0:
         return
-    tags = sorted(t for t in os.listdir(ckpt_dir) if t.startswith("step_"))
+    tags = sorted(t for t in os.listdir(ckpt_dir) if TAG_RE.fullmatch(t))
     for tag in tags[:-keep_last]:
         shutil.rmtree(os.path.join(ckpt_dir, tag), ignore_errors=True)
 
 
+# ---- load -------------------------------------------------------------------------------------------
+
+def _dense_files(path: str, kind: str) -> list[str]:
+    directory = os.path.join(path, kind)
+    if not os.path.isdir(directory):
+        raise ValueError(f"{directory}: missing; is {path} a complete floe checkpoint?")
+    return sorted(os.path.join(directory, f) for f in os.listdir(directory) if f.startswith("dense_rank_"))
+
+
+@torch.no_grad()
+def load_weights(model: nn.Module, path: str) -> None:
+    """Fill `model` (full or expert-sharded, on any device) with checkpoint `path`'s weights: every
+    dense tensor by name and each expert row this model holds by global id. Strict: every name and
+    shape must match. No process group needed (tools/export.py uses it on one CPU process)."""
+    read_meta(path)
+    experts = expert_tensors(model)
+    dense = _Tensors(_dense_files(path, "model"))
+    own = {n: p for n, p in model.named_parameters() if n not in experts}
+    missing, unexpected = sorted(set(own) - set(dense.where)), sorted(set(dense.where) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {path} does not match the model: missing {missing[:5]}, unexpected "
+                         f"{unexpected[:5]} (was model.* changed?)")
+    for name, p in own.items():
+        _copy(p, dense.get(name), f"{path}: {name}")
+    cache: dict[int, _Tensors] = {}
+    for name, (first, p) in experts.items():
+        for local in range(p.shape[0]):
+            gid = first + local
+            if gid not in cache:
+                cache[gid] = _Tensors([_expert_file(path, "model", gid)])
+            if name not in cache[gid]:
+                raise ValueError(f"{_expert_file(path, 'model', gid)}: has no {name} (was model.* changed?)")
+            _copy(p[local], cache[gid].get(name), f"{path}: expert {gid} {name}")
+
+
+def _copy(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:
+    if tuple(src.shape) != tuple(dst.shape):
+        raise ValueError(f"{what}: shape {tuple(src.shape)} in the checkpoint, {tuple(dst.shape)} in the model "
+                         "(was model.* changed?)")
+    dst.copy_(src)
+
+
+@torch.no_grad()
 def load(engine, path: str) -> dict:
-    """Restore model, optimizer, scheduler and this rank's RNG from `path`; returns the client state."""
-    ckpt_dir, tag = os.path.split(path.rstrip("/"))
-    load_path, client_state = engine.load_checkpoint(
-        ckpt_dir, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True,
-        custom_load_fn=lambda src, dst: load_model_state(dst, src, path))  # dense + experts by global id
-    if load_path is None:
-        raise ValueError(f"could not load checkpoint {path}: DeepSpeed found no model states there")
-    rng_file = os.path.join(path, f"rng_rank{dist.get_rank()}.pt")
-    if os.path.isfile(rng_file):
-        set_rng_state(torch.load(rng_file, weights_only=False))
-    return client_state
+    """Restore weights, optimizer state, schedule and this rank's RNG from checkpoint `path` into a
+    moe.parallel.Engine of any layout; returns the client state given to save()."""
+    ds, model = engine.ds, engine.model
+    state = _read_json(os.path.join(path, "state.json"))
+    load_weights(model, path)
+    if state["adam_step"] is not None:
+        ds_engine.init_optimizer_state(ds, int(state["adam_step"]))
+        experts = expert_tensors(model)
+        dense = _Tensors(_dense_files(path, "optim"))
+        cache: dict[int, _Tensors] = {}
+        for name, p in model.named_parameters():
+            if not ds_engine.optimizes(ds, p):
+                continue
+            keys = ("fp32", *ds_engine.ADAM_STATE)
+            if name in experts:
+                first = experts[name][0]
+                rows = {k: [] for k in keys}
+                for local in range(p.shape[0]):
+                    gid = first + local
+                    if gid not in cache:
+                        cache[gid] = _Tensors([_expert_file(path, "optim", gid)])
+                    for k in keys:
+                        rows[k].append(_optim_tensor(cache[gid], name, k, p[local], path))
+                full = {k: torch.stack(v) for k, v in rows.items()}
+            else:
+                full = {k: _optim_tensor(dense, name, k, p, path) for k in keys}
+            ds_engine.set_full_optimizer_state(ds, p, full)
+    ds_engine.load_schedule_state(ds, state)
+    rng_file = os.path.join(path, "rng", f"rank_{dist.get_rank():05d}.json")
+    if os.path.isfile(rng_file):  # a rank the writing run did not have keeps its seeded state
+        set_rng_state(_read_json(rng_file))
+    return state["client"]
+
+
+def _optim_tensor(tensors: _Tensors, name: str, key: str, weight: torch.Tensor, path: str) -> torch.Tensor:
+    full = f"{name}.{key}"
+    if full in tensors:
+        value = tensors.get(full)
+    elif key == "fp32":
+        value = weight.detach().float()  # saved without: the weights were fp32 and are the master weights
+    else:
+        raise ValueError(f"checkpoint {path} has no optimizer state {full!r} for a trained parameter (was "
+                         "model.freeze_moe changed?)")
+    if tuple(value.shape) != tuple(weight.shape):
+        raise ValueError(f"checkpoint {path}: {full} has shape {tuple(value.shape)}, the model {tuple(weight.shape)}")
+    return value

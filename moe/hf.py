@@ -37,7 +37,7 @@ import torch.nn as nn
 from moe.config import ModelConfig
 from moe.data.formats import ROLES
 from moe.layer import EXPERT_WEIGHTS
-from moe.parallel.expert_checkpoint import expert_tensors
+from moe.checkpoint import expert_tensors
 
 log = logging.getLogger(__name__)
 

@@ -253,7 +253,7 @@ class Trainer:
     def _resume(self, path: str | None) -> int:
         if path is None:
             return 0
-        client = checkpoint.load(self.engine.ds, path)
+        client = checkpoint.load(self.engine, path)
         self.loader.load_state_dict(client["loader"])
         log.info("resumed from %s at step %d", path, client["step"])
         return client["step"]
@@ -437,7 +437,7 @@ class Trainer:
         if self.consecutive_skips and self.step != self.total_steps:
             return  # a skipped step changed nothing worth a checkpoint; `latest` stays the last applied step
         if (save_every and self.step % save_every == 0) or self.step == self.total_steps:
-            path = checkpoint.save(self.engine.ds, self.ckpt_dir, self.step,
+            path = checkpoint.save(self.engine, self.ckpt_dir, self.step,
                                    {"step": self.step, "loader": self.loader.state_dict()},
                                    keep_last=self.c.train.keep_last)
             log.info("saved %s", path)

@@ -1,9 +1,9 @@
 """End-to-end: launch/train.py on N real processes (gloo) against the same run on 1 process.
 
 Each distributed run trains a few optimizer steps and writes a checkpoint after every
-step. The parameters are read back from the checkpoints (DeepSpeed's module state for
-the dense ones, floe's expert files by global expert id for the experts), so the check
-also proves that a checkpoint holds every expert exactly once, whatever ep_size wrote it.
+step. The parameters are read back from the checkpoints' safetensors files (dense by name,
+experts by global expert id), so the check also proves that a checkpoint holds every
+tensor exactly once, whatever ep_size wrote it.
 """
 from __future__ import annotations
 
@@ -54,16 +54,22 @@ def _bad_launch_worker(rank, world_size, run_dir, overrides):
     return {"error": None}
 
 
-def checkpoint_params(run_dir, step):
-    """Every parameter of the model at `step`, experts by global id, from a checkpoint."""
-    path = os.path.join(run_dir, "checkpoints", f"step_{step:08d}")
-    state = torch.load(os.path.join(path, "mp_rank_00_model_states.pt"), map_location="cpu",
-                       weights_only=False)["module"]
-    expert_dir = os.path.join(path, "experts")
-    if os.path.isdir(expert_dir):
-        files = sorted(os.listdir(expert_dir))
-        experts = [torch.load(os.path.join(expert_dir, f), weights_only=True) for f in files]
-        assert files == [f"expert_{e:05d}.pt" for e in range(len(files))]  # each expert once, by global id
+def checkpoint_params(run_dir, step, kind="model"):
+    """Every parameter of the model at `step` (kind="model"), or every optimizer tensor by
+    "<name>.<key>" (kind="optim"), experts stacked by global id, read from a checkpoint's files."""
+    from safetensors.torch import load_file
+
+    directory = os.path.join(run_dir, "checkpoints", f"step_{step:08d}", kind)
+    state = {}
+    for f in sorted(os.listdir(directory)):
+        if f.startswith("dense_rank_"):
+            part = load_file(os.path.join(directory, f))
+            assert not set(part) & set(state), f  # each dense tensor written once
+            state.update(part)
+    files = sorted(f for f in os.listdir(directory) if f.startswith("expert_"))
+    assert files == [f"expert_{e:05d}.safetensors" for e in range(len(files))]  # each expert once, by global id
+    if files:
+        experts = [load_file(os.path.join(directory, f)) for f in files]
         for key in experts[0]:
             state[key] = torch.stack([e[key] for e in experts])
     return state
@@ -108,12 +114,10 @@ def test_training_matches_one_process(tmp_path, one_process, procs, ep_size, zer
     if ep_size > 1:  # an expert-parallel checkpoint loads into a 1-process model (experts by global id)
         from moe.config import PRESETS
         from moe.model import ArcticForCausalLM
-        from moe.parallel.expert_checkpoint import load_model_state
+        from moe.checkpoint import load_weights
 
         model = ArcticForCausalLM(PRESETS["tiny"].replace(capacity_factor=None))
-        path = os.path.join(run_dir, "checkpoints", f"step_{STEPS:08d}")
-        module = torch.load(os.path.join(path, "mp_rank_00_model_states.pt"), weights_only=False)["module"]
-        load_model_state(model, module, path)
+        load_weights(model, os.path.join(run_dir, "checkpoints", f"step_{STEPS:08d}"))
         for name, tensor in model.state_dict().items():
             assert torch.equal(tensor, got[name]), name
     # The loss curve (and the global gradient norm that clipping uses) is the 1-process one.

@@ -29,21 +29,20 @@ from moe.config import ModelConfig
 from moe.data.tokenizer import Tokenizer
 from moe.hf import hf_config_from, save_hf
 from moe.model import ArcticForCausalLM
-from moe.parallel.expert_checkpoint import load_model_state
 
-MODEL_STATES = "mp_rank_00_model_states.pt"
+META = "floe.json"  # marks a checkpoint directory (moe/checkpoint.py)
 
 
 def resolve_checkpoint(path: str) -> tuple[str, str]:
     """(checkpoint dir, run dir) for a run dir or a checkpoint dir; ValueError naming what is missing."""
     path = os.path.abspath(path)
-    if os.path.isfile(os.path.join(path, MODEL_STATES)):
+    if os.path.isfile(os.path.join(path, META)):
         return path, os.path.dirname(os.path.dirname(path))
     if not os.path.isdir(path):
         raise ValueError(f"{path}: no such run or checkpoint directory")
     latest = checkpoint.latest_checkpoint(os.path.join(path, "checkpoints"))
     if latest is None:
-        raise ValueError(f"{path}: no complete checkpoint (no checkpoints/latest, and no {MODEL_STATES} here)")
+        raise ValueError(f"{path}: no complete checkpoint (no checkpoints/latest, and no {META} here)")
     return latest, path
 
 
@@ -59,14 +58,11 @@ def read_run_config(run_dir: str) -> tuple[ModelConfig, dict]:
 def load_checkpoint_model(ckpt_dir: str, run_dir: str) -> tuple[ArcticForCausalLM, dict]:
     """Rebuild the full model (every expert) from a checkpoint, on the CPU."""
     model_cfg, run_cfg = read_run_config(run_dir)
-    states_file = os.path.join(ckpt_dir, MODEL_STATES)
-    if not os.path.isfile(states_file):
-        raise ValueError(f"{states_file}: missing; is {ckpt_dir} a complete checkpoint?")
+    checkpoint.read_meta(ckpt_dir)  # a floe checkpoint, before any weights are allocated
     with torch.device("meta"):
         model = ArcticForCausalLM(model_cfg)
     model.to_empty(device="cpu")  # every tensor is overwritten by the checkpoint below
-    module_state = torch.load(states_file, map_location="cpu", weights_only=True)["module"]
-    load_model_state(model, module_state, ckpt_dir)
+    checkpoint.load_weights(model, ckpt_dir)  # safetensors only: dense by name, experts by global id
     return model, run_cfg
 
 
