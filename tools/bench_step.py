@@ -291,7 +291,7 @@ def run_config(args, experts: int, zero: int, procs: int, rank: int) -> dict:
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), flush=True)
     elif args.profile:
         launcher_step()  # the other ranks take the same collectives
-    ckpt = timed(lambda: checkpoint.save(trainer.engine.ds, os.path.join(run_dir, "bench_ckpt"), 1,
+    ckpt = timed(lambda: checkpoint.save(trainer.engine, os.path.join(run_dir, "bench_ckpt"), 1,
                                          {"step": 1, "loader": trainer.loader.state_dict()}, keep_last=1))
     med = {k: statistics.median(v) for k, v in rows.items()}
     result = {"experts": experts, "zero_stage": zero, "procs": procs, "steps": args.steps,
