@@ -28,7 +28,7 @@ def test_learn_cpu_trains_two_steps(tmp_path):
     assert last["step"] == 2 and last["balance_uniform"] == 4.0  # the floor is model.num_layers
     lines = [json.loads(x) for x in open(run / "metrics.jsonl")]
     assert [m["step"] for m in lines] == [1, 2]
-    assert os.path.isfile(run / "checkpoints" / "step_00000002" / "mp_rank_00_model_states.pt")
+    assert os.path.isfile(run / "checkpoints" / "step_00000002" / "floe.json")
 
 
 def test_embedded_products_stay_in_the_times_table():
