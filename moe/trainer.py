@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 import kernels
-from moe import checkpoint
+from moe import checkpoint, run_dir
 from moe.config import ConfigError, ModelConfig
 from moe.data import DataConfig, StepLoader, build_dataset, build_eval_dataset, check_enough_rows, eval_micro_batches
 from moe.data.loader import batch_errors
@@ -53,6 +53,7 @@ class TrainConfig:
     eval_every: int = 0  # optimizer steps between held-out evaluations; 0 = only at the end
     keep_last: int = 2
     resume: str = "auto"
+    allow_schedule_change: bool = False  # resume may change max_steps, epochs, optim.* (moe/run_dir.py)
     kernels: str = "auto"
     device: str = "auto"
     init_from: str | None = None  # a Hugging Face Arctic directory to start from (moe/init_from.py)
@@ -168,6 +169,16 @@ def train(c: Configs, resolved: dict) -> dict:
     launch = read_launch_env()  # torchrun's RANK / WORLD_SIZE, checked before any collective
     logging.basicConfig(level=logging.INFO if launch.rank == 0 else logging.WARNING,
                         format="[%(asctime)s floe] %(message)s", datefmt="%H:%M:%S", force=True)
+    with run_dir.claim(c.run_dir, launch.rank):  # one run per run.dir, before anything is written there
+        return _train_claimed(c, resolved, launch, device_kind)
+
+
+def _train_claimed(c: Configs, resolved: dict, launch, device_kind: str) -> dict:
+    # Every rank checks a resume (files only, no collective), so all fail alike before any group exists;
+    # rank 0 rewrites config.yaml and data.json atomically, and only with values that pass these checks.
+    resuming = _is_resume(c)
+    if resuming:  # before the data is built, and before config.yaml is rewritten
+        run_dir.check_resumed_config(c.run_dir, resolved, c.train.allow_schedule_change)
     # Everything that can be checked without talking to other ranks is checked first.
     try:
         tokenizer, dataset = build_dataset(c.data, seed=c.train.seed)
@@ -176,6 +187,8 @@ def train(c: Configs, resolved: dict) -> dict:
     except (ValueError, FileNotFoundError) as e:  # a data file, line or key: bad input, not a crash
         raise ConfigError(str(e)) from e
     check_launch(c, launch.world_size, tokenizer.vocab_size)
+    if resuming:
+        run_dir.check_resumed_data(c.run_dir, dataset.fingerprint)
     check_deepspeed_version()
     done = completed_run(c, dataset, launch.rank)
     if done is not None:
@@ -198,6 +211,12 @@ class NonFiniteTraining(FloatingPointError):
     """train.max_skipped_steps consecutive steps were not finite: the run stops (non-zero exit)."""
 
 
+def _is_resume(c: Configs) -> bool:
+    """Whether this launch continues a checkpoint in run.dir (what Trainer._resume will load)."""
+    return (c.train.resume == "auto"
+            and checkpoint.latest_checkpoint(os.path.join(c.run_dir, "checkpoints")) is not None)
+
+
 class Trainer:
     """Build once, then `fit`: train_step, log, save until the last step."""
 
@@ -205,7 +224,7 @@ class Trainer:
         self.c, self.device, self.eval_dataset = c, device, eval_dataset
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         if self.rank == 0:
-            write_run_dir(c.run_dir, resolved)
+            run_dir.write_run_dir(c.run_dir, resolved, dataset.fingerprint)
             stats_file = write_data_stats(c.run_dir, dataset, eval_dataset)
             log.info("run dir %s; %d rank(s) on %s; data statistics in %s", c.run_dir, self.world_size,
                      device.type, stats_file)
@@ -443,15 +462,6 @@ class Trainer:
             log.info("saved %s", path)
 
 
-def write_run_dir(run_dir: str, resolved: dict) -> None:
-    """Create run_dir and write the resolved config (rank 0 only)."""
-    import yaml
-
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "config.yaml"), "w") as f:
-        yaml.safe_dump(resolved, f, sort_keys=False)
-
-
 def write_data_stats(run_dir: str, dataset, eval_dataset) -> str:
     """run_dir/data_stats.json: the train (and eval) set's statistics, too long for the console
     (the data builder already logged a one-line summary of each); returns its path."""
@@ -471,9 +481,8 @@ class MetricsWriter:
         self.path = os.path.join(c.run_dir, "metrics.jsonl")
         self.load_path = os.path.join(c.run_dir, "expert_load.jsonl")
         for path in (self.path, self.load_path):
-            if os.path.exists(path):  # drop lines past the checkpoint we resume from
-                with open(path) as f:
-                    kept = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= resume_step]
+            if os.path.exists(path):  # drop lines past the checkpoint we resume from, and a torn last one
+                kept = run_dir.metrics_lines_upto(path, resume_step)
                 with open(path, "w") as f:
                     f.writelines(kept)
         self.wandb = None
