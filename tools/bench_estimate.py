@@ -32,6 +32,10 @@ CASES = {
     "tiny-ep1-z2": (1, TINY + ["parallel.ep_size=1", "parallel.zero_stage=2"]),
     "tiny-ep2-z0": (2, TINY + ["parallel.ep_size=2", "parallel.zero_stage=0", "train.global_batch_size=16"]),
     "tiny-ep2-z2": (2, TINY + ["parallel.ep_size=2", "parallel.zero_stage=2", "train.global_batch_size=16"]),
+    "tiny-ep1-z0-full": (1, TINY + ["parallel.ep_size=1", "parallel.zero_stage=0",
+                                    "train.activation_checkpointing=full"]),
+    "tiny-ep2-z2-full": (2, TINY + ["parallel.ep_size=2", "parallel.zero_stage=2", "train.global_batch_size=16",
+                                    "train.activation_checkpointing=full"]),
     "small-ep1-z2": (1, SMALL + ["parallel.ep_size=1", "parallel.zero_stage=2"]),
     "small-ep2-z2": (2, SMALL + ["parallel.ep_size=2", "parallel.zero_stage=2", "train.global_batch_size=4"]),
 }
