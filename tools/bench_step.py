@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -253,12 +254,17 @@ def run_config(args, experts: int, zero: int, procs: int, rank: int) -> dict:
     batches = [{k: v.to(device) for k, v in mb.items()} for mb in trainer.loader.next_step()]
     lm_scale = 1.0 / max(sum(int((mb["labels"] != -100).sum()) for mb in batches), 1)
 
-    def timed(fn):
+    faults = defaultdict(list)
+
+    def timed(fn, name=None):
         sync()
-        t0 = time.perf_counter()
+        f0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
         fn()
         sync()
-        return time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        if name is not None:
+            faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+        return dt
 
     def launcher_step():
         record = trainer.train_step()
@@ -268,10 +274,10 @@ def run_config(args, experts: int, zero: int, procs: int, rank: int) -> dict:
     rows = defaultdict(list)
     for i in range(args.warmup + args.steps):
         if naive is not None:
-            t_naive = timed(lambda: naive_step(naive, opt, batches[0]))
-        t_floor = timed(lambda: bare_fwd_bwd(floor, batches, lm_scale))
+            t_naive = timed(lambda: naive_step(naive, opt, batches[0]), "naive")
+        t_floor = timed(lambda: bare_fwd_bwd(floor, batches, lm_scale), "floor")
         timer.take()
-        t_step = timed(launcher_step)
+        t_step = timed(launcher_step, "step")
         phases = timer.take()
         if i < args.warmup:
             continue
@@ -298,7 +304,8 @@ def run_config(args, experts: int, zero: int, procs: int, rank: int) -> dict:
               "step_s": med["step"], "floor_s": med["floor"], "checkpoint_s": ckpt,
               "phases_s": {k: med[k] for k in PHASES},
               "overhead_frac": 1.0 - (med["forward"] + med["backward"]) / med["step"],
-              "outside_floor_frac": max(0.0, 1.0 - med["floor"] / med["step"])}
+              "outside_floor_frac": max(0.0, 1.0 - med["floor"] / med["step"]),
+              "page_faults": {k: int(statistics.median(v[args.warmup:])) for k, v in faults.items()}}
     if "naive" in med:
         result["naive_s"] = med["naive"]
         result["speedup_vs_naive"] = med["naive"] / med["step"]
@@ -322,6 +329,7 @@ def report(r: dict) -> None:
              f" (outside the floor {100 * r['outside_floor_frac']:.0f}%); checkpoint {r['checkpoint_s']:.2f} s")
     print(head)
     print("    " + "  ".join(f"{k} {v:.3f}" for k, v in r["phases_s"].items()), flush=True)
+    print("    minor page faults per step: " + "  ".join(f"{k} {v}" for k, v in r["page_faults"].items()), flush=True)
 
 
 def run(args, rank: int = 0, procs: int = 1) -> list[dict]:

@@ -40,7 +40,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from moe.layer import EXPERT_WEIGHTS
-from moe.optim import OptimConfig, lr_lambda, param_groups
+from moe.optim import OptimConfig, build_optimizer, lr_lambda, param_groups
 from moe.parallel.dispatch import apply_expert_parallel, expert_parallel_layers
 from moe.parallel.grad_norm import clip_grad_norm_, global_grad_norm, is_expert_param
 from moe.parallel.groups import ParallelConfig, ParallelGroups, default_backend, expected_layout
@@ -312,6 +312,35 @@ def build_deepspeed_config(parallel: ParallelConfig, *, global_batch_size: int, 
     return config
 
 
+def single_rank_parallel(parallel: ParallelConfig, precision: str) -> ParallelConfig:
+    """ZeRO-1/2 on one process in fp32 is ZeRO-0: there is one partition, holding everything, so
+    DeepSpeed's stage-1/2 optimizer would only add copies (gradients into its buckets and a flat
+    fp32 partition, a second fp32 copy of every weight, copied back after each step). The update is
+    the same; floe's checkpoints store the optimizer state per parameter whatever the stage.
+    In bf16 the stage stays (DeepSpeed's optimizers differ there: fp32 gradient accumulation at 1/2)."""
+    if parallel.zero_stage == 0 or dist.get_world_size() > 1 or precision != "fp32":
+        return parallel
+    import dataclasses
+    import logging
+
+    logging.getLogger("floe").info("parallel.zero_stage=%d on one process in fp32 runs as stage 0 (one partition: "
+                                   "the same update without DeepSpeed's partition copies)", parallel.zero_stage)
+    return dataclasses.replace(parallel, zero_stage=0)
+
+
+def skip_single_rank_allreduce(ds) -> None:
+    """On one process at ZeRO-0, keep DeepSpeed from "all-reducing" the gradients with itself.
+
+    Its stage-0 reduction (engine.allreduce_gradients -> buffered_allreduce_fallback) flattens every
+    gradient into one buffer, all-reduces it, divides by the data-parallel size and copies it back:
+    two full copies of the gradients per step that change nothing when the world has one rank.
+    Private DeepSpeed state (checked on 0.19.8): `enable_backward_allreduce` is the flag its own
+    pipeline engine clears to take over the reduction; backward() consults it before reducing.
+    """
+    if dist.get_world_size() == 1 and ds.zero_optimization_stage() == 0:
+        ds.enable_backward_allreduce = False
+
+
 class Engine:
     """DeepSpeed's engine (`ds`) with floe's layout around it: call, backward, micro_step, step."""
 
@@ -379,13 +408,6 @@ class Engine:
         ep_group = self.groups.ep_group if self.groups is not None else None
         if self.grad_clip <= 0:
             return global_grad_norm(self.model.parameters(), ep_group)
-        if ep_group is None:
-            # Without expert shards DeepSpeed's own stage-0 clipping is right: call exactly what its
-            # engine calls (clip_fp32_gradients, 0.19.8), so runs match DeepSpeed-clipped ones bit for bit.
-            from deepspeed.runtime.utils import clip_grad_norm_ as deepspeed_clip_grad_norm_
-
-            return deepspeed_clip_grad_norm_(parameters=self.model.parameters(), max_norm=self.grad_clip,
-                                             mpu=self.ds.mpu)
         return clip_grad_norm_(self.model.parameters(), self.grad_clip, ep_group)
 
 
@@ -568,8 +590,9 @@ def build_engine(model: nn.Module, parallel: ParallelConfig, optim: OptimConfig,
         apply_deepspeed_moe(model)  # last before initialize: the markers live on the Parameter objects
     if make_optimizer is None:
         def make_optimizer(groups_):
-            return torch.optim.AdamW(groups_, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps)
+            return build_optimizer(groups_, optim, device)
     optimizer = make_optimizer(split_moe_param_groups(param_groups(model, optim.weight_decay)))
+    parallel = single_rank_parallel(parallel, resolve_precision(precision, device))
     clip_here = floe_clips(parallel, resolve_precision(precision, device))
     if clip_here:  # before the scheduler wraps optimizer.step
         _gate_optimizer_step(optimizer)
@@ -580,4 +603,5 @@ def build_engine(model: nn.Module, parallel: ParallelConfig, optim: OptimConfig,
                                     precision=precision)
     ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
     check_engine(ds, model)
+    skip_single_rank_allreduce(ds)
     return Engine(ds, model, groups, optim.grad_clip, clip_here)

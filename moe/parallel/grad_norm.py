@@ -20,27 +20,30 @@ def global_grad_norm(parameters, ep_group=None) -> torch.Tensor:
     """
     params = [p for p in parameters if p.grad is not None]
     device = params[0].grad.device if params else torch.device("cpu")
-    dense_sq = torch.zeros((), dtype=torch.float32, device=device)
-    expert_sq = torch.zeros((), dtype=torch.float32, device=device)
-    for p in params:  # accumulated on the device: no host sync inside the loop
-        sq = p.grad.detach().float().pow(2).sum()
-        if is_expert_param(p):
-            expert_sq += sq
-        else:
-            dense_sq += sq
+    # One fused pass per tensor list (torch's foreach norm): no gradient-sized temporaries, which on a
+    # CPU are fresh pages of stacked expert tensors (tens of MB each) faulted in on every step.
+    dense_sq = _sum_sq([p.grad for p in params if not is_expert_param(p)], device)
+    expert_sq = _sum_sq([p.grad for p in params if is_expert_param(p)], device)
     if ep_group is not None and dist.get_world_size(ep_group) > 1:
         dist.all_reduce(expert_sq, group=ep_group)
     return (dense_sq + expert_sq).sqrt().cpu()  # NOTE: one host sync
 
 
+def _sum_sq(grads: list[torch.Tensor], device) -> torch.Tensor:
+    """Sum of squares of every element of `grads`, in fp32, on the device (no sync)."""
+    if not grads:
+        return torch.zeros((), dtype=torch.float32, device=device)
+    norms = torch._foreach_norm([g.detach().float() for g in grads])  # .float(): no copy of fp32 gradients
+    return torch.stack(norms).pow(2).sum()
+
+
 @torch.no_grad()
 def clip_grad_norm_(parameters, max_norm: float, ep_group=None) -> torch.Tensor:
     """Clip by global_grad_norm with DeepSpeed's formula coef = min(1, max_norm / (norm + 1e-6));
-    returns the norm before clipping."""
+    returns the norm before clipping. Gradients are left untouched when the coefficient is 1."""
     params = [p for p in parameters if p.grad is not None]
     total = global_grad_norm(params, ep_group)
     coef = min(1.0, max_norm / (total.item() + 1e-6))
     if coef < 1.0:
-        for p in params:
-            p.grad.mul_(coef)
+        torch._foreach_mul_([p.grad for p in params], coef)
     return total
