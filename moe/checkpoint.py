@@ -239,9 +239,9 @@ def save(engine, ckpt_dir: str, step: int, client_state: dict, keep_last: int = 
                     expert_model.setdefault(gid, {})[name] = p[local].clone()
                     for k, v in state.items():
                         expert_optim.setdefault(gid, {})[f"{name}.{k}"] = v[local].clone()
-        elif writer[name] == rank:
-            dense_model[name] = p.detach().clone()
-            dense_optim.update({f"{name}.{k}": v.detach().clone() for k, v in state.items()})
+        elif writer[name] == rank:  # no copies: nothing changes the tensors while they are written
+            dense_model[name] = p.detach()
+            dense_optim.update({f"{name}.{k}": v.detach() for k, v in state.items()})
     _save(dense_model, os.path.join(tmp_path, "model", f"dense_rank_{rank:05d}.safetensors"))
     _save(dense_optim, os.path.join(tmp_path, "optim", f"dense_rank_{rank:05d}.safetensors"))
     for gid, tensors in expert_model.items():
