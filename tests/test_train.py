@@ -44,10 +44,12 @@ def test_entry_point_trains_tiny_and_loss_falls(tmp_path):
     assert open(run_dir / "checkpoints" / "latest").read() == "step_00000030"
 
 
-def test_resume_is_bit_exact(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["train.precision=bf16"]], ids=["fp32", "bf16-zero0"])
+def test_resume_is_bit_exact(tmp_path, extra):
+    """Also in bf16 at ZeRO-0 (DeepSpeed's unfused bf16 optimizer: fp32 masters per parameter)."""
     straight = tmp_path / "straight"
     train(make_cfg(straight, "train.max_steps=6", "train.save_every=3", "train.global_batch_size=8",
-                   "train.micro_batch_size=4"))
+                   "train.micro_batch_size=4", *extra))
     # Simulate a crash after step 3: keep only the step-3 checkpoint and a half-written step-6 one.
     resumed = tmp_path / "resumed"
     shutil.copytree(straight, resumed)
@@ -55,7 +57,7 @@ def test_resume_is_bit_exact(tmp_path):
     os.rename(ckpt / "step_00000006", ckpt / ".tmp-step_00000006")
     (ckpt / "latest").write_text("step_00000003")
     last = train(make_cfg(resumed, "train.max_steps=6", "train.save_every=3", "train.global_batch_size=8",
-                          "train.micro_batch_size=4"))
+                          "train.micro_batch_size=4", *extra))
     assert last["step"] == 6
     a, b = read_metrics(straight), read_metrics(resumed)
     assert [m["step"] for m in b] == [1, 2, 3, 4, 5, 6]  # no duplicated lines after resume

@@ -451,15 +451,38 @@ def _base_optimizer(ds) -> torch.optim.Optimizer:
     return opt
 
 
+def _bf16_masters(ds) -> dict[int, torch.Tensor] | None:
+    """bf16 at ZeRO-0: {id(model parameter): its fp32 master tensor}, else None.
+
+    Private DeepSpeed state (checked on 0.19.8): at ZeRO-0 in bf16 the engine wraps the client
+    optimizer in FP16_UnfusedOptimizer (bf16 mode), which keeps one fp32 master tensor per
+    parameter (`fp32_groups[i][j]` for the model's `fp16_groups[i][j]`); the client optimizer steps
+    the masters (its state is keyed by them) and the wrapper copies them back into the bf16 weights.
+    """
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    opt = ds.optimizer
+    if not isinstance(opt, FP16_UnfusedOptimizer):
+        return None
+    cached = getattr(opt, "_floe_masters", None)
+    if cached is None:
+        cached = {id(lp): hp for lps, hps in zip(opt.fp16_groups, opt.fp32_groups) for lp, hp in zip(lps, hps)}
+        opt._floe_masters = cached
+    return cached
+
+
 def _linked(ds) -> bool:
-    """Whether DeepSpeed holds the fp32 state in flat partitions linked per parameter (ZeRO-1/2, bf16)."""
-    return ds.basic_optimizer is not ds.optimizer
+    """Whether DeepSpeed holds the fp32 state in flat partitions linked per parameter (ZeRO-1/2, bf16 at ZeRO 1/2)."""
+    return ds.basic_optimizer is not ds.optimizer and _bf16_masters(ds) is None
 
 
 def optimizes(ds, param: nn.Parameter) -> bool:
     """Whether the optimizer updates `param` (False for frozen parameters, e.g. model.freeze_moe)."""
     if _linked(ds):
         return hasattr(param, "_hp_mapping")  # set by DeepSpeed on every parameter it optimizes
+    masters = _bf16_masters(ds)
+    if masters is not None:
+        return id(param) in masters
     return any(param is p for g in _base_optimizer(ds).param_groups for p in g["params"])
 
 
@@ -481,8 +504,10 @@ def full_optimizer_state(ds, param: nn.Parameter) -> dict[str, torch.Tensor]:
         out = {"fp32": safe_get_full_fp32_param(param)}
         out.update({k: safe_get_full_optimizer_state(param, k) for k in ADAM_STATE})
         return out
-    state = _base_optimizer(ds).state[param]
-    return {"fp32": param.detach(), **{k: state[k] for k in ADAM_STATE}}
+    masters = _bf16_masters(ds)
+    master = param if masters is None else masters[id(param)]
+    state = _base_optimizer(ds).state[master]
+    return {"fp32": master.detach(), **{k: state[k] for k in ADAM_STATE}}
 
 
 def init_optimizer_state(ds, step: int) -> None:
@@ -523,10 +548,14 @@ def set_full_optimizer_state(ds, param: nn.Parameter, state: dict[str, torch.Ten
         for k in ADAM_STATE:
             safe_set_full_optimizer_state(param, state[k].to(param.device, torch.float32), k)
         return
-    own = _base_optimizer(ds).state[param]
-    param.copy_(state["fp32"])
+    masters = _bf16_masters(ds)
+    master = param if masters is None else masters[id(param)]
+    own = _base_optimizer(ds).state[master]
+    master.copy_(state["fp32"])
     for k in ADAM_STATE:
         own[k].copy_(state[k])
+    if master is not param:
+        param.copy_(master)  # the bf16 weights are the rounded masters, as after an update
 
 
 def nonfinite_state(ds, model: nn.Module) -> list[str]:
