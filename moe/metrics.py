@@ -136,12 +136,20 @@ def device_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32,
 
 def mem_peak_gb(device: torch.device) -> float:
     """Peak memory so far, in GiB. CUDA: the caching allocator's peak of allocated tensor bytes
-    (torch.cuda.max_memory_allocated). CPU: the process's peak resident set size (getrusage
-    ru_maxrss), which also counts the interpreter, libraries and data buffers: an upper bound on
+    (torch.cuda.max_memory_allocated). CPU: the process's peak resident set size (VmHWM on
+    Linux, else getrusage ru_maxrss), which also counts the interpreter, libraries and data buffers: an upper bound on
     tensor memory, read for free each step (moe/memory.py's op-by-op tracker is exact for tensors
     but slows every op, so it is for the estimator's measurements, not for every step)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / GIB
+    try:  # Linux: VmHWM, the peak of this process image (ru_maxrss survives exec: a worker started by a
+        # large process, e.g. pytest or a launcher, would report its parent's peak)
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024 / GIB
+    except OSError:
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss * (1 if sys.platform == "darwin" else 1024) / GIB  # bytes on macOS, KiB on Linux
 

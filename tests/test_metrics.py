@@ -63,7 +63,9 @@ def test_cpu_gemm_ceiling_is_measured_once_and_cached(tmp_path, monkeypatch):
 
 
 def test_cpu_mem_peak_sees_a_large_allocation():
-    # In a fresh process: the peak RSS must rise to the resident size before + 256 MiB (touched).
+    # In a fresh process: the peak RSS must rise to the resident size before + 256 MiB (touched), and
+    # not report this (large) parent's peak: getrusage's ru_maxrss survives fork + exec, VmHWM does not.
+    parent = torch.ones(128 * 2**20)  # 512 MiB resident here
     code = ("import os, torch; from moe.metrics import mem_peak_gb; "
             "rss = int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2**30; "
             "x = torch.ones(64 * 2**20); print(rss, mem_peak_gb(torch.device('cpu')))")
@@ -72,6 +74,7 @@ def test_cpu_mem_peak_sees_a_large_allocation():
     assert out.returncode == 0, out.stderr
     rss, peak = map(float, out.stdout.split())
     assert 0.24 < peak - rss < 0.3, (rss, peak)
+    del parent
 
 
 # ---------------------------------------------------------------------------- in the Trainer
