@@ -119,7 +119,7 @@ def run_distributed(fn, world_size: int = 2, args: tuple = (), kwargs: dict | No
                 for rank, p in enumerate(procs):
                     path = os.path.join(out_dir, f"rank{rank}.pt")
                     if rank not in results and os.path.exists(path):
-                        results[rank] = torch.load(path, weights_only=False)
+                        results[rank] = torch.load(path, weights_only=True)
                     elif rank not in results and not p.is_alive() and not os.path.exists(path):
                         time.sleep(0.2)  # the result file is written just before exit
                         if not os.path.exists(path):
@@ -136,7 +136,7 @@ def run_distributed(fn, world_size: int = 2, args: tuple = (), kwargs: dict | No
                         for rank in range(world_size):
                             path = os.path.join(out_dir, f"rank{rank}.pt")
                             if rank not in results and os.path.exists(path):
-                                results[rank] = torch.load(path, weights_only=False)
+                                results[rank] = torch.load(path, weights_only=True)
                     failed = sorted(r for r, res in results.items() if res[0] == "error")
                     first = min(failed, key=lambda r: results[r][2])  # the others often fail because of it
                     report = "\n".join(f"--- rank {r} ---\n{results[r][1]}" for r in failed)
