@@ -244,6 +244,11 @@ def plot_losses(runs: list[Run], path: Path) -> None:
         if values:
             _curve(ax, steps, values, "--", marker="o", color=color, markersize=3, label=f"{run.name} eval loss")
     ax.set(xlabel="step", ylabel="loss", title="loss (solid) and held-out eval loss (dashed)")
+    _save_curves(plt, fig, ax, path)
+
+
+def _save_curves(plt, fig, ax, path: Path) -> None:
+    """Grid, legend, layout, PNG at 100 dpi, and the figure closed (the curve plots' common end)."""
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -264,11 +269,7 @@ def plot_balance(runs: list[Run], path: Path) -> bool:
         if uniform is not None:
             ax.axhline(uniform, color=color, linestyle=":", label=f"{run.name} uniform routing ({uniform:g})")
     ax.set(xlabel="step", ylabel="balance loss (sum over layers)", title="balance loss and its uniform-routing value")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save_curves(plt, fig, ax, path)
     return True
 
 
