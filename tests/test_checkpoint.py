@@ -3,6 +3,7 @@ cannot leave the run's checkpoints, a poisoned state is never written, and a che
 under another layout (process count, ep_size, ZeRO stage) onto the uninterrupted run's losses."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -91,9 +92,10 @@ def _build_engine(c):
                         total_steps=c.train.max_steps)
 
 
-def _planted_worker(rank, world_size, run_dir, work_dir, marker):
-    """Train 2 steps (ZeRO-2), then load copies of the checkpoint with one file replaced by a pickle
-    payload each (plus DeepSpeed-named and .pt files added). Returns {file: outcome}."""
+@contextlib.contextmanager
+def _engine_after_training(rank, world_size, run_dir):
+    """Train 2 steps at ZeRO-2 into run_dir, then yield a fresh engine of the same config (in a
+    process group that is torn down afterwards)."""
     from launch.train import parse_config
     from moe.parallel import init_distributed, teardown
 
@@ -102,7 +104,15 @@ def _planted_worker(rank, world_size, run_dir, work_dir, marker):
     c = parse_config(_compose(run_dir, overrides))
     init_distributed(torch.device("cpu"))
     try:
-        engine = _build_engine(c)
+        yield _build_engine(c)
+    finally:
+        teardown()
+
+
+def _planted_worker(rank, world_size, run_dir, work_dir, marker):
+    """Train 2 steps (ZeRO-2), then load copies of the checkpoint with one file replaced by a pickle
+    payload each (plus DeepSpeed-named and .pt files added). Returns {file: outcome}."""
+    with _engine_after_training(rank, world_size, run_dir) as engine:
         src = os.path.join(run_dir, "checkpoints", "step_00000002")
         files = sorted(os.path.relpath(os.path.join(d, f), src) for d, _, fs in os.walk(src) for f in fs)
         payload = pickle.dumps(_Payload(marker))
@@ -123,8 +133,6 @@ def _planted_worker(rank, world_size, run_dir, work_dir, marker):
                 outcomes[target] = f"ValueError: {e}"
             assert not os.path.exists(marker), f"the payload in {target} ran"
         return {"files": files, "outcomes": outcomes}
-    finally:
-        teardown()
 
 
 def test_planted_pickle_in_any_checkpoint_file_never_runs(tmp_path):
@@ -154,15 +162,7 @@ def test_non_finite_state_is_never_saved(tmp_path):
 
 
 def _nan_save_worker(rank, world_size, run_dir):
-    from launch.train import parse_config
-    from moe.parallel import init_distributed, teardown
-
-    overrides = ["train.max_steps=2", "parallel.zero_stage=2"]
-    _train_worker(rank, world_size, run_dir, overrides)
-    c = parse_config(_compose(run_dir, overrides))
-    init_distributed(torch.device("cpu"))
-    try:
-        engine = _build_engine(c)
+    with _engine_after_training(rank, world_size, run_dir) as engine:
         ckpt_dir = os.path.join(run_dir, "checkpoints")
         checkpoint.load(engine, checkpoint.latest_checkpoint(ckpt_dir))
         with torch.no_grad():
@@ -172,8 +172,6 @@ def _nan_save_worker(rank, world_size, run_dir):
         except FloatingPointError as e:
             return str(e)
         return "saved"
-    finally:
-        teardown()
 
 
 # ---- resume under another layout --------------------------------------------------------------------
