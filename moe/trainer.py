@@ -23,11 +23,12 @@ import torch
 import torch.distributed as dist
 
 import kernels
-from moe import checkpoint, run_dir
+from moe import checkpoint, host_memory, run_dir
 from moe.config import ConfigError, ModelConfig
 from moe.data import DataConfig, StepLoader, build_dataset, build_eval_dataset, check_enough_rows, eval_micro_batches
 from moe.data.loader import batch_errors
 from moe.evaluation import eval_loss_record, eval_loss_sums
+from moe.host_memory import HOST_ALLOCATORS
 from moe.init_from import weight_loader
 from moe.metrics import device_peak_flops, load_cv, mem_peak_gb, train_flops_per_token
 from moe.model import CHECKPOINTING, ArcticForCausalLM, apply_activation_checkpointing
@@ -61,6 +62,7 @@ class TrainConfig:
     max_skipped_steps: int = 3  # consecutive non-finite (skipped) steps before the run stops with an error
     precision: str = "auto"  # auto (bf16 on cuda, fp32 on cpu) | fp32 | bf16 (fp32 master weights), on any device
     activation_checkpointing: str = "none"  # none | moe | selective | full (moe/model.py CHECKPOINTING)
+    host_allocator: str = "auto"  # auto (retain on cpu) | retain | system (moe/host_memory.py)
 
     def __post_init__(self):
         from moe.config import field_type_errors
@@ -90,6 +92,9 @@ class TrainConfig:
         if self.activation_checkpointing not in CHECKPOINTING:
             errors.append(f"train.activation_checkpointing must be one of {', '.join(CHECKPOINTING)}, "
                           f"got {self.activation_checkpointing!r}")
+        if self.host_allocator not in HOST_ALLOCATORS:
+            errors.append(f"train.host_allocator must be one of {', '.join(HOST_ALLOCATORS)}, "
+                          f"got {self.host_allocator!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             errors.append(f"train.device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
         if errors:
@@ -223,6 +228,7 @@ class Trainer:
     def __init__(self, c: Configs, resolved: dict, dataset, device: torch.device, eval_dataset=None):
         self.c, self.device, self.eval_dataset = c, device, eval_dataset
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        allocator = host_memory.configure(c.train.host_allocator, device.type)  # before the model's first tensor
         if self.rank == 0:
             run_dir.write_run_dir(c.run_dir, resolved, dataset.fingerprint)
             stats_file = write_data_stats(c.run_dir, dataset, eval_dataset)
@@ -243,7 +249,7 @@ class Trainer:
                                    global_batch_size=c.train.global_batch_size, load_weights=load_weights,
                                    micro_batch_size=c.train.micro_batch_size, total_steps=self.total_steps,
                                    precision=c.train.precision)
-        self._log_model()
+        self._log_model(allocator)
         self.flops_per_token = train_flops_per_token(c.model, c.data.seq_len)
         self.peak_flops = device_peak_flops(device, next(self.engine.model.parameters()).dtype)
         if self.peak_flops is None and self.rank == 0:
@@ -259,15 +265,16 @@ class Trainer:
             self.progress = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step",
                                  dynamic_ncols=True)
 
-    def _log_model(self) -> None:
+    def _log_model(self, allocator: str) -> None:
         groups, cfg = self.engine.groups, self.c.model
         if groups is not None:
             experts = self.engine.model.layers[0].moe.experts
             log.info("expert parallel: ep_size %d, rank %d holds experts %d..%d of %d", groups.ep_size, self.rank,
                      experts.first_expert, experts.first_expert + experts.num_local_experts - 1, cfg.num_experts)
         total, active = cfg.num_params()
-        log.info("model: %.2fM parameters, %.2fM active per token; %s, ZeRO-%d", total / 1e6, active / 1e6,
-                 resolve_precision(self.c.train.precision, self.device), self.c.parallel.zero_stage)
+        log.info("model: %.2fM parameters, %.2fM active per token; %s, ZeRO-%d; host allocator %s", total / 1e6,
+                 active / 1e6, resolve_precision(self.c.train.precision, self.device), self.c.parallel.zero_stage,
+                 allocator)
 
     def _resume(self, path: str | None) -> int:
         if path is None:

@@ -16,13 +16,15 @@ not counted twice), giving the breakdown
     engine     DeepSpeed's step bookkeeping    metrics    the logged sums, the one host sync
     logging    metrics.jsonl/progress bar      checkpoint one save (timed once, not per step)
 
-Against two references measured in the same process, alternating step by step with the
-launcher (so the machine's load hits all alike; medians are reported):
-  floor: floe's bare model, forward+backward of the same micro-batches (no optimizer);
+Against two references, alternating step by step with the launcher (so the machine's load hits
+all alike; medians are reported):
+  floor: floe's bare model, forward+backward of the same micro-batches (no optimizer), in the
+         launcher's process;
   naive: a Hugging Face Arctic-style model (tests/arctic_reference.py, with its MoE replaced by
          Arctic's own sparse loop over experts: for each expert, gather its tokens, SwiGLU,
          index_add back, as modeling_arctic.py's ArcticMoE does) + plain torch.optim.AdamW,
-         the same shape, batch and fp32.
+         the same shape, batch and fp32, in a process of its own with glibc's default allocator
+         as a plain script has it (--naive-allocator retain gives it floe's CPU setting instead).
 `overhead` is the share of the launcher's step spent outside the model's forward+backward.
 With --procs 2 every rank runs the launcher (ep_size 2) and its own floor; no naive reference.
 """
@@ -112,6 +114,52 @@ def build_naive(args, experts: int, seed: int = 0):
         for p in model.parameters():
             p.normal_(0.0, 0.02) if p.dim() > 1 else p.fill_(1.0)
     return model
+
+
+class NaiveProcess:
+    """The naive reference in a process of its own, as a user's plain script runs: glibc's default
+    allocator unless told otherwise (the launcher's process runs with train.host_allocator), the
+    same torch threads. Stepped in lock-step with the launcher, so the machine's load hits both alike."""
+
+    def __init__(self, args, experts: int, batch: dict, device: torch.device):
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_naive_worker, args=(child, args, experts, batch, str(device)), daemon=True)
+        self.proc.start()
+        child.close()
+        self.conn.recv()  # built
+
+    def step(self) -> tuple[float, int]:
+        """One naive training step: (seconds, minor page faults)."""
+        self.conn.send("step")
+        return self.conn.recv()
+
+    def close(self) -> None:
+        self.conn.send("stop")
+        self.proc.join()
+
+
+def _naive_worker(conn, args, experts: int, batch: dict, device: str) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.naive_allocator == "retain":
+        from moe.host_memory import retain_freed_memory
+
+        retain_freed_memory()
+    device = torch.device(device)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    model = build_naive(args, experts).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+    batch = {k: v.to(device) for k, v in batch.items()}
+    conn.send("built")
+    while conn.recv() == "step":
+        sync()
+        f0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
+        naive_step(model, opt, batch)
+        sync()
+        conn.send((time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0))
 
 
 def naive_step(model, opt, batch):
@@ -241,17 +289,15 @@ def run_config(args, experts: int, zero: int, procs: int, rank: int) -> dict:
 
     from moe import checkpoint
 
-    run_dir = tempfile.mkdtemp(prefix="bench_step_")
+    run_dir = os.path.join(args.run_root, f"e{experts}_zero{zero}")  # one directory for all ranks
     trainer, c, device = build_trainer(args, experts, zero, procs, run_dir)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     timer = PhaseTimer(sync)
     instrument(trainer, timer)
     floor = bare_model(c, device, seed=1)
-    naive = opt = None
-    if procs == 1 and not args.no_naive:
-        naive = build_naive(args, experts).to(device)
-        opt = torch.optim.AdamW(naive.parameters(), lr=1e-4, weight_decay=0.1)
-    batches = [{k: v.to(device) for k, v in mb.items()} for mb in trainer.loader.next_step()]
+    host_batches = trainer.loader.next_step()
+    batches = [{k: v.to(device) for k, v in mb.items()} for mb in host_batches]
+    naive = NaiveProcess(args, experts, host_batches[0], device) if procs == 1 and not args.no_naive else None
     lm_scale = 1.0 / max(sum(int((mb["labels"] != -100).sum()) for mb in batches), 1)
 
     faults = defaultdict(list)
@@ -274,7 +320,8 @@ def run_config(args, experts: int, zero: int, procs: int, rank: int) -> dict:
     rows = defaultdict(list)
     for i in range(args.warmup + args.steps):
         if naive is not None:
-            t_naive = timed(lambda: naive_step(naive, opt, batches[0]), "naive")
+            t_naive, naive_faults = naive.step()
+            faults["naive"].append(naive_faults)
         t_floor = timed(lambda: bare_fwd_bwd(floor, batches, lm_scale), "floor")
         timer.take()
         t_step = timed(launcher_step, "step")
@@ -299,6 +346,8 @@ def run_config(args, experts: int, zero: int, procs: int, rank: int) -> dict:
         launcher_step()  # the other ranks take the same collectives
     ckpt = timed(lambda: checkpoint.save(trainer.engine, os.path.join(run_dir, "bench_ckpt"), 1,
                                          {"step": 1, "loader": trainer.loader.state_dict()}, keep_last=1))
+    if naive is not None:
+        naive.close()
     med = {k: statistics.median(v) for k, v in rows.items()}
     result = {"experts": experts, "zero_stage": zero, "procs": procs, "steps": args.steps,
               "step_s": med["step"], "floor_s": med["floor"], "checkpoint_s": ckpt,
@@ -307,7 +356,7 @@ def run_config(args, experts: int, zero: int, procs: int, rank: int) -> dict:
               "outside_floor_frac": max(0.0, 1.0 - med["floor"] / med["step"]),
               "page_faults": {k: int(statistics.median(v[args.warmup:])) for k, v in faults.items()}}
     if "naive" in med:
-        result["naive_s"] = med["naive"]
+        result["naive_s"], result["naive_allocator"] = med["naive"], args.naive_allocator
         result["speedup_vs_naive"] = med["naive"] / med["step"]
     del trainer
     if dist.is_initialized():
@@ -315,16 +364,17 @@ def run_config(args, experts: int, zero: int, procs: int, rank: int) -> dict:
     from moe.parallel import teardown
 
     teardown()
-    import shutil
+    if rank == 0:
+        import shutil
 
-    shutil.rmtree(run_dir, ignore_errors=True)
+        shutil.rmtree(run_dir, ignore_errors=True)
     return result
 
 
 def report(r: dict) -> None:
     head = f"E={r['experts']:3d} ZeRO-{r['zero_stage']} procs={r['procs']}: launcher {r['step_s']:.3f} s/step"
     if "naive_s" in r:
-        head += f", naive {r['naive_s']:.3f} s ({r['speedup_vs_naive']:.2f}x)"
+        head += f", naive ({r['naive_allocator']} allocator) {r['naive_s']:.3f} s ({r['speedup_vs_naive']:.2f}x)"
     head += (f", floor fwd+bwd {r['floor_s']:.3f} s; outside forward+backward {100 * r['overhead_frac']:.0f}%"
              f" (outside the floor {100 * r['outside_floor_frac']:.0f}%); checkpoint {r['checkpoint_s']:.2f} s")
     print(head)
@@ -373,29 +423,39 @@ def main():
     p.add_argument("--threads", type=int, default=None, help="torch threads per process")
     p.add_argument("--cpu", action="store_true", help="train.device=cpu even where CUDA exists")
     p.add_argument("--no-naive", action="store_true", help="skip the naive reference")
+    p.add_argument("--naive-allocator", choices=("system", "retain"), default="system",
+                   help="the naive process's allocator: glibc's default, or floe's train.host_allocator=retain")
     p.add_argument("--profile", action="store_true", help="torch.profiler table of one launcher step")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--override", nargs="*", default=[], help="more launch/train.py overrides")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    args.run_root = tempfile.mkdtemp(prefix="bench_step_")
     with open("/proc/loadavg") as f:
         load = f.read().split()[:3]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {' '.join(load)}", flush=True)
     if args.procs == 1:
         results = run(args)
-    else:
+    else:  # fresh ranks for every configuration: a torch/DeepSpeed process group is not rebuilt in one process
+        import copy
         import socket
 
         import torch.multiprocessing as mp
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        out = tempfile.mktemp(suffix=".json")
-        mp.spawn(_spawned, args=(args.procs, port, args, out), nprocs=args.procs)
-        with open(out) as f:
-            results = json.load(f)
+        results, out = [], os.path.join(args.run_root, "results.json")
+        for experts in args.experts:
+            for zero in args.zero:
+                one = copy.copy(args)
+                one.experts, one.zero = [experts], [zero]
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", 0))
+                    port = s.getsockname()[1]
+                mp.spawn(_spawned, args=(args.procs, port, one, out), nprocs=args.procs)
+                with open(out) as f:
+                    results += json.load(f)
+                os.remove(out)
+    os.rmdir(args.run_root)  # each configuration removed its own run directory
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"load_average": load, "args": vars(args), "results": results}, f, indent=1)
