@@ -47,6 +47,9 @@ class ParallelConfig:
             for name in ("reduce_bucket_size", "allgather_bucket_size"):
                 if getattr(self, name) < 1:
                     errors.append(f"parallel.{name} must be >= 1, got {getattr(self, name)!r}")
+            if self.zero_stage == 2 and not self.contiguous_gradients:  # DeepSpeed asserts it for MoE models
+                errors.append("parallel.contiguous_gradients=false is not supported at parallel.zero_stage=2: "
+                              "DeepSpeed's ZeRO-2 needs contiguous gradients with MoE experts")
         if errors:
             raise ValueError("invalid parallel config:\n  " + "\n  ".join(errors))
 
