@@ -118,6 +118,14 @@ def parse_config(cfg: DictConfig) -> Configs:
             built[key] = _build_section(cfg, key, cls)
         except (ValueError, TypeError) as e:
             errors.append(str(e))
+    known = {"": ("model", "data", "optim", "parallel", "train", "run", "log", "hydra"), "run": ("name", "dir"),
+             "log": ("wandb", "project", "every", "console_every", "expert_load_every")}
+    for section, keys in known.items():  # the dataclass sections name their own unknown keys
+        node = cfg[section] if section else cfg
+        if unknown := sorted(set(node) - set(keys)):
+            where = ", ".join(f"{section}.{k}" if section else k for k in unknown)
+            errors.append(f"unknown config key(s) {where}; known{' in ' + section if section else ''}: "
+                          f"{', '.join(keys)}")
     every = cfg.log.every
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         errors.append(f"log.every must be an integer >= 1 (optimizer steps between metrics lines), got {every!r}")

@@ -98,6 +98,10 @@ def test_wrong_types_and_ranges_are_named_together(tmp_path):
     assert "optim.beta1 must be in [0, 1), got 1.5" in str(err.value)
     assert "optim.eps must be > 0, got -1.0" in str(err.value) and "optim.beta2 must be a number" in str(err.value)
     assert parse_config(make_cfg(tmp_path, "optim.lr=1")).optim.lr == 1.0  # an int is a number
+    with pytest.raises(ConfigError) as err:  # a typo'd section or key is not silently ignored
+        parse_config(make_cfg(tmp_path, "+trian.max_steps=5", "+log.evry=2", "+run.dri=x"))
+    for expected in ("unknown config key(s) trian;", "unknown config key(s) log.evry;", "unknown config key(s) run.dri;"):
+        assert expected in str(err.value), str(err.value)
     with pytest.raises(ConfigError, match="parallel.contiguous_gradients=false is not supported at "
                                           "parallel.zero_stage=2"):  # was an assert inside deepspeed.initialize
         parse_config(make_cfg(tmp_path, "parallel.zero_stage=2", "parallel.contiguous_gradients=false"))
