@@ -156,8 +156,13 @@ def train(cfg: DictConfig) -> dict:
     return trainer.train(configs, resolved)
 
 
+_task_started = False  # whether Hydra composed a config and called main (cli tells its errors apart)
+
+
 @hydra.main(version_base=None, config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
+    global _task_started
+    _task_started = True
     try:
         train(cfg)
     except ConfigError as e:
@@ -168,5 +173,17 @@ def main(cfg: DictConfig) -> None:
         sys.exit(2)
 
 
+def cli() -> None:
+    """The command line. Hydra reports its own errors (an unknown config group option such as
+    model=nope, a malformed override, a key the config does not have) and exits 1, as it does for a
+    crash inside training; those are config errors too, so they exit 2 like floe's own."""
+    try:
+        main()
+    except SystemExit as e:
+        if e.code == 1 and not _task_started:
+            sys.exit(2)
+        raise
+
+
 if __name__ == "__main__":
-    main()
+    cli()
