@@ -174,6 +174,7 @@ def train(c: Configs, resolved: dict) -> dict:
     launch = read_launch_env()  # torchrun's RANK / WORLD_SIZE, checked before any collective
     logging.basicConfig(level=logging.INFO if launch.rank == 0 else logging.WARNING,
                         format="[%(asctime)s floe] %(message)s", datefmt="%H:%M:%S", force=True)
+    quiet_repeated_reports(launch.rank)
     with run_dir.claim(c.run_dir, launch.rank):  # one run per run.dir, before anything is written there
         return _train_claimed(c, resolved, launch, device_kind)
 
@@ -210,6 +211,17 @@ def _train_claimed(c: Configs, resolved: dict, launch, device_kind: str) -> dict
             teardown()
             for key in set(os.environ) - set(env_before):  # the 1-process rendezvous init_distributed made up
                 del os.environ[key]
+
+
+# Every rank reads the same files with the same config (run_dir checks the data fingerprint), so
+# these loggers' warnings (skipped lines, spelled-out tokenizer pieces) are the same on every rank.
+RANK_ZERO_REPORTS = ("moe.data.dataset", "moe.data.tokenizer")
+
+
+def quiet_repeated_reports(rank: int) -> None:
+    """The data report once per run, not once per rank: ranks other than 0 keep only its errors."""
+    for name in RANK_ZERO_REPORTS:
+        logging.getLogger(name).setLevel(logging.NOTSET if rank == 0 else logging.ERROR)
 
 
 class NonFiniteTraining(FloatingPointError):

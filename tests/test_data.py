@@ -258,6 +258,22 @@ def test_strict_stops_at_first_bad_line(tmp_path):
             build_dataset(DataConfig(name="jsonl", paths=[one], cache_dir=str(tmp_path)), 0)
 
 
+def test_the_skipped_lines_report_is_printed_by_rank_0_only(tmp_path, caplog):
+    from moe.trainer import quiet_repeated_reports
+
+    path = write_jsonl(tmp_path / "bad.jsonl", [r for r, _ in BAD_LINES])
+    try:
+        for rank in (1, 0):
+            quiet_repeated_reports(rank)
+            caplog.clear()
+            with caplog.at_level(logging.WARNING, logger="moe.data"):
+                build_dataset(DataConfig(name="jsonl", paths=[path], strict=False,
+                                         cache_dir=str(tmp_path / f"cache{rank}")), 0)
+            assert (f"{path}:2: invalid JSON" in caplog.text) == (rank == 0), rank
+    finally:
+        quiet_repeated_reports(0)
+
+
 def test_lenient_counts_every_reason(tmp_path, caplog):
     path = write_jsonl(tmp_path / "bad.jsonl", [r for r, _ in BAD_LINES])
     with caplog.at_level(logging.WARNING, logger="moe.data"):
