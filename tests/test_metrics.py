@@ -44,22 +44,24 @@ def test_gpu_peak_table(monkeypatch, name, peak):
     assert metrics.device_peak_flops(torch.device("cuda", 0)) == 123.5e12
 
 
-def test_cpu_gemm_ceiling_is_measured_once_and_cached(tmp_path, monkeypatch):
+def test_cpu_gemm_ceiling_keeps_the_best_of_the_first_launches_then_is_cached(tmp_path, monkeypatch):
     monkeypatch.delenv(metrics.PEAK_ENV, raising=False)
+    assert metrics.measure_gemm_flops(torch.float32, n=256, seconds=0.05) > 1e8  # any CPU does 0.1 GFLOP/s
+    measured = iter([2e9, 5e9, 3e9, 9e9, 7e9])  # a busy machine measures low now and then
     calls = []
-    real = metrics.measure_gemm_flops
 
-    def counting(dtype=torch.float32):
+    def fake(dtype=torch.float32):
         calls.append(dtype)
-        return real(dtype, n=256, seconds=0.05)
+        return next(measured)
 
-    monkeypatch.setattr(metrics, "measure_gemm_flops", counting)
-    first = metrics.device_peak_flops(torch.device("cpu"), torch.float32, cache_dir=tmp_path)
-    again = metrics.device_peak_flops(torch.device("cpu"), torch.float32, cache_dir=tmp_path)
-    assert calls == [torch.float32] and first == again and first > 1e8  # any CPU does 0.1 GFLOP/s
-    metrics.cpu_peak_flops(torch.bfloat16, cache_dir=tmp_path)  # another dtype is another ceiling
-    assert calls == [torch.float32, torch.bfloat16]
+    monkeypatch.setattr(metrics, "measure_gemm_flops", fake)
+    seen = [metrics.device_peak_flops(torch.device("cpu"), torch.float32, cache_dir=tmp_path) for _ in range(5)]
+    assert seen == [2e9, 5e9, 5e9, 5e9, 5e9] and calls == [torch.float32] * metrics.CEILING_SAMPLES
+    assert metrics.cpu_peak_flops(torch.bfloat16, cache_dir=tmp_path) == 9e9  # another dtype is another ceiling
     assert len(json.loads((tmp_path / "cpu_peak.json").read_text())) == 2
+    key = next(iter(json.loads((tmp_path / "cpu_peak.json").read_text())))
+    (tmp_path / "cpu_peak.json").write_text(json.dumps({key: 4e9}))  # an older cache: one sample, kept
+    assert metrics.cpu_peak_flops(torch.float32, cache_dir=tmp_path) == 7e9
 
 
 def test_cpu_mem_peak_sees_a_large_allocation():
