@@ -156,3 +156,48 @@ def test_step_metrics_and_expert_load(tmp_path, monkeypatch):
         assert len(counts) == 2 and all(len(c) == 8 for c in counts)
         assert all(sum(c) == sum(counts[0]) for c in counts)  # dropless: every layer routes each token twice
     assert loads[1]["tokens_per_expert"] == naive_step_load(run_dir, 2)
+
+
+def test_wandb_gets_every_metrics_line_and_one_expert_histogram_per_layer(tmp_path, monkeypatch):
+    """What wandb is sent equals the files: metrics.jsonl's records, and per layer a histogram whose
+    bin e holds expert e's tokens from expert_load.jsonl."""
+    import wandb
+    from hydra import compose, initialize_config_dir
+
+    from launch.train import CONF_DIR, train
+
+    sent = []
+
+    class Run:  # stands in for wandb's run object (offline mode would need wandb's binary log reader)
+        def log(self, data, step):
+            sent.append((step, data))
+
+        def finish(self):
+            sent.append(("finished", None))
+
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: Run())
+    run_dir = tmp_path / "run"
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        cfg = compose("config", overrides=[f"run.dir={run_dir}", "run.name=test", "log.wandb=offline",
+                                           "train.max_steps=4", "log.expert_load_every=2", "data.num_examples=200",
+                                           "data.seq_len=64", "train.global_batch_size=4",
+                                           "train.micro_batch_size=2", "model.capacity_factor=null"])
+    train(cfg)
+    with open(run_dir / "metrics.jsonl") as f:
+        lines = [json.loads(line) for line in f]
+    with open(run_dir / "expert_load.jsonl") as f:
+        loads = [json.loads(line) for line in f]
+    assert sent[-1] == ("finished", None)
+    records = [(step, data) for step, data in sent[:-1] if "loss" in data]
+    assert [data for _, data in records] == lines and [step for step, _ in records] == [1, 2, 3, 4]
+    histograms = [(step, data) for step, data in sent[:-1] if "loss" not in data]
+    assert [step for step, _ in histograms] == [m["step"] for m in loads] == [2, 4]
+    num_layers = PRESETS["tiny"].num_layers
+    for (step, data), load in zip(histograms, loads):
+        assert sorted(data) == [f"expert_load/layer_{i}" for i in range(num_layers)]
+        for i, counts in enumerate(load["tokens_per_expert"]):
+            hist = data[f"expert_load/layer_{i}"]
+            assert isinstance(hist, wandb.Histogram) and hist.histogram == counts
+            assert hist.bins == list(range(len(counts) + 1))
+        totals = {sum(counts) for counts in load["tokens_per_expert"]}  # dropless top-2: every layer routes
+        assert len(totals) == 1 and 0 < min(totals) <= 2 * 4 * 64 and min(totals) % 2 == 0  # each real token twice
