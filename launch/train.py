@@ -157,12 +157,23 @@ def train(cfg: DictConfig) -> dict:
 
 
 _task_started = False  # whether Hydra composed a config and called main (cli tells its errors apart)
+_stderr_fd: int | None = None  # on a rank other than 0: the real stderr, set aside while Hydra composes
+
+
+def _restore_stderr() -> None:
+    global _stderr_fd
+    if _stderr_fd is not None:
+        sys.stderr.flush()
+        os.dup2(_stderr_fd, 2)
+        os.close(_stderr_fd)
+        _stderr_fd = None
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     global _task_started
     _task_started = True
+    _restore_stderr()  # training's own output (warnings, errors) is every rank's again
     try:
         train(cfg)
     except ConfigError as e:
@@ -176,13 +187,23 @@ def main(cfg: DictConfig) -> None:
 def cli() -> None:
     """The command line. Hydra reports its own errors (an unknown config group option such as
     model=nope, a malformed override, a key the config does not have) and exits 1, as it does for a
-    crash inside training; those are config errors too, so they exit 2 like floe's own."""
+    crash inside training; those are config errors too, so they exit 2 like floe's own. Under
+    torchrun every rank parses the same command line, so only rank 0 prints Hydra's message."""
+    global _stderr_fd
+    if os.environ.get("RANK", "0") != "0":
+        sys.stderr.flush()
+        _stderr_fd = os.dup(2)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
     try:
         main()
     except SystemExit as e:
         if e.code == 1 and not _task_started:
             sys.exit(2)
         raise
+    finally:
+        _restore_stderr()
 
 
 if __name__ == "__main__":

@@ -127,6 +127,16 @@ def test_config_error_is_one_clean_message_and_exit_code_2(tmp_path):
         out = subprocess.run(args[:2] + [bad] + args[4:], capture_output=True, text=True, cwd=tmp_path, env=env,
                              timeout=120)  # Hydra's own errors: the same exit code, no traceback
         assert out.returncode == 2 and named in out.stderr and "Traceback" not in out.stderr, (bad, out.stderr[-2000:])
+    out = subprocess.run(args[:2] + ["model=nope"] + args[4:], capture_output=True, text=True, cwd=tmp_path,
+                         env={**env, "RANK": "1"}, timeout=120)
+    assert out.returncode == 2 and out.stderr == "", out.stderr  # rank 0 prints Hydra's message for all
+    code = ("import runpy, sys, moe.trainer\n"  # once Hydra has composed, training's stderr is every rank's
+            "moe.trainer.train = lambda c, resolved: print('from training', file=sys.stderr)\n"
+            f"sys.argv = ['launch/train.py', 'log.wandb=disabled', 'run.dir={tmp_path / 'run'}']\n"
+            "runpy.run_path('launch/train.py', run_name='__main__')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                         env={**env, "RANK": "1", "PYTHONPATH": REPO}, timeout=120)
+    assert out.returncode == 0 and out.stderr == "from training\n", out.stderr[-2000:]
 
 
 def test_too_little_data_is_reported_before_the_model_is_built(tmp_path, monkeypatch):
