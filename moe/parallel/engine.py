@@ -341,6 +341,44 @@ def skip_single_rank_allreduce(ds) -> None:
         ds.enable_backward_allreduce = False
 
 
+def skip_single_rank_expert_allreduce(ds) -> None:
+    """At ZeRO-0, keep DeepSpeed from "all-reducing" expert gradients over a one-rank group.
+
+    With ep_size = world size every expert lives on one rank: its expert-data-parallel group has
+    one member. DeepSpeed's stage-0 reduction (engine._reduce_expert_gradients) still flattens those
+    gradients into one buffer (a transient copy of all local expert gradients), all-reduces it with
+    itself, scales it by 1/dp_size (its convention: expert gradients are averaged over the whole
+    data-parallel group) and copies it back. The scaling is the only effect, and floe applies it in
+    place, bit for bit: the same multiply by predivide_factor / dp_size, in the gradients' dtype.
+    Any other setting (pre-scaling, a communication dtype other than the gradients') or a group of
+    several ranks goes through DeepSpeed's own reduction.
+    Private DeepSpeed state (checked on 0.19.8): `_reduce_expert_gradients(expert_grads,
+    elements_per_buffer)` and allreduce_bucket's post-scaling.
+    """
+    if ds.zero_optimization_stage() != 0 or not ds.has_moe_layers:
+        return
+    if not (ds.gradient_average and ds.postscale_gradients() and ds.gradient_predivide_factor() == 1.0):
+        return
+    from deepspeed.utils import groups as ds_groups
+
+    reduce_in_deepspeed = ds._reduce_expert_gradients
+
+    def reduce_expert_gradients(expert_grads: dict, elements_per_buffer: int) -> None:
+        dp_size = dist.get_world_size(ds_groups._get_data_parallel_group())
+        shared = {}
+        for name, grads in expert_grads.items():
+            alone = dist.get_world_size(ds_groups._get_expert_data_parallel_group(name)) == 1
+            if alone and all(g.dtype == ds.communication_data_type and not g.is_sparse for g in grads):
+                if dp_size != 1:
+                    torch._foreach_mul_(list(grads), ds.gradient_predivide_factor() / dp_size)
+            else:
+                shared[name] = grads
+        if shared:
+            reduce_in_deepspeed(shared, elements_per_buffer)
+
+    ds._reduce_expert_gradients = reduce_expert_gradients
+
+
 class Engine:
     """DeepSpeed's engine (`ds`) with floe's layout around it: call, backward, micro_step, step."""
 
@@ -633,4 +671,5 @@ def build_engine(model: nn.Module, parallel: ParallelConfig, optim: OptimConfig,
     ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
     check_engine(ds, model)
     skip_single_rank_allreduce(ds)
+    skip_single_rank_expert_allreduce(ds)
     return Engine(ds, model, groups, optim.grad_clip, clip_here)
