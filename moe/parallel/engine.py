@@ -349,7 +349,8 @@ def skip_single_rank_expert_allreduce(ds) -> None:
     gradients into one buffer (a transient copy of all local expert gradients), all-reduces it with
     itself, scales it by 1/dp_size (its convention: expert gradients are averaged over the whole
     data-parallel group) and copies it back. The scaling is the only effect, and floe applies it in
-    place, bit for bit: the same multiply by predivide_factor / dp_size, in the gradients' dtype.
+    place, bit for bit: the same multiply by 1 / dp_size (predivide_factor is 1), in the gradients'
+    dtype.
     Any other setting (pre-scaling, a communication dtype other than the gradients') or a group of
     several ranks goes through DeepSpeed's own reduction.
     Private DeepSpeed state (checked on 0.19.8): `_reduce_expert_gradients(expert_grads,
@@ -370,7 +371,7 @@ def skip_single_rank_expert_allreduce(ds) -> None:
             alone = dist.get_world_size(ds_groups._get_expert_data_parallel_group(name)) == 1
             if alone and all(g.dtype == ds.communication_data_type and not g.is_sparse for g in grads):
                 if dp_size != 1:
-                    torch._foreach_mul_(list(grads), ds.gradient_predivide_factor() / dp_size)
+                    torch._foreach_mul_(list(grads), 1.0 / dp_size)  # DeepSpeed's predivide_factor / dp_size
             else:
                 shared[name] = grads
         if shared:
