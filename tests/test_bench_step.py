@@ -15,11 +15,16 @@ TOY = ["--vocab", "1024", "--hidden", "64", "--layers", "2", "--heads", "4", "--
        "--cpu"]
 
 
-def bench(tmp_path, *args) -> list[dict]:
-    out_json = tmp_path / "bench.json"
+def bench(tmp_path, *args, ok: bool = True) -> list[dict]:
+    out_json, temp = tmp_path / "bench.json", tmp_path / "tmp"
+    temp.mkdir(exist_ok=True)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "DS_ACCELERATOR")}
     out = subprocess.run([sys.executable, "tools/bench_step.py", *TOY, "--json", str(out_json), *args], cwd=REPO,
-                         capture_output=True, text=True, timeout=400, env=env)
+                         capture_output=True, text=True, timeout=400, env={**env, "TMPDIR": str(temp)})
+    assert list(temp.glob("bench_step_*")) == []  # its run directories are gone, after a failure too
+    if not ok:
+        assert out.returncode != 0
+        return []
     assert out.returncode == 0, out.stderr[-3000:]
     with open(out_json) as f:
         return json.load(f)["results"]
@@ -42,6 +47,7 @@ def test_one_process_against_the_naive_reference(tmp_path):
         assert r["naive_allocator"] == "system" and r["naive_s"] > 0
         assert r["speedup_vs_naive"] == pytest.approx(r["naive_s"] / r["step_s"])
         assert set(r["page_faults"]) == {"naive", "floor", "step"}
+    bench(tmp_path, "--experts", "8", "--vocab", "256", ok=False)  # smaller than the tokenizer: a config error
 
 
 @pytest.mark.slow  # spawns 2 ranks per configuration

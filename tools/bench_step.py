@@ -435,27 +435,31 @@ def main():
     with open("/proc/loadavg") as f:
         load = f.read().split()[:3]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {' '.join(load)}", flush=True)
-    if args.procs == 1:
-        results = run(args)
-    else:  # fresh ranks for every configuration: a torch/DeepSpeed process group is not rebuilt in one process
-        import copy
-        import socket
+    try:
+        if args.procs == 1:
+            results = run(args)
+        else:  # fresh ranks for every configuration: a torch/DeepSpeed process group is not rebuilt in one process
+            import copy
+            import socket
 
-        import torch.multiprocessing as mp
+            import torch.multiprocessing as mp
 
-        results, out = [], os.path.join(args.run_root, "results.json")
-        for experts in args.experts:
-            for zero in args.zero:
-                one = copy.copy(args)
-                one.experts, one.zero = [experts], [zero]
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", 0))
-                    port = s.getsockname()[1]
-                mp.spawn(_spawned, args=(args.procs, port, one, out), nprocs=args.procs)
-                with open(out) as f:
-                    results += json.load(f)
-                os.remove(out)
-    os.rmdir(args.run_root)  # each configuration removed its own run directory
+            results, out = [], os.path.join(args.run_root, "results.json")
+            for experts in args.experts:
+                for zero in args.zero:
+                    one = copy.copy(args)
+                    one.experts, one.zero = [experts], [zero]
+                    with socket.socket() as s:
+                        s.bind(("127.0.0.1", 0))
+                        port = s.getsockname()[1]
+                    mp.spawn(_spawned, args=(args.procs, port, one, out), nprocs=args.procs)
+                    with open(out) as f:
+                        results += json.load(f)
+                    os.remove(out)
+    finally:  # also after a failed configuration: nothing is left in the temp dir
+        import shutil
+
+        shutil.rmtree(args.run_root, ignore_errors=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"load_average": load, "args": vars(args), "results": results}, f, indent=1)
