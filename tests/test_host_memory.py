@@ -11,6 +11,7 @@ import pytest
 
 from moe.host_memory import resolve
 from moe.trainer import TrainConfig
+from tests.test_console import SMALL, launch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLEAN_ENV = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "DS_ACCELERATOR")}
@@ -66,13 +67,9 @@ def test_the_choice_and_its_errors():
         TrainConfig(host_allocator="jemalloc")
 
 
-def _losses(tmp_path, allocator: str) -> list[float]:
+def _losses(tmp_path, allocator: str) -> list[tuple[float, float]]:
     run_dir = tmp_path / allocator
-    out = subprocess.run([sys.executable, "launch/train.py", f"run.dir={run_dir}", "log.wandb=disabled",
-                          "train.max_steps=4", "data.num_examples=200", "data.seq_len=64",
-                          "train.global_batch_size=4", "train.micro_batch_size=2",
-                          f"train.host_allocator={allocator}"],
-                         cwd=REPO, capture_output=True, text=True, timeout=300, env=CLEAN_ENV)
+    out = launch(*SMALL, f"run.dir={run_dir}", "train.max_steps=4", f"train.host_allocator={allocator}")
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"host allocator {allocator}" in out.stderr  # the log says what the run runs with
     with open(run_dir / "metrics.jsonl") as f:
