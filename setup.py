@@ -1,17 +1,29 @@
 from setuptools import find_packages, setup
 
+# One import root, `floe`, so that floe installs no top-level name another distribution owns
+# (`kernels` is Hugging Face's kernel hub, required by transformers 5.x; `moe` is an unrelated
+# project on the package index). The repository keeps the layout its users know:
+#   moe/                    -> floe          (the model rooms, the run wing, data, parallel, plan)
+#   kernels/floe_kernels/   -> floe.kernels  (Triton kernels beside their references)
+# kernels/ itself carries no __init__.py: with the repository root on sys.path (python -m pytest,
+# python -c), a package directory named `kernels` would shadow Hugging Face's.
+PACKAGE_DIR = {"floe": "moe", "floe.kernels": "kernels/floe_kernels"}
+PACKAGES = (["floe"] + [f"floe.{p}" for p in find_packages(where="moe")]
+            + ["floe.kernels"] + [f"floe.kernels.{p}" for p in find_packages(where="kernels/floe_kernels")])
+
 setup(
     name="floe",
     version="0.1.0",
     description="Train Arctic-style dense-residual Mixture-of-Experts language models",
     python_requires=">=3.10",
-    packages=find_packages(include=["moe", "moe.*", "kernels", "kernels.*"]),
-    package_data={"moe.data": ["assets/*.model"]},
+    packages=PACKAGES,
+    package_dir=PACKAGE_DIR,
+    package_data={"floe.data": ["assets/*.model"]},
     install_requires=[
         # A range, not a pin: GPU clusters keep their own CUDA build of torch.
         "torch>=2.5,<3",
         # ZeRO-2 and the engine; floe touches a few of its internals (moe/parallel/engine.py), checked on
-        # this range only: keep in step with moe.parallel.engine.TESTED_DEEPSPEED.
+        # this range only: keep in step with floe.parallel.engine.TESTED_DEEPSPEED.
         "deepspeed>=0.19.8,<0.20",
         "triton>=3.9,<3.10",  # TMA tensor descriptors; check_sm90's register limits were measured on 3.9
         "sentencepiece>=0.2",

@@ -1,4 +1,4 @@
-"""Train an Arctic-style MoE: the Hydra entry point around moe.trainer.
+"""Train an Arctic-style MoE: the Hydra entry point around floe.run.trainer.
 
     python launch/train.py                                     # tiny model, embedded data, this machine
     torchrun --standalone --nproc_per_node=8 launch/train.py model=small parallel.ep_size=8 \
@@ -8,7 +8,7 @@
 Everything a run writes goes to run.dir (deterministic, so every rank agrees and a relaunch
 resumes): config.yaml, metrics.jsonl (one line per optimizer step), checkpoints/, wandb/.
 `train(cfg)` is importable: tests call it with a composed config. This file only turns the
-composed config into floe's dataclasses; model presets come from moe.config.PRESETS,
+composed config into floe's dataclasses; model presets come from floe.config.PRESETS,
 registered below as the `model` group (there are no conf/model/*.yaml files).
 """
 from __future__ import annotations
@@ -26,19 +26,20 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from moe import trainer
-from moe.config import PRESETS, ConfigError, ModelConfig
-from moe.data import DataConfig
-from moe.init_from import init_data_config, init_model_config
-from moe.optim import OptimConfig
-from moe.parallel import ParallelConfig
-from moe.trainer import Configs, TrainConfig
+from floe.run import trainer
+from floe.config import PRESETS, ModelConfig
+from floe.errors import ConfigError
+from floe.data import DataConfig
+from floe.run.init_from import init_data_config, init_model_config
+from floe.optim import OptimConfig
+from floe.parallel import ParallelConfig
+from floe.run.trainer import Configs, TrainConfig
 
 CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
 
 
 def register_presets() -> None:
-    """`model=<name>` selects moe.config.PRESETS[name]: the presets live in one place."""
+    """`model=<name>` selects floe.config.PRESETS[name]: the presets live in one place."""
     store = ConfigStore.instance()
     for name, preset in PRESETS.items():
         store.store(group="model", name=name, node=dataclasses.asdict(preset))

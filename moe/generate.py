@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from moe.config import ModelConfig
+from floe.config import ModelConfig
 
 
 class KVCache:

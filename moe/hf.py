@@ -34,10 +34,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from moe.config import ModelConfig
-from moe.data.formats import ROLES
-from moe.layer import EXPERT_WEIGHTS
-from moe.checkpoint import expert_tensors
+from floe.config import ModelConfig
+from floe.data.formats import ROLES
+from floe.layer import EXPERT_WEIGHTS
+from floe.run.checkpoint import expert_tensors
 
 log = logging.getLogger(__name__)
 
@@ -355,7 +355,7 @@ def load_hf_weights(model: nn.Module, hf_dir: str, device: torch.device | str | 
 
 # ----------------------------------------------------------------------------- export
 
-# ChatML exactly as moe.data.template.render writes a conversation (tests hold the two equal).
+# ChatML exactly as floe.data.template.render writes a conversation (tests hold the two equal).
 CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{%- if message['role'] not in " + repr(list(ROLES)) + " -%}"
@@ -379,7 +379,7 @@ def save_hf(state: dict[str, torch.Tensor], config: ModelConfig, out_dir: str, t
     if tokenizer.vocab_size > config.vocab_size:
         raise ValueError(f"model.vocab_size ({config.vocab_size}) is smaller than the tokenizer's "
                          f"({tokenizer.vocab_size}, {tokenizer.path})")
-    from moe.data.tokenizer import hf_tokenizer_json
+    from floe.data.tokenizer import hf_tokenizer_json
 
     hf_tokenizer_json(tokenizer.path)  # refuses an unmirrorable tokenizer before anything is written
     os.makedirs(out_dir, exist_ok=True)

@@ -19,10 +19,10 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-import kernels
-from moe import router
-from moe.config import ModelConfig
-from moe.init import draw_seed, init_stds, seeded_normal_
+from floe import kernels
+from floe import router
+from floe.config import ModelConfig
+from floe.weight_init import draw_seed, init_stds, seeded_normal_
 
 # The stacked expert weights, in nn.Linear (out, in) orientation: w1 gate and w3 up [E, F, D],
 # w2 down [E, D, F]. Checkpoints, conversion and DeepSpeed's markers all iterate this tuple.
@@ -159,7 +159,7 @@ class MoELayer(nn.Module):
         self.experts = GroupedExperts(config.num_experts, config.hidden_size, config.expert_ffn)
         self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)  # router
         self.dispatcher = LocalDispatcher()
-        self.checkpoint_experts = False  # set by moe.model.apply_activation_checkpointing
+        self.checkpoint_experts = False  # set by floe.model.apply_activation_checkpointing
         self.init_weights()
 
     @torch.no_grad()

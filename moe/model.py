@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
-from moe.config import ModelConfig
-from moe.init import draw_seed, init_stds, seeded_normal_
-from moe.layer import MoELayer, MoEStats
+from floe.config import ModelConfig
+from floe.weight_init import draw_seed, init_stds, seeded_normal_
+from floe.layer import MoELayer, MoEStats
 
 IGNORE_INDEX = -100
 
@@ -260,7 +260,7 @@ class ArcticForCausalLM(nn.Module):
         """Initialise every weight from `seed` (None: drawn from torch's global RNG).
 
         Each tensor, and each row of a stacked expert weight, draws from its own generator
-        keyed by (seed, parameter name, global expert id) (moe/init.py). So the values do not
+        keyed by (seed, parameter name, global expert id) (moe/weight_init.py). So the values do not
         depend on the order of initialisation, and a model built on the meta device, sharded,
         then materialised with to_empty initialises exactly the rows the full model holds.
         """
@@ -291,7 +291,7 @@ class ArcticForCausalLM(nn.Module):
         """input_ids [B, S]; position_ids [B, S] restart at 0 at each packed example;
         labels [B, S] aligned with input_ids (-100 = no loss); attention_mask [B, S] (0 = padding);
         dropless: route without capacity limits whatever model.capacity_factor says (inference);
-        cache: a moe.generate.KVCache; input_ids then continue the cached tokens, position_ids are
+        cache: a floe.generate.KVCache; input_ids then continue the cached tokens, position_ids are
         required, and attention_mask (None = all real) marks this chunk's padding."""
         b, s = input_ids.shape
         if cache is not None:

@@ -20,7 +20,7 @@ class OptimConfig:
     eps: float = 1e-8
 
     def __post_init__(self):
-        from moe.config import field_type_errors
+        from floe.errors import field_type_errors
 
         errors = field_type_errors(self, "optim")
         typed = {f for f in ("lr", "warmup_ratio", "min_lr_ratio", "weight_decay", "grad_clip", "beta1", "beta2",

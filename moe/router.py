@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moe.config import DROP_POLICIES
+from floe.config import DROP_POLICIES
 
 
 @dataclass

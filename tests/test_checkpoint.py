@@ -1,4 +1,4 @@
-"""floe's checkpoint format (moe/checkpoint.py): nothing in a checkpoint can run code, `latest`
+"""floe's checkpoint format (moe/run/checkpoint.py): nothing in a checkpoint can run code, `latest`
 cannot leave the run's checkpoints, a poisoned state is never written, and a checkpoint resumes
 under another layout (process count, ep_size, ZeRO stage) onto the uninterrupted run's losses."""
 from __future__ import annotations
@@ -12,7 +12,7 @@ import shutil
 import pytest
 import torch
 
-from moe import checkpoint
+from floe.run import checkpoint
 from tests.distributed import run_distributed
 from tests.test_parallel_train import checkpoint_params
 
@@ -82,8 +82,8 @@ class _Payload:
 
 
 def _build_engine(c):
-    from moe.model import ArcticForCausalLM
-    from moe.parallel import build_engine
+    from floe.model import ArcticForCausalLM
+    from floe.parallel import build_engine
 
     with torch.device("meta"):
         model = ArcticForCausalLM(c.model)
@@ -97,7 +97,7 @@ def _engine_after_training(rank, world_size, run_dir):
     """Train 2 steps at ZeRO-2 into run_dir, then yield a fresh engine of the same config (in a
     process group that is torn down afterwards)."""
     from launch.train import parse_config
-    from moe.parallel import init_distributed, teardown
+    from floe.parallel import init_distributed, teardown
 
     overrides = ["parallel.zero_stage=2", "train.max_steps=2"]
     _train_worker(rank, world_size, run_dir, overrides)

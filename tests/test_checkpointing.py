@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-import moe.layer
-from moe.config import PRESETS
-from moe.memory import PeakMemoryTracker
-from moe.model import CHECKPOINTING, ArcticForCausalLM, apply_activation_checkpointing
+import floe.layer
+from floe.config import PRESETS
+from floe.plan.tensor_memory import PeakMemoryTracker
+from floe.model import CHECKPOINTING, ArcticForCausalLM, apply_activation_checkpointing
 from tests.distributed import run_distributed
 
 MODES = [m for m in CHECKPOINTING if m != "none"]
@@ -65,13 +65,13 @@ def test_loss_and_every_gradient_equal_no_checkpointing(mode):
 @pytest.mark.parametrize("mode", CHECKPOINTING)
 def test_routing_runs_once_and_the_experts_are_recomputed(mode, monkeypatch):
     calls = {"route": 0, "experts": 0}
-    route = moe.layer.router.route
+    route = floe.layer.router.route
 
     def counting_route(*args, **kwargs):
         calls["route"] += 1
         return route(*args, **kwargs)
 
-    monkeypatch.setattr(moe.layer.router, "route", counting_route)
+    monkeypatch.setattr(floe.layer.router, "route", counting_route)
     model = build(mode)
     for block in model.layers:
         block.moe.experts.register_forward_pre_hook(lambda *_: calls.__setitem__("experts", calls["experts"] + 1))
@@ -98,7 +98,7 @@ def test_peak_activation_memory_drops_with_each_mode():
 def _ep_worker(rank, world_size, modes):
     import torch.distributed as dist
 
-    from moe.parallel import apply_expert_parallel, build_parallel_groups, full_state_dict, init_distributed
+    from floe.parallel import apply_expert_parallel, build_parallel_groups, full_state_dict, init_distributed
 
     init_distributed(torch.device("cpu"), timeout_s=60)
     groups = build_parallel_groups(world_size)
@@ -169,7 +169,7 @@ def test_training_run_equals_no_checkpointing(tmp_path, procs, layout):
 def test_bad_mode_names_the_key():
     with pytest.raises(ValueError, match="train.activation_checkpointing"):
         apply_activation_checkpointing(build("none"), "attention")
-    from moe.trainer import TrainConfig
+    from floe.run.trainer import TrainConfig
 
     with pytest.raises(ValueError, match="train.activation_checkpointing"):
         TrainConfig(activation_checkpointing="everything")

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from moe.config import PRESETS, ModelConfig
-from moe.model import ArcticForCausalLM
+from floe.config import PRESETS, ModelConfig
+from floe.model import ArcticForCausalLM
 
 
 def built_counts(cfg):

@@ -46,7 +46,7 @@ def test_default_and_override_run_dirs_are_siblings():
 
 
 def test_deepspeed_and_gloo_warnings_are_silenced():
-    code = ("import os, torch, moe.parallel, deepspeed, torch.distributed as dist\n"
+    code = ("import os, torch, floe.parallel, deepspeed, torch.distributed as dist\n"
             "from deepspeed.accelerator import get_accelerator\n"
             "assert get_accelerator()._name == 'cpu'\n"
             "os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(__import__('tests.distributed', "

@@ -1,4 +1,4 @@
-"""moe.data: tokenizer, template labels, packing, bad input, mixture, cache and the step loader."""
+"""floe.data: tokenizer, template labels, packing, bad input, mixture, cache and the step loader."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,7 +12,7 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from moe.data import (
+from floe.data import (
     DataConfig,
     StepLoader,
     Tokenizer,
@@ -20,9 +20,9 @@ from moe.data import (
     formats,
     synthetic,
 )
-from moe.data.packing import best_fit_pack
-from moe.data.template import encode_examples, render
-from moe.data.tokenizer import train_tokenizer
+from floe.data.packing import best_fit_pack
+from floe.data.template import encode_examples, render
+from floe.data.tokenizer import train_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -259,14 +259,14 @@ def test_strict_stops_at_first_bad_line(tmp_path):
 
 
 def test_the_skipped_lines_report_is_printed_by_rank_0_only(tmp_path, caplog):
-    from moe.trainer import quiet_repeated_reports
+    from floe.run.trainer import quiet_repeated_reports
 
     path = write_jsonl(tmp_path / "bad.jsonl", [r for r, _ in BAD_LINES])
     try:
         for rank in (1, 0):
             quiet_repeated_reports(rank)
             caplog.clear()
-            with caplog.at_level(logging.WARNING, logger="moe.data"):
+            with caplog.at_level(logging.WARNING, logger="floe.data"):
                 build_dataset(DataConfig(name="jsonl", paths=[path], strict=False,
                                          cache_dir=str(tmp_path / f"cache{rank}")), 0)
             assert (f"{path}:2: invalid JSON" in caplog.text) == (rank == 0), rank
@@ -276,7 +276,7 @@ def test_the_skipped_lines_report_is_printed_by_rank_0_only(tmp_path, caplog):
 
 def test_lenient_counts_every_reason(tmp_path, caplog):
     path = write_jsonl(tmp_path / "bad.jsonl", [r for r, _ in BAD_LINES])
-    with caplog.at_level(logging.WARNING, logger="moe.data"):
+    with caplog.at_level(logging.WARNING, logger="floe.data"):
         _, ds = build_dataset(DataConfig(name="jsonl", paths=[path], strict=False, cache_dir=str(tmp_path)), 0)
     expected = {}
     for _, reason in BAD_LINES:
@@ -429,7 +429,7 @@ def test_each_row_once_per_epoch_across_two_ranks(synth):
 def test_global_loss_tokens_match_the_models_shifted_targets(synth):
     """The host-side count equals what the model's shift_targets leaves to train on, summed over
     every rank's micro-batches, across an epoch boundary."""
-    from moe.model import IGNORE_INDEX, shift_targets
+    from floe.model import IGNORE_INDEX, shift_targets
 
     _, ds = synth
     ranks = [StepLoader(ds, global_batch_size=8, micro_batch_size=2, dp_rank=r, dp_size=2, seed=3) for r in range(2)]
@@ -488,8 +488,8 @@ def test_state_dict_restores_exact_next_batch(synth):
 
 # ---------------------------------------------------------------------------- through the model
 def test_packed_row_logits_equal_each_example_alone(synth):
-    from moe.config import PRESETS
-    from moe.model import ArcticForCausalLM
+    from floe.config import PRESETS
+    from floe.model import ArcticForCausalLM
 
     _, ds = synth
     r = next(r for r in range(ds.num_rows) if len(ds.row_examples(r)) >= 3 and ds.lengths[r] < ds.seq_len)

@@ -1,4 +1,4 @@
-"""moe.data: the held-out split, eval batches, the dataset fingerprint, cache checksums, the rows check."""
+"""floe.data: the held-out split, eval batches, the dataset fingerprint, cache checksums, the rows check."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from moe.data import (
+from floe.data import (
     DataConfig,
     Tokenizer,
     build_dataset,
@@ -23,7 +23,7 @@ from moe.data import (
     formats,
     synthetic,
 )
-from moe.data.template import encode_examples
+from floe.data.template import encode_examples
 
 
 @pytest.fixture(scope="module")
@@ -241,7 +241,7 @@ def test_corrupted_cache_file_is_detected_and_rebuilt(tmp_path, caplog):
         byte = fh.read(1)
         fh.seek(-3, 2)
         fh.write(bytes([byte[0] ^ 0x01]))
-    with caplog.at_level(logging.WARNING, logger="moe.data"):
+    with caplog.at_level(logging.WARNING, logger="floe.data"):
         _, again = build_dataset(cfg, 0)
     assert f"cache check failed, rebuilding: {f}: sha256" in caplog.text
     assert not again.cache_hit and np.array_equal(again.tokens, tokens)
@@ -249,7 +249,7 @@ def test_corrupted_cache_file_is_detected_and_rebuilt(tmp_path, caplog):
     assert third.cache_hit  # the rebuilt entry verifies
     caplog.clear()
     (tmp_path / "c" / "data" / entry.split("/")[-1] / "meta.json").write_text("{not json")
-    with caplog.at_level(logging.WARNING, logger="moe.data"):
+    with caplog.at_level(logging.WARNING, logger="floe.data"):
         _, fourth = build_dataset(cfg, 0)
     assert "meta.json: unreadable" in caplog.text and not fourth.cache_hit
     assert fourth.fingerprint == third.fingerprint

@@ -14,7 +14,7 @@ import bench_data  # noqa: E402
 import inspect_data  # noqa: E402
 import train_tokenizer  # noqa: E402
 
-from moe.data.tokenizer import DEFAULT_MODEL  # noqa: E402
+from floe.data.tokenizer import DEFAULT_MODEL  # noqa: E402
 
 
 def test_inspect_data_marks_trained_tokens_and_ends_with_json(tmp_path, capsys):

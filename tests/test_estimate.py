@@ -1,4 +1,4 @@
-"""The memory plan (moe/estimate.py, tools/estimate.py) against independent numbers:
+"""The memory plan (moe/plan/memory_plan.py, tools/estimate.py) against independent numbers:
 hand-computed state bytes, a real run's tracked activations, and the expert layout rule."""
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
-from moe.config import PRESETS
-from moe.estimate import EstimateSpec, build_shard, fake_process_group, measure_activations, optimizer_groups, \
+from floe.config import PRESETS
+from floe.plan.memory_plan import EstimateSpec, build_shard, fake_process_group, measure_activations, optimizer_groups, \
     state_bytes
-from moe.memory import PeakMemoryTracker
+from floe.plan.tensor_memory import PeakMemoryTracker
 
 TINY = PRESETS["tiny"]
 # tiny by hand: vocab 1024, hidden 64, 2 layers, 4 heads of 16, 2 kv heads, dense ffn 64, 8 experts of 64
@@ -93,7 +93,7 @@ def test_state_bytes_stage0_bf16_by_hand():
     n = EMBED + HEAD + 2 * (PER_LAYER_DENSE + EXPERTS_PER_LAYER) + NORMS
     s = _states(1, 1, 0, "bf16")
     assert s == {"weights": 2 * n, "grads": 2 * n, "master": 4 * n, "adam": 8 * n, "buckets": 0}
-    from moe.estimate import transient_bytes
+    from floe.plan.memory_plan import transient_bytes
 
     spec = EstimateSpec(TINY, world_size=1, precision="bf16", zero_stage=0, device="cpu")
     model, _ = build_shard(TINY, 1)
@@ -106,7 +106,7 @@ def test_state_bytes_stage0_bf16_by_hand():
 
 def _real_activations(num_layers, batch, seq, checkpointing="none"):
     """A real forward + backward of the real model with real routing, tracked the same way."""
-    from moe.model import ArcticForCausalLM, apply_activation_checkpointing
+    from floe.model import ArcticForCausalLM, apply_activation_checkpointing
 
     torch.manual_seed(0)
     model = ArcticForCausalLM(TINY.replace(num_layers=num_layers))

@@ -1,4 +1,4 @@
-"""Held-out evaluation: moe.evaluation against a per-row loop, and the Trainer's use of it
+"""Held-out evaluation: floe.run.evaluation against a per-row loop, and the Trainer's use of it
 (every train.eval_every steps and at the end, without disturbing training, same on 2 processes)."""
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moe.config import PRESETS
-from moe.data import DataConfig, build_eval_dataset, eval_micro_batches
-from moe.evaluation import eval_loss_record, eval_loss_sums
-from moe.model import ArcticForCausalLM
+from floe.config import PRESETS
+from floe.data import DataConfig, build_eval_dataset, eval_micro_batches
+from floe.run.evaluation import eval_loss_record, eval_loss_sums
+from floe.model import ArcticForCausalLM
 from tests.distributed import run_distributed
 
 SOURCES = ("math", "identity", "code", "general")
@@ -91,7 +91,7 @@ def _compose(run_dir, overrides):
 
 def _train_worker(rank, world_size, run_dir, overrides, check_train_mode=False):
     from launch.train import train
-    from moe import trainer
+    from floe.run import trainer
 
     if check_train_mode:  # every optimizer step starts with the model in train mode
         step = trainer.Trainer.train_step

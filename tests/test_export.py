@@ -1,19 +1,19 @@
 """Export of a trained run as a Hugging Face directory: weights against the trained model,
 tokenizer against floe's SentencePiece ids (through transformers.AutoTokenizer), chat template
-against moe.data.template.render."""
+against floe.data.template.render."""
 import json
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from moe.config import PRESETS
-from moe.data import synthetic
-from moe.data.formats import parse_record
-from moe.data.template import render
-from moe.data.tokenizer import Tokenizer, hf_tokenizer_json
-from moe.hf import expert_key, from_hf, save_hf, to_hf
-from moe.model import ArcticForCausalLM
+from floe.config import PRESETS
+from floe.data import synthetic
+from floe.data.formats import parse_record
+from floe.data.template import render
+from floe.data.tokenizer import Tokenizer, hf_tokenizer_json
+from floe.hf import expert_key, from_hf, save_hf, to_hf
+from floe.model import ArcticForCausalLM
 from tests.test_train import make_cfg
 from tools.export import export, load_checkpoint_model, resolve_checkpoint
 
@@ -54,7 +54,7 @@ def hf_tokenizer(tmp_path_factory):
     from transformers import AutoTokenizer
 
     out = tmp_path_factory.mktemp("tok")
-    from moe.hf import CHAT_TEMPLATE
+    from floe.hf import CHAT_TEMPLATE
 
     Tokenizer().save_hf(out, CHAT_TEMPLATE, model_max_length=512)
     return AutoTokenizer.from_pretrained(str(out))

@@ -1,11 +1,11 @@
-"""moe.generate against recomputing the whole prefix at every step (no cache, no padding, one
+"""floe.generate against recomputing the whole prefix at every step (no cache, no padding, one
 prompt at a time); sampling reproducibility; top-p at its limit against greedy."""
 import pytest
 import torch
 
-from moe.config import PRESETS
-from moe.generate import generate, left_align
-from moe.model import ArcticForCausalLM
+from floe.config import PRESETS
+from floe.generate import generate, left_align
+from floe.model import ArcticForCausalLM
 
 PROMPTS = [[5, 17, 300, 42, 9, 88, 7], [250, 3], [11, 12, 13, 14]]
 
@@ -144,8 +144,8 @@ def test_evaluate_cli_planted_references(model, tmp_path, capsys):
     """On random weights (an HF dir), whose greedy reply is garbage text but a known one."""
     import json
 
-    from moe.data.tokenizer import Tokenizer
-    from moe.hf import save_hf
+    from floe.data.tokenizer import Tokenizer
+    from floe.hf import save_hf
     from tools.evaluate import main as evaluate_main
     from tools.generate import chat_prompt_ids
 

@@ -11,9 +11,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from moe.config import PRESETS
-from moe.hf import config_from_hf, hf_config_from, load_hf_weights, read_hf_config, save_hf
-from moe.model import ArcticForCausalLM
+from floe.config import PRESETS
+from floe.hf import config_from_hf, hf_config_from, load_hf_weights, read_hf_config, save_hf
+from floe.model import ArcticForCausalLM
 from tests.arctic_reference import ArcticReference, tiny_arctic_config
 from tests.distributed import run_distributed
 
@@ -45,7 +45,7 @@ def test_hf_arctic_to_floe_same_logits(tmp_path, top_k):
 
 
 def test_floe_to_hf_to_floe_is_bit_exact(tmp_path):
-    from moe.data.tokenizer import Tokenizer
+    from floe.data.tokenizer import Tokenizer
 
     cfg = PRESETS["tiny"].replace(capacity_factor=None)
     model = ArcticForCausalLM(cfg)
@@ -122,7 +122,7 @@ def test_config_round_trip_and_export_refusals():
 
 
 def test_export_refuses_before_writing(tmp_path):
-    from moe.data.tokenizer import Tokenizer
+    from floe.data.tokenizer import Tokenizer
 
     cfg = PRESETS["tiny"].replace(dense_ffn=128)
     with pytest.raises(ValueError, match="model.dense_ffn"):
@@ -169,7 +169,7 @@ class CountingSafeOpen:
 def _ep_worker(rank, world_size, hf_dir):
     import safetensors
 
-    from moe.parallel import apply_expert_parallel, build_parallel_groups, init_distributed
+    from floe.parallel import apply_expert_parallel, build_parallel_groups, init_distributed
 
     init_distributed(torch.device("cpu"), timeout_s=60)
     groups = build_parallel_groups(2)

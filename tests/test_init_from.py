@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from launch.train import parse_config, train
-from moe.data import DataConfig, StepLoader, build_dataset
-from moe.hf import from_hf, read_hf_config
-from moe.model import ArcticForCausalLM
+from floe.data import DataConfig, StepLoader, build_dataset
+from floe.hf import from_hf, read_hf_config
+from floe.model import ArcticForCausalLM
 from tests.distributed import run_distributed
 from tests.test_parallel_train import checkpoint_params
 from tests.test_train import make_cfg, read_metrics

@@ -1,4 +1,4 @@
-"""Triton grouped GEMMs (kernels/ops.py) against the reference (kernels/reference.py).
+"""Triton grouped GEMMs (kernels/floe_kernels/ops.py) against the reference (kernels/floe_kernels/reference.py).
 
 Without CUDA the kernels run under the Triton interpreter on CPU tensors: TRITON_INTERPRET=1
 is set while kernels.triton_grouped_mm is (re)imported (triton.jit decides at decoration time
@@ -53,7 +53,7 @@ RUN_IN_SUBPROCESS = not ON_GPU and not _triton_would_interpret()
 def _import_triton_modules():
     """kernels.triton_grouped_mm and kernels.ops, decorated for the interpreter when there is no GPU."""
     if ON_GPU:
-        from kernels import ops, triton_grouped_mm
+        from floe.kernels import ops, triton_grouped_mm
 
         return triton_grouped_mm, ops
     saved = os.environ.get("TRITON_INTERPRET")
@@ -63,7 +63,7 @@ def _import_triton_modules():
 
         if "kernels.triton_grouped_mm" in sys.modules and not sys.modules["kernels.triton_grouped_mm"].INTERPRETED:
             importlib.reload(sys.modules["kernels.triton_grouped_mm"])  # imported earlier, compiled mode
-        from kernels import ops, triton_grouped_mm
+        from floe.kernels import ops, triton_grouped_mm
     finally:
         if saved is None:
             del os.environ["TRITON_INTERPRET"]
@@ -74,8 +74,8 @@ def _import_triton_modules():
 
 
 tgm, ops = (None, None) if RUN_IN_SUBPROCESS else _import_triton_modules()
-import kernels
-from kernels import reference, triton_host
+from floe import kernels
+from floe.kernels import reference, triton_host
 
 REF_GROUPED_MM = reference.grouped_mm  # the oracle
 REF_GROUPED_SWIGLU = reference.grouped_swiglu
@@ -482,8 +482,8 @@ def test_bf16_on_gpu(shape, launches):
 @pytest.mark.parametrize("capacity_factor", [None, 0.75])
 def test_moe_layer_through_triton_matches_naive_loop(capacity_factor, launches):
     """MoELayer on the Triton path computes what an independent per-token loop computes."""
-    from moe.config import ModelConfig
-    from moe.layer import MoELayer
+    from floe.config import ModelConfig
+    from floe.layer import MoELayer
     from tests.naive_moe import naive_moe
 
     torch.manual_seed(7)

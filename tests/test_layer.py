@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from moe.config import ModelConfig
-from moe.layer import MoELayer
+from floe.config import ModelConfig
+from floe.layer import MoELayer
 from tests.naive_moe import naive_moe
 
 
@@ -152,7 +152,7 @@ def test_dropless_flag_ignores_capacity():
 def test_unpermute_matches_index_add_of_weighted_rows(dtype):
     """MoELayer.unpermute's own backward against autograd through index_add of y * weight, with
     tokens that get 0, 1 and 2 rows (dropped assignments) and fp32 router weights."""
-    from moe.layer import Permutation
+    from floe.layer import Permutation
 
     torch.manual_seed(0)
     token_idx = torch.tensor([0, 3, 3, 1, 0, 4, 2, 4])  # token 5 has no surviving row

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from moe.parallel import teardown
+from floe.parallel import teardown
 from tests.distributed import free_port
 from tools.bench_moe import build_pair
 
@@ -18,7 +18,7 @@ def single_process_group():
     dist.init_process_group("gloo")
     import deepspeed
 
-    from moe.parallel.engine import skip_shm_comm_build
+    from floe.parallel.engine import skip_shm_comm_build
 
     skip_shm_comm_build()
     deepspeed.init_distributed(dist_backend="gloo")

@@ -6,7 +6,7 @@ import json
 import os
 
 from launch.train import parse_config, train
-from moe.config import PRESETS
+from floe.config import PRESETS
 from tests.test_train import make_cfg
 
 
@@ -35,7 +35,7 @@ def test_embedded_products_stay_in_the_times_table():
     """Every product the math source states (word problems and bare "What is a * b?") has factors
     2..12, on both sides of the held-out split: a held-out 2-digit x 2-digit product measured only
     memorisation, never learning (BENCHMARKS.md "Learning target")."""
-    from moe.data import synthetic
+    from floe.data import synthetic
 
     records = synthetic.generate("math", 3000, seed=0) + synthetic.generate("math", 300, seed=0, split="eval")
     products = [(int(a), int(b)) for r in records for t in r["messages"] if t["role"] == "assistant"

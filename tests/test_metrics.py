@@ -1,4 +1,4 @@
-"""moe.metrics (FLOPs, device peaks, memory, expert-load CV) and the Trainer's step metrics:
+"""floe.run.metrics (FLOPs, device peaks, memory, expert-load CV) and the Trainer's step metrics:
 mfu, mem_peak_gb, expert_load_cv in metrics.jsonl and the counts in expert_load.jsonl."""
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import sys
 import pytest
 import torch
 
-from moe import metrics
-from moe.config import PRESETS
+from floe.run import metrics
+from floe.config import PRESETS
 from tests.distributed import REPO, run_distributed
 
 
@@ -68,7 +68,7 @@ def test_cpu_mem_peak_sees_a_large_allocation():
     # In a fresh process: the peak RSS must rise to the resident size before + 256 MiB (touched), and
     # not report this (large) parent's peak: getrusage's ru_maxrss survives fork + exec, VmHWM does not.
     parent = torch.ones(128 * 2**20)  # 512 MiB resident here
-    code = ("import os, torch; from moe.metrics import mem_peak_gb; "
+    code = ("import os, torch; from floe.run.metrics import mem_peak_gb; "
             "rss = int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2**30; "
             "x = torch.ones(64 * 2**20); print(rss, mem_peak_gb(torch.device('cpu')))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
@@ -103,7 +103,7 @@ def _jsonl(path):
 def naive_step_load(run_dir, step):
     """Tokens per expert per layer of optimizer step `step`, counted from the router logits of the
     model in checkpoint step-1 on that step's micro-batches: every real token's top-2 experts."""
-    from moe.data import DataConfig, StepLoader, build_dataset
+    from floe.data import DataConfig, StepLoader, build_dataset
     from tools.export import load_checkpoint_model
 
     model, _ = load_checkpoint_model(os.path.join(run_dir, "checkpoints", f"step_{step - 1:08d}"), run_dir)

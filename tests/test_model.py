@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from moe.config import PRESETS
-from moe.model import ArcticForCausalLM, packed_attention_mask, shift_targets
+from floe.config import PRESETS
+from floe.model import ArcticForCausalLM, packed_attention_mask, shift_targets
 
 
 def tiny_model(seed=0, **changes):
@@ -141,7 +141,7 @@ def _packed_positions():
 def test_packed_masks_match_a_naive_loop():
     from torch.nn.attention.flex_attention import create_mask
 
-    from moe.model import packed_block_mask
+    from floe.model import packed_block_mask
 
     pos = _packed_positions()
     allowed = _naive_allowed(pos)

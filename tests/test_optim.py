@@ -2,9 +2,9 @@ import math
 
 import pytest
 
-from moe.config import PRESETS
-from moe.model import ArcticForCausalLM
-from moe.optim import OptimConfig, lr_lambda, param_groups
+from floe.config import PRESETS
+from floe.model import ArcticForCausalLM
+from floe.optim import OptimConfig, lr_lambda, param_groups
 
 
 def test_warmup_then_cosine_hand_computed():

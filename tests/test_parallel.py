@@ -13,10 +13,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from moe.config import ModelConfig
-from moe.layer import EXPERT_WEIGHTS, MoELayer
-from moe.model import ArcticForCausalLM
-from moe.parallel import expected_layout, validate_parallel
+from floe.config import ModelConfig
+from floe.layer import EXPERT_WEIGHTS, MoELayer
+from floe.model import ArcticForCausalLM
+from floe.parallel import expected_layout, validate_parallel
 from tests.distributed import DistributedError, run_distributed
 
 D = 16
@@ -63,7 +63,7 @@ def layer_loss(y, stats, g):
 
 
 def _layer_worker(rank, world_size, cases, ep_size):
-    from moe.parallel import AllToAllDispatcher, apply_expert_parallel, build_parallel_groups, init_distributed
+    from floe.parallel import AllToAllDispatcher, apply_expert_parallel, build_parallel_groups, init_distributed
 
     init_distributed(torch.device("cpu"), timeout_s=60)
     groups = build_parallel_groups(ep_size)
@@ -179,7 +179,7 @@ def model_loss(out, num_global_tokens, num_ranks):
 def _model_worker(rank, world_size):
     import torch.distributed as dist
 
-    from moe.parallel import apply_expert_parallel, build_parallel_groups, full_state_dict, init_distributed
+    from floe.parallel import apply_expert_parallel, build_parallel_groups, full_state_dict, init_distributed
 
     init_distributed(torch.device("cpu"), timeout_s=60)
     groups = build_parallel_groups(world_size)
@@ -238,7 +238,7 @@ BAD_LAUNCHES = [
 
 
 def _bad_launch_worker(rank, world_size):
-    from moe.parallel import init_distributed, read_launch_env, validate_parallel
+    from floe.parallel import init_distributed, read_launch_env, validate_parallel
 
     env = read_launch_env()
     messages = []
@@ -311,7 +311,7 @@ def test_deepspeed_pin_is_the_tested_range():
     import os
     import re
 
-    from moe.parallel import TESTED_DEEPSPEED, check_deepspeed_version
+    from floe.parallel import TESTED_DEEPSPEED, check_deepspeed_version
 
     low, high = TESTED_DEEPSPEED
     setup = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "setup.py")).read()
@@ -353,8 +353,8 @@ def _sgd(groups):
 def _engine_worker(rank, world_size, ep_size, zero_stages):
     import deepspeed
 
-    from moe.optim import OptimConfig, param_groups
-    from moe.parallel import (ParallelConfig, apply_expert_parallel, build_deepspeed_config, build_engine,
+    from floe.optim import OptimConfig, param_groups
+    from floe.parallel import (ParallelConfig, apply_expert_parallel, build_deepspeed_config, build_engine,
                               build_parallel_groups, check_engine, full_state_dict, init_distributed,
                               split_moe_param_groups)
 
@@ -402,7 +402,7 @@ def _engine_worker(rank, world_size, ep_size, zero_stages):
 def test_deepspeed_engine_with_expert_parallel_matches_one_process():
     """2 ranks, ep_size=2, ZeRO 0 and 2, two SGD steps with active clipping: every parameter
     (dense, router, every expert by global id) moves exactly as on one process."""
-    from moe.optim import param_groups
+    from floe.optim import param_groups
 
     results = run_distributed(_engine_worker, 2, args=(2, (0, 2)), timeout=120)
     model = ArcticForCausalLM(model_config())
@@ -434,7 +434,7 @@ def test_deepspeed_engine_with_expert_parallel_matches_one_process():
 
 def _fake_groups(ep_size, ep_rank):
     """A rank's view of the layout, without process groups (construction needs none)."""
-    from moe.parallel import ParallelGroups
+    from floe.parallel import ParallelGroups
 
     return ParallelGroups(ep_size=ep_size, ep_rank=ep_rank, ep_group=None, edp_group=None,
                           group_name=f"ep_size_{ep_size}", ep_ranks=tuple(range(ep_size)), edp_ranks=(ep_rank,))
@@ -444,9 +444,9 @@ def _fake_groups(ep_size, ep_rank):
 def test_meta_built_shard_initialises_the_full_models_rows(ep_rank):
     """The launcher builds on the meta device, shards, materialises, then initialises: each
     rank's dense weights and expert rows equal the 1-process model's, by global expert id."""
-    from moe.config import PRESETS
-    from moe.model import ArcticForCausalLM
-    from moe.parallel import apply_expert_parallel
+    from floe.config import PRESETS
+    from floe.model import ArcticForCausalLM
+    from floe.parallel import apply_expert_parallel
 
     cfg = PRESETS["tiny"]
     full = ArcticForCausalLM(cfg)
@@ -464,9 +464,9 @@ def test_meta_built_shard_initialises_the_full_models_rows(ep_rank):
 
 
 def test_arctic_rank_materialises_only_its_experts():
-    from moe.config import PRESETS
-    from moe.model import ArcticForCausalLM
-    from moe.parallel import apply_expert_parallel
+    from floe.config import PRESETS
+    from floe.model import ArcticForCausalLM
+    from floe.parallel import apply_expert_parallel
 
     cfg = PRESETS["arctic_480b"]
     with torch.device("meta"):
@@ -484,9 +484,9 @@ def test_fix_engine_refuses_experts_without_deepspeed_markers():
     broadcast rank 0's experts to every rank. check_engine must stop the run."""
     import types
 
-    from moe.config import PRESETS
-    from moe.model import ArcticForCausalLM
-    from moe.parallel import apply_deepspeed_moe, apply_expert_parallel, check_engine
+    from floe.config import PRESETS
+    from floe.model import ArcticForCausalLM
+    from floe.parallel import apply_deepspeed_moe, apply_expert_parallel, check_engine
 
     with torch.device("meta"):
         model = ArcticForCausalLM(PRESETS["tiny"])
@@ -500,7 +500,7 @@ def test_fix_engine_refuses_experts_without_deepspeed_markers():
 
 _STALE_LOCK_SCRIPT = """
 import torch
-from moe.parallel.engine import fake_process_group, init_distributed, teardown
+from floe.parallel.engine import fake_process_group, init_distributed, teardown
 with fake_process_group(4, 1):
     pass
 init_distributed(torch.device("cpu"))

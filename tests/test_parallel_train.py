@@ -112,9 +112,9 @@ def test_training_matches_one_process(tmp_path, one_process, procs, ep_size, zer
             for name in ref:
                 torch.testing.assert_close(got[name], ref[name], rtol=0, atol=1e-4, msg=f"step {step}: {name}")
     if ep_size > 1:  # an expert-parallel checkpoint loads into a 1-process model (experts by global id)
-        from moe.config import PRESETS
-        from moe.model import ArcticForCausalLM
-        from moe.checkpoint import load_weights
+        from floe.config import PRESETS
+        from floe.model import ArcticForCausalLM
+        from floe.run.checkpoint import load_weights
 
         model = ArcticForCausalLM(PRESETS["tiny"].replace(capacity_factor=None))
         load_weights(model, os.path.join(run_dir, "checkpoints", f"step_{STEPS:08d}"))

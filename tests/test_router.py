@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from moe import router
+from floe import router
 from tests.naive_moe import naive_balance_loss, naive_route
 
 

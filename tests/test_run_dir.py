@@ -10,7 +10,7 @@ import time
 import pytest
 
 from launch.train import train
-from moe.run_dir import ResumeMismatch, RunDirBusy, metrics_lines_upto, resume_problems
+from floe.run.run_dir import ResumeMismatch, RunDirBusy, metrics_lines_upto, resume_problems
 from tests.test_train import make_cfg, read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -10,7 +10,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from launch.train import CONF_DIR, train
-from moe.config import PRESETS, ModelConfig
+from floe.config import PRESETS, ModelConfig
 from tests.test_parallel_train import checkpoint_params
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -82,7 +82,7 @@ def test_wrong_types_and_ranges_are_named_together(tmp_path):
     """Issue 8.6's inputs: every bad key named in one message, before anything runs (these used to
     be TypeErrors without the key, torch errors after DeepSpeed was up, or silently accepted)."""
     from launch.train import parse_config
-    from moe.config import ConfigError
+    from floe.errors import ConfigError
 
     with pytest.raises(ConfigError) as err:
         parse_config(make_cfg(tmp_path, "optim.lr=abc", "model.capacity_factor=abc", "train.global_batch_size=abc",
@@ -130,8 +130,8 @@ def test_config_error_is_one_clean_message_and_exit_code_2(tmp_path):
     out = subprocess.run(args[:2] + ["model=nope"] + args[4:], capture_output=True, text=True, cwd=tmp_path,
                          env={**env, "RANK": "1"}, timeout=120)
     assert out.returncode == 2 and out.stderr == "", out.stderr  # rank 0 prints Hydra's message for all
-    code = ("import runpy, sys, moe.trainer\n"  # once Hydra has composed, training's stderr is every rank's
-            "moe.trainer.train = lambda c, resolved: print('from training', file=sys.stderr)\n"
+    code = ("import runpy, sys, floe.run.trainer\n"  # once Hydra has composed, training's stderr is every rank's
+            "floe.run.trainer.train = lambda c, resolved: print('from training', file=sys.stderr)\n"
             f"sys.argv = ['launch/train.py', 'log.wandb=disabled', 'run.dir={tmp_path / 'run'}']\n"
             "runpy.run_path('launch/train.py', run_name='__main__')\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
@@ -140,12 +140,12 @@ def test_config_error_is_one_clean_message_and_exit_code_2(tmp_path):
 
 
 def test_too_little_data_is_reported_before_the_model_is_built(tmp_path, monkeypatch):
-    import moe.trainer
+    import floe.run.trainer
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model was built before the data check")
 
-    monkeypatch.setattr(moe.trainer, "Trainer", no_model)
+    monkeypatch.setattr(floe.run.trainer, "Trainer", no_model)
     with pytest.raises(ValueError, match=r"packs into \d+ rows.*fewer than one global batch.*Fix"):
         train(make_cfg(tmp_path, "data.num_examples=20"))
     assert not torch.distributed.is_initialized()
@@ -165,7 +165,7 @@ def test_vocab_too_small_for_tokenizer(tmp_path):
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_model_group_is_the_presets(tmp_path, name):
-    """model=<name> composes moe.config.PRESETS[name] (registered by launch/train.py), and no
+    """model=<name> composes floe.config.PRESETS[name] (registered by launch/train.py), and no
     conf/model/*.yaml exists that could shadow or drift from it."""
     cfg = make_cfg(tmp_path, f"model={name}")
     from omegaconf import OmegaConf
@@ -204,7 +204,7 @@ def test_non_finite_steps_are_never_applied_and_stop_after_max_skipped_steps(tmp
     """Weights of 1e30 overflow the gradients on every step. Each step is skipped (never applied),
     counted in metrics.jsonl (the non-finite norm written as null), and the third in a row stops
     the run with a message naming the last good checkpoint; no checkpoint is written."""
-    from moe.trainer import NonFiniteTraining
+    from floe.run.trainer import NonFiniteTraining
 
     run_dir = tmp_path / "run"
     with pytest.raises(NonFiniteTraining, match=r"3 consecutive steps \(up to step 3\).*Last good checkpoint: none"):
@@ -222,8 +222,8 @@ def test_finite_loss_with_non_finite_gradients_is_not_applied(tmp_path, zero_sta
     case that used to be applied and saved at ZeRO-0, and skipped silently forever at ZeRO-2). No
     update is applied: the saved weights are the initial ones, bit for bit, both steps are counted
     as skipped and the learning-rate schedule did not advance."""
-    from moe.config import PRESETS
-    from moe.model import ArcticForCausalLM
+    from floe.config import PRESETS
+    from floe.model import ArcticForCausalLM
 
     run_dir = tmp_path / "run"
     train(make_cfg(run_dir, "model.init_std=1e30", "train.max_steps=2", "train.max_skipped_steps=5",
@@ -243,8 +243,8 @@ def test_finite_loss_with_non_finite_gradients_is_not_applied(tmp_path, zero_sta
 def test_divergence_mid_run_keeps_the_last_good_checkpoint(tmp_path):
     """optim.lr=1e4 diverges after a few good steps: the steps after it are skipped and the run
     stops naming the last checkpoint, which holds finite weights; resume would pick exactly it."""
-    from moe import checkpoint
-    from moe.trainer import NonFiniteTraining
+    from floe.run import checkpoint
+    from floe.run.trainer import NonFiniteTraining
 
     run_dir = tmp_path / "run"
     with pytest.raises(NonFiniteTraining) as err:

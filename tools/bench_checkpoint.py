@@ -1,4 +1,4 @@
-"""Time floe's checkpoint save and load (moe/checkpoint.py) and measure its size, on one process.
+"""Time floe's checkpoint save and load (moe/run/checkpoint.py) and measure its size, on one process.
 
     python tools/bench_checkpoint.py                       # model=small, ZeRO-0
     python tools/bench_checkpoint.py model=tiny parallel.zero_stage=2
@@ -32,9 +32,9 @@ def main(argv: list[str]) -> dict:
     from hydra import compose, initialize_config_dir
 
     from launch.train import CONF_DIR, parse_config
-    from moe import checkpoint
-    from moe.model import ArcticForCausalLM
-    from moe.parallel import build_engine, init_distributed, teardown
+    from floe.run import checkpoint
+    from floe.model import ArcticForCausalLM
+    from floe.parallel import build_engine, init_distributed, teardown
 
     work = tempfile.mkdtemp(prefix="floe-bench-ckpt-")
     with initialize_config_dir(config_dir=CONF_DIR, version_base=None):

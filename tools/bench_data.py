@@ -23,8 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from moe.data import DataConfig, Tokenizer, build_dataset, formats, synthetic  # noqa: E402
-from moe.data.template import encode_examples  # noqa: E402
+from floe.data import DataConfig, Tokenizer, build_dataset, formats, synthetic  # noqa: E402
+from floe.data.template import encode_examples  # noqa: E402
 
 
 def timed(fn, repeats: int) -> float:

@@ -4,7 +4,7 @@
     python tools/bench_estimate.py --only tiny-ep2-z2   # one row
 
 Each row trains real steps with launch/train.py's train() (1 or 2 gloo processes) inside a
-PeakMemoryTracker (moe/memory.py) entered before the model is built, so it counts weights,
+PeakMemoryTracker (moe/plan/tensor_memory.py) entered before the model is built, so it counts weights,
 DeepSpeed's buffers, optimizer state and activations alike; the estimate is tools/estimate.py
 for the same overrides with train.device=cpu and +routing=balanced (real routing at
 initialisation is close to uniform; "worst" is the memory plan's default).
@@ -43,7 +43,7 @@ CASES = {
 
 def _train_peak(rank, world_size, overrides, run_dir):
     from launch.train import train
-    from moe.memory import PeakMemoryTracker
+    from floe.plan.tensor_memory import PeakMemoryTracker
     from tools.estimate import compose
 
     cfg = compose([*overrides, f"run.dir={run_dir}"])
@@ -62,7 +62,7 @@ def measure_training_peak(overrides: list[str], world_size: int = 1) -> float:
 
 
 def estimate_gb(overrides: list[str], world_size: int) -> float:
-    from moe.estimate import estimate
+    from floe.plan.memory_plan import estimate
     from tools.estimate import build_spec, compose
 
     return estimate(build_spec(compose([*overrides, f"+world_size={world_size}", "+routing=balanced"]))).total_gb

@@ -75,7 +75,7 @@ def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 def recording_configs():
     """Yields a list that receives (kernel, config) for every Triton kernel launch inside: the
     config its autotuner chose for that launch (tuned, or from its cache), with the TMA flag."""
-    from kernels import triton_grouped_mm as tgm
+    from floe.kernels import triton_grouped_mm as tgm
 
     seen: list[tuple[str, str]] = []
 
@@ -103,7 +103,7 @@ def recording_configs():
 def configs_per_site(op: str, run) -> dict[str, str]:
     """{call site: chosen config} for one forward and backward of `op` ("grouped_mm",
     "grouped_swiglu"), the call sites named as in kernels.ops.CALL_SITES."""
-    from kernels import ops
+    from floe.kernels import ops
 
     with recording_configs() as seen:
         run()
@@ -116,8 +116,8 @@ def configs_per_site(op: str, run) -> dict[str, str]:
 def bench_ops(shape: str, routing: str) -> list[dict]:
     """fwd, dX and dW of one projection alone: ours (raw launchers) and torch._grouped_mm, each
     checked against the per-expert reference before it is timed."""
-    from kernels import reference
-    from kernels import triton_grouped_mm as tgm
+    from floe.kernels import reference
+    from floe.kernels import triton_grouped_mm as tgm
 
     num_groups, k, m, num_rows = SHAPES[shape]
     dev, dt = DEVICE, DTYPE
@@ -212,7 +212,7 @@ def _measure(name, forward, leaves, dy, flops_fwd, rows, ref_out):
 
 
 def bench_grouped_mm(shape: str, routing: str) -> list[dict]:
-    from kernels import ops, reference
+    from floe.kernels import ops, reference
 
     num_groups, k, m, num_rows = SHAPES[shape]
     dev, dt = DEVICE, DTYPE
@@ -245,7 +245,7 @@ def bench_grouped_mm(shape: str, routing: str) -> list[dict]:
 
 
 def bench_swiglu(shape: str, routing: str) -> list[dict]:
-    from kernels import ops
+    from floe.kernels import ops
 
     num_groups, d, f, num_rows = SHAPES[shape]
     dev, dt = DEVICE, DTYPE
@@ -337,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("bench_grouped_gemm: needs a CUDA GPU and none is visible; measuring nothing.")
         return 0
-    from kernels import interpreter_enabled
+    from floe.kernels import interpreter_enabled
 
     if interpreter_enabled():
         print("bench_grouped_gemm: unset TRITON_INTERPRET; the interpreter would be timed, not the kernels.")

@@ -43,7 +43,7 @@ def init_single_process_group():
         dist.init_process_group("gloo")
     import deepspeed
 
-    from moe.parallel.engine import skip_shm_comm_build
+    from floe.parallel.engine import skip_shm_comm_build
 
     skip_shm_comm_build()
     deepspeed.init_distributed(dist_backend="gloo")  # DeepSpeed's comm layer wraps the torch group
@@ -53,8 +53,8 @@ def build_pair(d, f, num_experts, top_k, capacity_factor):
     """floe's MoELayer and DeepSpeed's MoE holding the same weights."""
     from deepspeed.moe.layer import MoE
 
-    from moe.config import ModelConfig
-    from moe.layer import EXPERT_WEIGHTS, MoELayer
+    from floe.config import ModelConfig
+    from floe.layer import EXPERT_WEIGHTS, MoELayer
 
     cfg = ModelConfig(vocab_size=32, hidden_size=d, num_layers=1, num_heads=2, num_kv_heads=2, dense_ffn=d,
                       expert_ffn=f, num_experts=num_experts, top_k=top_k, capacity_factor=capacity_factor,

@@ -5,7 +5,7 @@
     python tools/bench_moe_ep.py --procs 2 --tokens 2048 8192 --experts 64 --threads 1
 
 Each rank routes its own `tokens` rows. floe: MoELayer with its experts sharded and
-the all-to-all dispatcher installed by moe.parallel.apply_expert_parallel (uneven all-to-all of
+the all-to-all dispatcher installed by floe.parallel.apply_expert_parallel (uneven all-to-all of
 the kept rows only). DeepSpeed: deepspeed.moe.layer.MoE
 with the same ep_size (dense [E, capacity, D] dispatch, all-to-all of the padded buffer).
 Both hold the same weights, route deterministically (no RTS, no sampled 2nd expert) and drop
@@ -43,11 +43,11 @@ class SwiGLU(nn.Module):
 def build(args, groups):
     from deepspeed.moe.layer import MoE
 
-    from moe.config import ModelConfig
+    from floe.config import ModelConfig
     import copy
 
-    from moe.layer import EXPERT_WEIGHTS, MoELayer
-    from moe.parallel import apply_expert_parallel
+    from floe.layer import EXPERT_WEIGHTS, MoELayer
+    from floe.parallel import apply_expert_parallel
 
     cfg = ModelConfig(vocab_size=32, hidden_size=args.hidden, num_layers=1, num_heads=2, num_kv_heads=2,
                       dense_ffn=args.hidden, expert_ffn=args.expert_ffn, num_experts=args.experts,
@@ -78,7 +78,7 @@ def fwd_bwd(fn, x, grad_out):
 
 
 def run(args):
-    from moe.parallel import build_parallel_groups, init_distributed
+    from floe.parallel import build_parallel_groups, init_distributed
 
     if args.threads:
         torch.set_num_threads(args.threads)

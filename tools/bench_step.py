@@ -5,7 +5,7 @@
     python tools/bench_step.py --procs 2 --experts 128 --zero 2   # 2 ranks, ep_size 2, ZeRO-2
 
 The launcher side is the real thing: the config is composed by Hydra from conf/ exactly as
-`python launch/train.py <overrides>` composes it, and moe.trainer.Trainer (DeepSpeed's engine
+`python launch/train.py <overrides>` composes it, and floe.run.trainer.Trainer (DeepSpeed's engine
 included) runs `train_step`, `log` and `maybe_save` as `Trainer.fit` does. Its methods, the
 engine's and the optimizer's are wrapped by timers (exclusive time: a phase's children are
 not counted twice), giving the breakdown
@@ -145,7 +145,7 @@ def _naive_worker(conn, args, experts: int, batch: dict, device: str) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.naive_allocator == "retain":
-        from moe.host_memory import retain_freed_memory
+        from floe.run.host_allocator import retain_freed_memory
 
         retain_freed_memory()
     device = torch.device(device)
@@ -241,14 +241,14 @@ def instrument(trainer, timer: PhaseTimer) -> None:
 
 
 def build_trainer(args, experts: int, zero: int, procs: int, run_dir: str):
-    """Trainer exactly as moe.trainer.train builds it from the composed config (process group first)."""
+    """Trainer exactly as floe.run.trainer.train builds it from the composed config (process group first)."""
     from hydra import compose, initialize_config_dir
 
-    import kernels
+    from floe import kernels
     from launch.train import CONF_DIR, parse_config
-    from moe.data import build_dataset
-    from moe.parallel import init_distributed
-    from moe.trainer import Trainer, check_launch, pick_device
+    from floe.data import build_dataset
+    from floe.parallel import init_distributed
+    from floe.run.trainer import Trainer, check_launch, pick_device
     from omegaconf import OmegaConf
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
@@ -268,7 +268,7 @@ def build_trainer(args, experts: int, zero: int, procs: int, run_dir: str):
 
 
 def bare_model(c, device, seed: int):
-    from moe.model import ArcticForCausalLM
+    from floe.model import ArcticForCausalLM
 
     model = ArcticForCausalLM(c.model).to(device)
     model.reset_parameters(seed=seed)
@@ -287,7 +287,7 @@ def bare_fwd_bwd(model, batches, lm_scale) -> None:
 def run_config(args, experts: int, zero: int, procs: int, rank: int) -> dict:
     import torch.distributed as dist
 
-    from moe import checkpoint
+    from floe.run import checkpoint
 
     run_dir = os.path.join(args.run_root, f"e{experts}_zero{zero}")  # one directory for all ranks
     trainer, c, device = build_trainer(args, experts, zero, procs, run_dir)
@@ -361,7 +361,7 @@ def run_config(args, experts: int, zero: int, procs: int, rank: int) -> dict:
     del trainer
     if dist.is_initialized():
         dist.barrier()
-    from moe.parallel import teardown
+    from floe.parallel import teardown
 
     teardown()
     if rank == 0:

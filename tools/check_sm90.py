@@ -5,7 +5,7 @@
     python tools/check_sm90.py --only-may-pick        # just the configs the autotuner may choose
     python tools/check_sm90.py --no-tma               # the pointer path instead of TMA descriptors
 
-How: the autograd ops of kernels/ops.py run forward and backward on `meta` tensors (no data,
+How: the autograd ops of kernels/floe_kernels/ops.py run forward and backward on `meta` tensors (no data,
 no device) with every kernel launch intercepted, so the call sites, their arguments and
 strides are exactly those of a training step. Each launch is then compiled with
 `triton.compile(..., target=GPUTarget("cuda", 90, 32))` for every config in its autotune list,
@@ -23,7 +23,7 @@ Exit status 1 when a config the autotuner may pick spills anywhere (main loop or
 or cannot launch.
 
 The launches are traced as on Hopper: weights through TMA descriptors
-(kernels/triton_grouped_mm.py `weight_operand`); `--no-tma` traces the pointer path, which
+(kernels/floe_kernels/triton_grouped_mm.py `weight_operand`); `--no-tma` traces the pointer path, which
 the kernels take when a weight's layout does not allow a descriptor (and before sm_90).
 
 Shape legend: G experts, D hidden, F expert ffn, N routed rows.
@@ -53,9 +53,9 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
-from kernels import ops  # noqa: E402
-from kernels import triton_grouped_mm as tgm  # noqa: E402
-from kernels import triton_host  # noqa: E402
+from floe.kernels import ops  # noqa: E402
+from floe.kernels import triton_grouped_mm as tgm  # noqa: E402
+from floe.kernels import triton_host  # noqa: E402
 
 # name: (G experts, D hidden, F expert ffn, N routed rows), bf16
 SHAPES = {

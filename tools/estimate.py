@@ -47,8 +47,8 @@ def compose(overrides: list[str]):
 def build_spec(cfg):
     """EstimateSpec from a composed config; every bad key named in one ValueError."""
     from launch.train import parse_config
-    from moe.estimate import EstimateSpec
-    from moe.parallel import resolve_precision
+    from floe.plan.memory_plan import EstimateSpec
+    from floe.parallel import resolve_precision
 
     extras = {k: cfg.get(k, default) for k, default in EXTRA_KEYS.items()}
     c = parse_config(_without_extras(cfg))
@@ -112,7 +112,7 @@ def main(argv=None) -> int:
                    help="CPU only: also train real steps (1 process) and report the measured peak")
     p.add_argument("overrides", nargs="*", help="Hydra overrides, as for launch/train.py")
     args = p.parse_args(argv)
-    from moe.estimate import dry_run, estimate
+    from floe.plan.memory_plan import dry_run, estimate
 
     cfg = compose(args.overrides)
     spec = build_spec(cfg)

@@ -23,8 +23,8 @@ from collections import defaultdict
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from moe.data import synthetic
-from moe.data.formats import BadRecord, iter_jsonl, parse_record
+from floe.data import synthetic
+from floe.data.formats import BadRecord, iter_jsonl, parse_record
 from tools.generate import load_model_for_inference, reply
 
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?")

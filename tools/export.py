@@ -24,13 +24,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
 from omegaconf import OmegaConf
 
-from moe import checkpoint
-from moe.config import ModelConfig
-from moe.data.tokenizer import Tokenizer
-from moe.hf import hf_config_from, save_hf
-from moe.model import ArcticForCausalLM
+from floe.run import checkpoint
+from floe.config import ModelConfig
+from floe.data.tokenizer import Tokenizer
+from floe.hf import hf_config_from, save_hf
+from floe.model import ArcticForCausalLM
 
-META = "floe.json"  # marks a checkpoint directory (moe/checkpoint.py)
+META = "floe.json"  # marks a checkpoint directory (moe/run/checkpoint.py)
 
 
 def resolve_checkpoint(path: str) -> tuple[str, str]:

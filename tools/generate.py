@@ -4,7 +4,7 @@
     python tools/generate.py exported/tiny --prompt "Who are you?" --temperature 0.8 --top-p 0.9 --seed 1
 
 The prompt becomes a user turn followed by the assistant header, tokenised exactly as training
-tokenised it (moe.data.template); generation stops at <|im_end|>. Greedy unless --temperature > 0.
+tokenised it (floe.data.template); generation stops at <|im_end|>. Greedy unless --temperature > 0.
 """
 from __future__ import annotations
 
@@ -16,18 +16,18 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
 
-from moe.data.template import encode_examples
-from moe.data.tokenizer import Tokenizer
-from moe.generate import generate
-from moe.hf import CONFIG_FILE, hf_tokenizer_path, load_hf_weights, read_hf_config
-from moe.model import ArcticForCausalLM
+from floe.data.template import encode_examples
+from floe.data.tokenizer import Tokenizer
+from floe.generate import generate
+from floe.hf import CONFIG_FILE, hf_tokenizer_path, load_hf_weights, read_hf_config
+from floe.model import ArcticForCausalLM
 
 
 def load_model_for_inference(path: str) -> tuple[ArcticForCausalLM, Tokenizer]:
     """(model in eval mode on the CPU, its tokenizer) from a run dir, a checkpoint dir or an HF export dir.
 
     The one place that knows the on-disk formats: a run (config.yaml + checkpoints/) goes through
-    tools/export.py's checkpoint reader; a directory with config.json through moe.hf.
+    tools/export.py's checkpoint reader; a directory with config.json through floe.hf.
     """
     if os.path.isfile(os.path.join(path, CONFIG_FILE)):
         config = read_hf_config(path)

@@ -22,7 +22,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from moe.data import DataConfig, build_dataset  # noqa: E402
+from floe.data import DataConfig, build_dataset  # noqa: E402
 
 
 def data_config_from_overrides(overrides: list[str]) -> tuple[DataConfig, int]:

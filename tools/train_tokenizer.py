@@ -14,9 +14,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from moe.data import formats, synthetic  # noqa: E402
-from moe.data.template import render  # noqa: E402
-from moe.data.tokenizer import train_tokenizer  # noqa: E402
+from floe.data import formats, synthetic  # noqa: E402
+from floe.data.template import render  # noqa: E402
+from floe.data.tokenizer import train_tokenizer  # noqa: E402
 
 EMBEDDED_SEED = 1234  # not a training seed: the tokenizer sees a sample unlike any default epoch
 EMBEDDED_PER_SOURCE = 6000

@@ -1,6 +1,6 @@
 """floe's data pipeline: records -> ChatML tokens with completion-only labels -> packed rows -> steps.
 
-    from moe.data import DataConfig, build_dataset, StepLoader
+    from floe.data import DataConfig, build_dataset, StepLoader
     tokenizer, dataset = build_dataset(DataConfig(**cfg.data), seed)
     loader = StepLoader(dataset, global_batch_size=G, micro_batch_size=m, dp_rank=r, dp_size=n, seed=seed)
     for micro in loader.next_step(): ...
@@ -22,10 +22,10 @@ Held-out evaluation (data.eval_fraction or data.eval_paths) and the resume/size 
     check_enough_rows(dataset, global_batch_size)   # ValueError with the numbers and the fix
     dataset.fingerprint                             # sha256 of the packed arrays, for resume checks
 """
-from moe.data.config import DataConfig
-from moe.data.dataset import PackedDataset, build_dataset, build_eval_dataset
-from moe.data.loader import StepLoader, check_enough_rows, eval_micro_batches
-from moe.data.tokenizer import Tokenizer
+from floe.data.config import DataConfig
+from floe.data.dataset import PackedDataset, build_dataset, build_eval_dataset
+from floe.data.loader import StepLoader, check_enough_rows, eval_micro_batches
+from floe.data.tokenizer import Tokenizer
 
 __all__ = ["DataConfig", "PackedDataset", "StepLoader", "Tokenizer", "build_dataset", "build_eval_dataset",
            "check_enough_rows", "eval_micro_batches"]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
-from moe.data.synthetic import SOURCES
+from floe.data.synthetic import SOURCES
 
 NAMES = ("synthetic", "jsonl", "arctic_mix")
 EMBEDDED = ("synthetic", "arctic_mix")  # options that read the embedded sources
@@ -24,7 +24,7 @@ class DataConfig:
     tokenizer: str | None = None       # SentencePiece .model; None: floe's embedded tokenizer
     cache_dir: str | None = None       # None: $FLOE_CACHE or ~/.cache/floe
     num_workers: int = 0               # tokenizer threads; 0: all cores
-    # The held-out evaluation set (moe.data.build_eval_dataset), at most one of the two. eval_fraction:
+    # The held-out evaluation set (floe.data.build_eval_dataset), at most one of the two. eval_fraction:
     # for jsonl, the share of each source's examples held out of training (by content hash); for the
     # embedded sources, eval examples per source as a share of its training examples, drawn from the
     # held-out questions (which training never sees, whatever this is; moe/data/synthetic.py).
@@ -32,7 +32,7 @@ class DataConfig:
     eval_paths: list[str] = field(default_factory=list)  # JSONL files or globs, one eval source each
 
     def __post_init__(self):
-        from moe.config import field_type_errors
+        from floe.errors import field_type_errors
 
         if errors := field_type_errors(self, "data"):
             raise ValueError("invalid data config:\n  " + "\n  ".join(errors))

@@ -41,12 +41,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moe.data import cache, formats, synthetic
-from moe.data.config import DEFAULT_EMBEDDED_EXAMPLES, EMBEDDED, DataConfig
-from moe.data.formats import BadRecord, ReadResult
-from moe.data.packing import best_fit_pack
-from moe.data.template import Encoded, encode_examples
-from moe.data.tokenizer import Tokenizer
+from floe.data import cache, formats, synthetic
+from floe.data.config import DEFAULT_EMBEDDED_EXAMPLES, EMBEDDED, DataConfig
+from floe.data.formats import BadRecord, ReadResult
+from floe.data.packing import best_fit_pack
+from floe.data.template import Encoded, encode_examples
+from floe.data.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 CHUNK = 4096  # examples per tokenizer call (one progress-bar tick)
@@ -70,7 +70,7 @@ class PackedDataset:
     source_names: list[str]
     stats: dict
     pad_id: int
-    fingerprint: str = ""    # sha256 of the arrays (moe.data.cache.fingerprint): same rows <=> same value
+    fingerprint: str = ""    # sha256 of the arrays (floe.data.cache.fingerprint): same rows <=> same value
     path: str = ""           # the cache directory it was loaded from
     cache_hit: bool = False  # True when this call found the cache already built
 
@@ -94,7 +94,7 @@ class PackedDataset:
         return self.seg_example[self.seg_offsets[r]:self.seg_offsets[r + 1]].tolist()
 
     def batch(self, rows) -> dict[str, torch.Tensor]:
-        """Tensors for the given row indices, in that order (see moe.data docstring)."""
+        """Tensors for the given row indices, in that order (see floe.data docstring)."""
         rows = np.asarray(rows, dtype=np.int64)
         tokens = torch.from_numpy(self.tokens[rows].astype(np.int64))            # (B, L)
         trained = torch.from_numpy(self.trained[rows].astype(bool))              # (B, L)
@@ -134,7 +134,7 @@ def build_eval_dataset(cfg: DataConfig, seed: int) -> PackedDataset | None:
     or None when neither data.eval_fraction nor data.eval_paths is set. Same seed as build_dataset.
 
     Rows carry the source of each example (seg_source, source_ids()), so the loss can be reported
-    per source; iterate them with moe.data.eval_micro_batches.
+    per source; iterate them with floe.data.eval_micro_batches.
     """
     if not cfg.has_eval:
         return None

@@ -18,25 +18,10 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from moe.data.dataset import PackedDataset
+from floe.data.dataset import PackedDataset
+from floe.errors import batch_errors
 
 log = logging.getLogger(__name__)
-
-
-def batch_errors(global_batch_size, micro_batch_size, dp_size: int) -> list[str]:
-    """The batch-split rules (the one place they live): positive sizes, and a global batch
-    that every data-parallel rank splits into the same number of micro-batches."""
-    problems = []
-    if not isinstance(global_batch_size, int) or isinstance(global_batch_size, bool) or global_batch_size < 1:
-        problems.append(f"train.global_batch_size must be a positive integer, got {global_batch_size!r}")
-    if not isinstance(micro_batch_size, int) or isinstance(micro_batch_size, bool) or micro_batch_size < 1:
-        problems.append(f"train.micro_batch_size must be a positive integer, got {micro_batch_size!r}")
-    if not problems and global_batch_size % (micro_batch_size * dp_size):
-        problems.append(
-            f"train.global_batch_size ({global_batch_size}) must be divisible by train.micro_batch_size "
-            f"({micro_batch_size}) x data-parallel size ({dp_size}) = {micro_batch_size * dp_size}, so every "
-            "rank runs the same number of micro-batches")
-    return problems
 
 
 def check_enough_rows(dataset: PackedDataset, global_batch_size: int) -> None:
@@ -123,7 +108,7 @@ class StepLoader:
 
     def global_loss_tokens(self) -> int:
         """Loss targets in the NEXT step's whole global batch (every rank's rows), after the
-        shift of moe.model.shift_targets: the target at column j-1 is token j, counted iff it
+        shift of floe.model.shift_targets: the target at column j-1 is token j, counted iff it
         is trained and does not start an example (position != 0). Known on every rank from
         the host-side arrays: no device work, no collective."""
         G = self.global_batch_size

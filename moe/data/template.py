@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from moe.data.formats import ROLES, TEXT, Example
-from moe.data.tokenizer import Tokenizer
+from floe.data.formats import ROLES, TEXT, Example
+from floe.data.tokenizer import Tokenizer
 
 
 @dataclass

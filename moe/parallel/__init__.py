@@ -1,6 +1,6 @@
 """Expert parallelism and DeepSpeed ZeRO for floe, applied to a single-device model from outside.
 
-On every rank (moe/trainer.py does exactly this):
+On every rank (moe/run/trainer.py does exactly this):
     env = read_launch_env()
     validate_parallel(model_cfg, env.world_size, ep_size, zero_stage, ...)   # before any collective
     init_distributed(device)
@@ -16,18 +16,18 @@ Without DeepSpeed (tests, benchmarks): build_parallel_groups(ep_size), then
 apply_expert_parallel(model, groups) shards each MoE layer's experts and installs the
 all-to-all dispatcher.
 """
-from moe.parallel.quiet import quiet_libraries
+from floe.parallel.quiet import quiet_libraries
 
 quiet_libraries()  # before anything below imports DeepSpeed
 
-from moe.parallel.dispatch import (
+from floe.parallel.dispatch import (
     AllToAllDispatcher,
     all_to_all,
     apply_expert_parallel,
     expert_parallel_layers,
     full_state_dict,
 )
-from moe.parallel.engine import (
+from floe.parallel.engine import (
     PRECISIONS,
     TESTED_DEEPSPEED,
     Engine,
@@ -43,8 +43,8 @@ from moe.parallel.engine import (
     split_moe_param_groups,
     teardown,
 )
-from moe.parallel.grad_norm import clip_grad_norm_, global_grad_norm, is_expert_param
-from moe.parallel.groups import (
+from floe.parallel.grad_norm import clip_grad_norm_, global_grad_norm, is_expert_param
+from floe.parallel.groups import (
     LaunchEnv,
     ParallelConfig,
     ParallelGroups,

@@ -32,8 +32,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from moe.layer import EXPERT_WEIGHTS, MoELayer
-from moe.parallel.groups import ParallelGroups
+from floe.layer import EXPERT_WEIGHTS, MoELayer
+from floe.parallel.groups import ParallelGroups
 
 
 class _AllToAll(torch.autograd.Function):

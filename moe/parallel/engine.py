@@ -39,11 +39,11 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from moe.layer import EXPERT_WEIGHTS
-from moe.optim import OptimConfig, build_optimizer, lr_lambda, param_groups
-from moe.parallel.dispatch import apply_expert_parallel, expert_parallel_layers
-from moe.parallel.grad_norm import clip_grad_norm_, global_grad_norm, is_expert_param
-from moe.parallel.groups import ParallelConfig, ParallelGroups, default_backend, expected_layout
+from floe.layer import EXPERT_WEIGHTS
+from floe.optim import OptimConfig, build_optimizer, lr_lambda, param_groups
+from floe.parallel.dispatch import apply_expert_parallel, expert_parallel_layers
+from floe.parallel.grad_norm import clip_grad_norm_, global_grad_norm, is_expert_param
+from floe.parallel.groups import ParallelConfig, ParallelGroups, default_backend, expected_layout
 
 TESTED_DEEPSPEED = ("0.19.8", "0.20")  # [lowest tested, first untested): setup.py pins the same range
 
@@ -241,7 +241,7 @@ def check_engine(engine, model: nn.Module) -> None:
     layers = expert_parallel_layers(model)
     if layers and not engine.has_moe_layers:
         raise RuntimeError("DeepSpeed did not recognise floe's expert-parallel MoE layers, so it would treat the "
-                           "expert shards as data-parallel: call moe.parallel.apply_deepspeed_moe(model) after "
+                           "expert shards as data-parallel: call floe.parallel.apply_deepspeed_moe(model) after "
                            "apply_expert_parallel and before deepspeed.initialize")
     unmarked = [f"{name}.experts.{w}" for name, layer in layers for w in EXPERT_WEIGHTS
                 if not is_expert_param(getattr(layer.experts, w))]
@@ -470,7 +470,7 @@ def _gate_optimizer_step(optimizer: torch.optim.Optimizer) -> None:
     optimizer.overflow = False
 
 
-# --- Optimizer state per parameter, for floe's checkpoints (moe/checkpoint.py) --------------------------
+# --- Optimizer state per parameter, for floe's checkpoints (moe/run/checkpoint.py) --------------------------
 # One parameter at a time, by the model's own Parameter objects, whatever the ZeRO stage:
 #   ZeRO-1/2 and DeepSpeed's bf16 optimizer: DeepSpeed links every optimized parameter to its fragment of
 #     the flat fp32 partition (`_hp_mapping`); deepspeed.utils.safe_get_full_* rebuild the full tensor by
@@ -639,7 +639,7 @@ def build_engine(model: nn.Module, parallel: ParallelConfig, optim: OptimConfig,
 
     make_optimizer(param_groups) -> torch optimizer; default AdamW from `optim`.
     load_weights(model): fills the (sharded, possibly meta) model on `device` instead of the keyed
-    init from `seed`, e.g. lambda m: moe.hf.load_hf_weights(m, hf_dir, device).
+    init from `seed`, e.g. lambda m: floe.hf.load_hf_weights(m, hf_dir, device).
     Call init_distributed first and validate_parallel before that.
     """
     check_deepspeed_version()

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from moe.config import ModelConfig
-from moe.data.loader import batch_errors
+from floe.config import ModelConfig
+from floe.errors import batch_errors
 
 ZERO_STAGES = (0, 1, 2)
 
@@ -40,7 +40,7 @@ class ParallelConfig:
     async_dispatch: bool = True  # expert-parallel all-to-all in flight during attention
 
     def __post_init__(self):
-        from moe.config import field_type_errors
+        from floe.errors import field_type_errors
 
         errors = field_type_errors(self, "parallel")  # values against the launch: parallel_errors
         if not errors:

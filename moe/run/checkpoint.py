@@ -17,7 +17,7 @@ Who writes what, in parallel, with no gather of the model on one rank:
   - expert e is written once, by one of the ranks that hold it: local expert i by the rank whose
     expert-data-parallel rank is i % (expert-data-parallel size);
   - under ZeRO-1/2 the optimizer state is rebuilt one parameter at a time (an all-reduce over that
-    parameter's data-parallel group, moe.parallel.engine.full_optimizer_state) and kept only by its writer.
+    parameter's data-parallel group, floe.parallel.engine.full_optimizer_state) and kept only by its writer.
 Loading needs nothing of the layout that wrote it: every rank reads every dense tensor and the files of
 the experts it holds, and under ZeRO-1/2 keeps its own partition of their optimizer state. So a
 checkpoint resumes at any process count, parallel.ep_size and parallel.zero_stage the config allows.
@@ -45,8 +45,8 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from moe.layer import EXPERT_WEIGHTS, MoELayer
-from moe.parallel import engine as ds_engine
+from floe.layer import EXPERT_WEIGHTS, MoELayer
+from floe.parallel import engine as ds_engine
 
 LATEST = "latest"
 FORMAT, VERSION = "floe-checkpoint", 1
@@ -206,7 +206,7 @@ def check_finite(engine, step: int, ckpt_dir: str) -> None:
 
 @torch.no_grad()
 def save(engine, ckpt_dir: str, step: int, client_state: dict, keep_last: int = 2) -> str:
-    """Write checkpoint `step` of a moe.parallel.Engine atomically (collective: every rank calls it).
+    """Write checkpoint `step` of a floe.parallel.Engine atomically (collective: every rank calls it).
     `client_state` (JSON-serialisable, e.g. the loader's position) comes back from load()."""
     rank, world = dist.get_rank(), dist.get_world_size()
     check_finite(engine, step, ckpt_dir)
@@ -334,7 +334,7 @@ def _copy(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:
 @torch.no_grad()
 def load(engine, path: str) -> dict:
     """Restore weights, optimizer state, schedule and this rank's RNG from checkpoint `path` into a
-    moe.parallel.Engine of any layout; returns the client state given to save()."""
+    floe.parallel.Engine of any layout; returns the client state given to save()."""
     ds, model = engine.ds, engine.model
     state = _read_json(os.path.join(path, "state.json"))
     load_weights(model, path)

@@ -1,7 +1,7 @@
 """`train.init_from=<dir>`: start a run from a Hugging Face Arctic directory.
 
 What the directory decides, before any process group exists (launch/train.py, parse_config):
-  - the model: `config.json` through moe.hf.read_hf_config; the user's explicit `model.*` values
+  - the model: `config.json` through floe.hf.read_hf_config; the user's explicit `model.*` values
     are passed as overrides, and one that contradicts an architecture field of the file is a
     ValueError naming the key (training-only fields such as capacity_factor or freeze_moe may differ);
   - the tokenizer: the directory's `tokenizer.model` (SentencePiece; floe's export writes one, and
@@ -12,7 +12,7 @@ What the directory decides, before any process group exists (launch/train.py, pa
     was trained with.
 What it decides on every rank, inside build_engine (its load_weights hook), only when the run has
 no checkpoint of its own to resume: the weights, each rank reading only the tensors it holds
-(moe.hf.load_hf_weights). A run started with init_from resumes from its own checkpoints.
+(floe.hf.load_hf_weights). A run started with init_from resumes from its own checkpoints.
 """
 from __future__ import annotations
 
@@ -23,9 +23,9 @@ import os
 
 import torch
 
-from moe.config import ModelConfig
-from moe.data import DataConfig
-from moe.hf import hf_tokenizer_path, load_hf_weights, read_hf_config
+from floe.config import ModelConfig
+from floe.data import DataConfig
+from floe.hf import hf_tokenizer_path, load_hf_weights, read_hf_config
 
 log = logging.getLogger("floe")
 

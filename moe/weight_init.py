@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from moe.config import ModelConfig
+from floe.config import ModelConfig
 
 
 def seeded_normal_(t: torch.Tensor, std: float, *key) -> None:

@@ -9,7 +9,7 @@ Every tensor that an ATen op returns inside the block is looked at once per stor
 the storage (a weakref finalizer). So the count is what a caching allocator would have
 to hand out, without its rounding or fragmentation, on any device, for real tensors and
 for FakeTensorMode's fake ones alike (the estimator measures activations that way, see
-moe/estimate.py). Tensors created before the block are not counted: enter it before the
+moe/plan/memory_plan.py). Tensors created before the block are not counted: enter it before the
 model is materialised to count the weights too. Storages created outside an ATen op
 (torch.from_numpy, pinned host buffers) are not seen.
 """

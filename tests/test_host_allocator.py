@@ -1,4 +1,4 @@
-"""train.host_allocator: on a CPU run glibc keeps freed memory for the next step (moe/host_memory.py).
+"""train.host_allocator: on a CPU run glibc keeps freed memory for the next step (moe/run/host_allocator.py).
 Each check runs in a fresh process: the setting is process-wide and permanent."""
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from moe.host_memory import resolve
-from moe.trainer import TrainConfig
+from floe.run.host_allocator import resolve
+from floe.run.trainer import TrainConfig
 from tests.test_console import SMALL, launch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -20,9 +20,9 @@ CLEAN_ENV = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", 
 # warm up, then the minor page faults of 3 more.
 STEPS = """
 import resource, sys, torch
-from moe.config import ModelConfig
-from moe.host_memory import retain_freed_memory
-from moe.model import ArcticForCausalLM
+from floe.config import ModelConfig
+from floe.run.host_allocator import retain_freed_memory
+from floe.model import ArcticForCausalLM
 if sys.argv[1] == "retain":
     assert retain_freed_memory()
 c = ModelConfig(vocab_size=256, hidden_size=256, num_layers=1, num_heads=4, num_kv_heads=2, dense_ffn=256,

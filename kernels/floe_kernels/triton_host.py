@@ -1,4 +1,4 @@
-"""Host-side choices for the Triton grouped GEMMs (kernels/triton_grouped_mm.py): the sm_90
+"""Host-side choices for the Triton grouped GEMMs (kernels/floe_kernels/triton_grouped_mm.py): the sm_90
 resource budgets that prune autotune configs, the 32-bit tile-offset check, and the TMA
 descriptors for the weights.
 """

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from moe.config import ModelConfig
+from floe.config import ModelConfig
 
 log = logging.getLogger("floe")
 GIB = 1024**3
@@ -149,7 +149,7 @@ def mem_peak_gb(device: torch.device) -> float:
     """Peak memory so far, in GiB. CUDA: the caching allocator's peak of allocated tensor bytes
     (torch.cuda.max_memory_allocated). CPU: the process's peak resident set size (VmHWM on
     Linux, else getrusage ru_maxrss), which also counts the interpreter, libraries and data buffers: an upper bound on
-    tensor memory, read for free each step (moe/memory.py's op-by-op tracker is exact for tensors
+    tensor memory, read for free each step (moe/plan/tensor_memory.py's op-by-op tracker is exact for tensors
     but slows every op, so it is for the estimator's measurements, not for every step)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / GIB

@@ -15,14 +15,14 @@ from collections.abc import Iterable
 import torch
 import torch.nn.functional as F
 
-from moe.model import IGNORE_INDEX, shift_targets
+from floe.model import IGNORE_INDEX, shift_targets
 
 
 def eval_loss_sums(model: torch.nn.Module, micro_batches: Iterable[dict[str, torch.Tensor]], num_sources: int,
                    device: torch.device) -> torch.Tensor:
     """[num_sources, 2] float64 on `device`: (summed cross-entropy, loss tokens) per source.
 
-    micro_batches: moe.data.eval_micro_batches' dicts (input_ids, labels, position_ids,
+    micro_batches: floe.data.eval_micro_batches' dicts (input_ids, labels, position_ids,
     attention_mask, source_ids, each [B, S]). The model is put in eval mode under no_grad and
     given back in the mode it was in; no parameter, gradient, optimizer or RNG state is touched.
     """

@@ -166,14 +166,14 @@ class RoutingOracle(TorchDispatchMode):
 
 
 class SavedInputsSwiGLU(torch.autograd.Function):
-    """The Triton expert kernel's memory behaviour (kernels/ops.py _GroupedSwiGLU) on any device:
+    """The Triton expert kernel's memory behaviour (kernels/floe_kernels/ops.py _GroupedSwiGLU) on any device:
     forward keeps only x and the weights; backward recomputes gate, up and their product.
     The Triton kernels cannot run on fake tensors; this has the same saved tensors and the
     same backward-time [N, F] intermediates, computed by the reference kernels."""
 
     @staticmethod
     def forward(ctx, x_ND, w1, w3, w2, group_sizes):
-        from kernels import reference
+        from floe.kernels import reference
 
         ctx.save_for_backward(x_ND, w1, w3, w2)
         ctx.group_sizes = group_sizes
@@ -182,7 +182,7 @@ class SavedInputsSwiGLU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy_ND):
-        from kernels import reference
+        from floe.kernels import reference
 
         x_ND, w1, w3, w2 = ctx.saved_tensors
         group_sizes = ctx.group_sizes
@@ -198,7 +198,7 @@ class SavedInputsSwiGLU(torch.autograd.Function):
 def expert_kernel_footprint(name: str):
     """Make the experts save what kernel `name` ("reference" or "triton") saves, for a fake run.
     Swaps kernels.grouped_swiglu, the function MoELayer.experts calls, for the duration."""
-    import kernels
+    from floe import kernels
 
     if name == "reference":
         yield

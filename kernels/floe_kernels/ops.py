@@ -1,6 +1,6 @@
 """Autograd ops over the Triton grouped GEMMs (tier 2; raw kernels in triton_grouped_mm.py).
 
-Same signatures and semantics as kernels/reference.py. Shape legend: N rows sorted by
+Same signatures and semantics as kernels/floe_kernels/reference.py. Shape legend: N rows sorted by
 group, K input width, M output width, G groups, D hidden, F expert ffn width.
 
 grouped_swiglu is the memory-optimised expert MLP: forward keeps only its inputs (x and
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels import triton_grouped_mm as tgm
+from floe.kernels import triton_grouped_mm as tgm
 
 # The kernel launches of one forward and backward of each op, in order: the call sites that
 # tools/check_sm90.py compiles and tools/bench_grouped_gemm.py reports configs for.

@@ -1,4 +1,4 @@
-"""Raw Triton grouped-GEMM kernels and their launchers (no autograd; see kernels/ops.py).
+"""Raw Triton grouped-GEMM kernels and their launchers (no autograd; see kernels/floe_kernels/ops.py).
 
 Rows of the activations are sorted by group (expert); group g owns rows
 [bounds[g], bounds[g + 1]). Three kernels cover forward and backward:
@@ -11,7 +11,7 @@ Rows of the activations are sorted by group (expert); group g owns rows
 
 Weights are read through their strides, so `[G, out, in]` parameters and their transposed
 views cost no copies; on sm_90+ the row-tiled kernels read them through TMA descriptors
-(kernels/triton_host.py `weight_operand`: a [G, K, M] box per group, clipped at each group's
+(kernels/floe_kernels/triton_host.py `weight_operand`: a [G, K, M] box per group, clipped at each group's
 K and M), elsewhere and under the interpreter through pointers. Accumulation is fp32; inputs fp32, fp16 or bf16; fp32 inputs use
 IEEE dots (no TF32) so the result matches the reference.
 
@@ -26,7 +26,7 @@ all have the same number of (K, M) output tiles, so it needs no walk.
 
 Autotuning: every config list is pruned before benchmarking (`_prune_*`) by the shared memory
 its software pipeline needs and by a register model (accumulators, epilogue tiles, operands
-loaded through pointers; kernels/triton_host.py), the limits that tools/check_sm90.py found
+loaded through pointers; kernels/floe_kernels/triton_host.py), the limits that tools/check_sm90.py found
 to cause launch failures and spills on sm_90; the key holds the shapes, a bucket of rows per
 group, the TMA flag and the strides (layouts).
 
@@ -40,8 +40,8 @@ import functools
 import torch
 import triton
 import triton.language as tl
-from kernels import interpreter_enabled
-from kernels.triton_host import _check_tile_offsets, _fits, _keep, _set_weight_blocks, weight_operands
+from floe.kernels import interpreter_enabled
+from floe.kernels.triton_host import _check_tile_offsets, _fits, _keep, _set_weight_blocks, weight_operands
 
 
 # Decided at import, as triton.jit decides at decoration time whether it interprets.

@@ -1,7 +1,7 @@
 """floe kernels: grouped GEMMs for the expert MLPs.
 
 `grouped_mm` and `grouped_swiglu` dispatch to a backend:
-  - "reference": pure PyTorch (kernels/reference.py), any device; the test oracle.
+  - "reference": pure PyTorch (kernels/floe_kernels/reference.py), any device; the test oracle.
   - "triton":    Triton kernels (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1).
 The backend is chosen, in order, by `set_backend(...)` (the launcher calls it from the
 config), the environment variable FLOE_KERNELS=reference|triton, or automatically
@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from kernels import reference
+from floe.kernels import reference
 
 BACKENDS = ("reference", "triton")
 _forced: str | None = None
@@ -53,7 +53,7 @@ def _triton_available() -> bool:
 
 def _triton_ops():
     try:
-        from kernels import ops  # imported lazily: Triton is optional on CPU-only machines
+        from floe.kernels import ops  # imported lazily: Triton is optional on CPU-only machines
     except ImportError as e:
         raise RuntimeError(
             f"kernels backend 'triton' was selected (set_backend or FLOE_KERNELS) but Triton "

@@ -22,18 +22,19 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-import kernels
-from moe import checkpoint, host_memory, run_dir
-from moe.config import ConfigError, ModelConfig
-from moe.data import DataConfig, StepLoader, build_dataset, build_eval_dataset, check_enough_rows, eval_micro_batches
-from moe.data.loader import batch_errors
-from moe.evaluation import eval_loss_record, eval_loss_sums
-from moe.host_memory import HOST_ALLOCATORS
-from moe.init_from import weight_loader
-from moe.metrics import device_peak_flops, load_cv, mem_peak_gb, train_flops_per_token
-from moe.model import CHECKPOINTING, ArcticForCausalLM, apply_activation_checkpointing
-from moe.optim import OptimConfig
-from moe.parallel import (PRECISIONS, ParallelConfig, build_engine, check_deepspeed_version, init_distributed,
+from floe import kernels
+from floe.run import checkpoint, host_allocator, run_dir
+from floe.config import ModelConfig
+from floe.errors import ConfigError
+from floe.data import DataConfig, StepLoader, build_dataset, build_eval_dataset, check_enough_rows, eval_micro_batches
+from floe.errors import batch_errors
+from floe.run.evaluation import eval_loss_record, eval_loss_sums
+from floe.run.host_allocator import HOST_ALLOCATORS
+from floe.run.init_from import weight_loader
+from floe.run.metrics import device_peak_flops, load_cv, mem_peak_gb, train_flops_per_token
+from floe.model import CHECKPOINTING, ArcticForCausalLM, apply_activation_checkpointing
+from floe.optim import OptimConfig
+from floe.parallel import (PRECISIONS, ParallelConfig, build_engine, check_deepspeed_version, init_distributed,
                           parallel_errors, read_launch_env, resolve_precision, teardown)
 
 log = logging.getLogger("floe")
@@ -54,18 +55,18 @@ class TrainConfig:
     eval_every: int = 0  # optimizer steps between held-out evaluations; 0 = only at the end
     keep_last: int = 2
     resume: str = "auto"
-    allow_schedule_change: bool = False  # resume may change max_steps, epochs, optim.* (moe/run_dir.py)
+    allow_schedule_change: bool = False  # resume may change max_steps, epochs, optim.* (moe/run/run_dir.py)
     kernels: str = "auto"
     device: str = "auto"
-    init_from: str | None = None  # a Hugging Face Arctic directory to start from (moe/init_from.py)
+    init_from: str | None = None  # a Hugging Face Arctic directory to start from (moe/run/init_from.py)
     require_init_from: bool = False  # set by recipes that fine-tune a pretrained model (+experiment=arctic_sft)
     max_skipped_steps: int = 3  # consecutive non-finite (skipped) steps before the run stops with an error
     precision: str = "auto"  # auto (bf16 on cuda, fp32 on cpu) | fp32 | bf16 (fp32 master weights), on any device
     activation_checkpointing: str = "none"  # none | moe | selective | full (moe/model.py CHECKPOINTING)
-    host_allocator: str = "auto"  # auto (retain on cpu) | retain | system (moe/host_memory.py)
+    host_allocator: str = "auto"  # auto (retain on cpu) | retain | system (moe/run/host_allocator.py)
 
     def __post_init__(self):
-        from moe.config import field_type_errors
+        from floe.errors import field_type_errors
 
         if errors := field_type_errors(self, "train"):
             raise ValueError("invalid train config:\n  " + "\n  ".join(errors))
@@ -215,7 +216,7 @@ def _train_claimed(c: Configs, resolved: dict, launch, device_kind: str) -> dict
 
 # Every rank reads the same files with the same config (run_dir checks the data fingerprint), so
 # these loggers' warnings (skipped lines, spelled-out tokenizer pieces) are the same on every rank.
-RANK_ZERO_REPORTS = ("moe.data.dataset", "moe.data.tokenizer")
+RANK_ZERO_REPORTS = ("floe.data.dataset", "floe.data.tokenizer")
 
 
 def quiet_repeated_reports(rank: int) -> None:
@@ -240,7 +241,7 @@ class Trainer:
     def __init__(self, c: Configs, resolved: dict, dataset, device: torch.device, eval_dataset=None):
         self.c, self.device, self.eval_dataset = c, device, eval_dataset
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        allocator = host_memory.configure(c.train.host_allocator, device.type)  # before the model's first tensor
+        allocator = host_allocator.configure(c.train.host_allocator, device.type)  # before the model's first tensor
         if self.rank == 0:
             run_dir.write_run_dir(c.run_dir, resolved, dataset.fingerprint)
             stats_file = write_data_stats(c.run_dir, dataset, eval_dataset)
@@ -391,7 +392,7 @@ class Trainer:
         return totals
 
     def _step_metrics(self, totals: dict, elapsed: float) -> dict:
-        """mfu, mem_peak_gb and expert load (see moe/metrics.py for what each measures)."""
+        """mfu, mem_peak_gb and expert load (see moe/run/metrics.py for what each measures)."""
         out = {"mem_peak_gb": mem_peak_gb(self.device), "expert_load_cv": load_cv(totals["tokens_per_expert"])}
         if self.peak_flops:
             tokens_per_s = totals["input_tokens"] / elapsed  # every rank's tokens

@@ -5,14 +5,14 @@
     plan = estimate(spec)          # plan.total_gb, plan.fits, plan.max_micro_batch, plan.to_json()
 
 Three parts, each from the code that really runs:
-  - the rank's shard: built on the meta device through moe.parallel's own set-up (DeepSpeed's
+  - the rank's shard: built on the meta device through floe.parallel's own set-up (DeepSpeed's
     groups, apply_expert_parallel) on torch's fake process group of the full world size,
     so `experts` and the parameter counts are what rank r of N would hold (`dry_run`);
-  - model states: the optimizer groups training builds (moe.optim.param_groups, then
+  - model states: the optimizer groups training builds (floe.optim.param_groups, then
     split_moe_param_groups), partitioned by DeepSpeed 0.19.8's rules (`state_bytes`);
     the optimizer step's temporaries are measured by running torch's AdamW on fake tensors;
   - activations: one and two blocks of the real model (embedding, head and loss included)
-    run forward and backward under FakeTensorMode (moe/fake_run.py), their peak live bytes
+    run forward and backward under FakeTensorMode (moe/plan/fake_run.py), their peak live bytes
     measured with PeakMemoryTracker and extrapolated linearly to all layers and to other
     micro-batch sizes.
 
@@ -28,10 +28,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from moe.config import ModelConfig
-from moe.memory import GIB, PeakMemoryTracker
-from moe.model import CHECKPOINTING, apply_activation_checkpointing
-from moe.parallel import fake_process_group
+from floe.config import ModelConfig
+from floe.plan.tensor_memory import GIB, PeakMemoryTracker
+from floe.model import CHECKPOINTING, apply_activation_checkpointing
+from floe.parallel import fake_process_group
 
 PRECISIONS = ("fp32", "bf16")
 EXPERT_KERNELS = ("reference", "triton")
@@ -66,8 +66,8 @@ class EstimateSpec:
     rank: int = 0
 
     def errors(self) -> list[str]:
-        from moe.fake_run import ROUTING_PLANS
-        from moe.parallel import parallel_errors
+        from floe.plan.fake_run import ROUTING_PLANS
+        from floe.parallel import parallel_errors
 
         errors = parallel_errors(self.model, self.world_size, self.ep_size, self.zero_stage)
         checks = [
@@ -90,10 +90,10 @@ class EstimateSpec:
 
 
 def build_shard(model_cfg: ModelConfig, ep_size: int) -> tuple[nn.Module, object]:
-    """This rank's model on the meta device, sharded by moe.parallel as training shards it.
+    """This rank's model on the meta device, sharded by floe.parallel as training shards it.
     Needs a process group (fake_process_group) when ep_size > 1. Returns (model, groups)."""
-    from moe.model import ArcticForCausalLM
-    from moe.parallel import apply_deepspeed_moe, apply_expert_parallel, build_parallel_groups
+    from floe.model import ArcticForCausalLM
+    from floe.parallel import apply_deepspeed_moe, apply_expert_parallel, build_parallel_groups
 
     with torch.device("meta"):
         model = ArcticForCausalLM(model_cfg)
@@ -107,7 +107,7 @@ def build_shard(model_cfg: ModelConfig, ep_size: int) -> tuple[nn.Module, object
 
 def held_experts(model: nn.Module) -> list[int]:
     """Global ids of the experts this rank's shard holds (the same in every layer)."""
-    from moe.layer import MoELayer
+    from floe.layer import MoELayer
 
     experts = next(m for m in model.modules() if isinstance(m, MoELayer)).experts
     return list(range(experts.first_expert, experts.first_expert + experts.num_local_experts))
@@ -119,7 +119,7 @@ def _is_expert(p: torch.Tensor, expert_ids: set[int]) -> bool:
 
 def param_counts(model: nn.Module) -> dict:
     """Parameters held: dense (replicated on every rank) and experts (this rank's shard)."""
-    from moe.layer import EXPERT_WEIGHTS, GroupedExperts
+    from floe.layer import EXPERT_WEIGHTS, GroupedExperts
 
     expert = {id(getattr(m, w)) for m in model.modules() if isinstance(m, GroupedExperts) for w in EXPERT_WEIGHTS}
     dense = sum(p.numel() for p in model.parameters() if id(p) not in expert)
@@ -131,7 +131,7 @@ def param_counts(model: nn.Module) -> dict:
 
 def dry_run(model_cfg: ModelConfig, world_size: int, ep_size: int, rank: int) -> dict:
     """Rank `rank` of `world_size`: its experts (global ids), parameter counts and groups."""
-    from moe.parallel import expected_layout
+    from floe.parallel import expected_layout
 
     with fake_process_group(world_size, rank) if ep_size > 1 else contextlib.nullcontext():
         model, groups = build_shard(model_cfg, ep_size)
@@ -157,10 +157,10 @@ class GroupState:
 
 
 def optimizer_groups(model: nn.Module, spec: EstimateSpec) -> list[GroupState]:
-    """The groups training hands DeepSpeed (moe.optim.param_groups, split_moe_param_groups):
+    """The groups training hands DeepSpeed (floe.optim.param_groups, split_moe_param_groups):
     dense groups partitioned over all ranks, expert groups over world_size / ep_size."""
-    from moe.optim import param_groups
-    from moe.parallel import split_moe_param_groups
+    from floe.optim import param_groups
+    from floe.parallel import split_moe_param_groups
 
     out = []
     for g in split_moe_param_groups(param_groups(model, 0.1)):
@@ -264,7 +264,7 @@ def measure_activations(spec: EstimateSpec, num_layers: int, micro_batch: int) -
     when spec.ep_size > 1."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from moe.fake_run import RoutingOracle, expert_kernel_footprint
+    from floe.plan.fake_run import RoutingOracle, expert_kernel_footprint
 
     model, groups = build_shard(spec.model.replace(num_layers=num_layers), spec.ep_size)
     experts = held_experts(model)

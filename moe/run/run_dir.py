@@ -29,13 +29,13 @@ import threading
 import time
 from contextlib import contextmanager
 
-from moe.config import ConfigError
+from floe.errors import ConfigError
 
 log = logging.getLogger("floe")
 
 LOCK_FILE = "floe.lock"
 CONFIG_FILE = "config.yaml"
-DATA_FILE = "data.json"   # the fingerprint of the packed training rows (moe.data.cache.fingerprint)
+DATA_FILE = "data.json"   # the fingerprint of the packed training rows (floe.data.cache.fingerprint)
 
 # Keys whose change alters what a resumed run computes. A key is matched exactly or by section
 # prefix ("model." covers every model.* key); FREE_DATA_KEYS are carved out of data.*.
