@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 
 from floe.config import ModelConfig
-from floe.data.formats import ROLES
+from floe.data.template import CHAT_TEMPLATE
 from floe.layer import EXPERT_WEIGHTS
 from floe.run.checkpoint import expert_tensors
 
@@ -354,18 +354,6 @@ def load_hf_weights(model: nn.Module, hf_dir: str, device: torch.device | str | 
 
 
 # ----------------------------------------------------------------------------- export
-
-# ChatML exactly as floe.data.template.render writes a conversation (tests hold the two equal).
-CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{%- if message['role'] not in " + repr(list(ROLES)) + " -%}"
-    "{{- raise_exception('floe chat roles are " + ", ".join(ROLES) + ", not ' + message['role']) -}}"
-    "{%- endif -%}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
-)
-
 
 def save_hf(state: dict[str, torch.Tensor], config: ModelConfig, out_dir: str, tokenizer,
             dtype: str = "float32", max_shard_bytes: int = 5 * 2**30) -> list[str]:

@@ -234,7 +234,7 @@ BAD_LINES = [  # (line, reason); line numbers follow from the order
     (b'{"prompt": "2+2?", "completion": "4"\n', formats.INVALID_JSON),
     (b'{"text": "caf\xe9"}\n', formats.INVALID_UTF8),
     ({"foo": 1}, formats.NO_FIELDS),
-    (chat(("tool", "x"), ("assistant", "y")), formats.UNKNOWN_ROLE),
+    (chat(("narrator", "x"), ("assistant", "y")), formats.UNKNOWN_ROLE),
     (chat(("user", "x"), ("assistant", "  ")), formats.EMPTY_ASSISTANT),
     ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant"}]}, formats.EMPTY_ASSISTANT),
     ({"prompt": "x", "completion": ""}, formats.EMPTY_ASSISTANT),

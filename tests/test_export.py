@@ -80,8 +80,8 @@ def test_chat_template_renders_floes_training_text(hf_tokenizer):
     prompt = [{"role": "user", "content": "Hi"}]
     assert hf_tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True) == \
         "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
-    with pytest.raises(Exception, match="not tool"):
-        hf_tokenizer.apply_chat_template([{"role": "tool", "content": "x"}], tokenize=False)
+    with pytest.raises(Exception, match="not narrator"):
+        hf_tokenizer.apply_chat_template([{"role": "narrator", "content": "x"}], tokenize=False)
 
 
 def test_dummy_prefix_tokenizer_and_refusal(tmp_path):

@@ -1,6 +1,7 @@
 """DataConfig: the `data` config group (conf/data/*.yaml), validated on construction."""
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 
 from floe.data.synthetic import SOURCES
@@ -30,6 +31,17 @@ class DataConfig:
     # held-out questions (which training never sees, whatever this is; moe/data/synthetic.py).
     eval_fraction: float = 0.0
     eval_paths: list[str] = field(default_factory=list)  # JSONL files or globs, one eval source each
+    # How records are read (floe/data/layouts.py): the layout (auto: by each record's keys) and key mappings.
+    format: str = "auto"               # auto | messages | sharegpt | alpaca | prompt_completion | text
+    field_messages: str | None = None  # the key holding the message list (e.g. dialog)
+    message_property_mappings: dict = field(default_factory=dict)  # {role: <key>, content: <key>} of a message
+    roles: dict = field(default_factory=dict)    # {user: [human, person], ...}: extra role names in the data
+    columns: dict = field(default_factory=dict)  # {prompt: question, completion: answer, ...}: flat key names
+    # A Hugging Face dataset (datasets.load_dataset: a Hub name or a local dataset dir), one more source after paths.
+    hf_dataset: str | None = None
+    hf_config: str | None = None       # the dataset's config (subset) name
+    hf_split: str = "train"
+    hf_streaming: bool = False         # true: stream rows without a local copy (the cache key is then the name)
 
     def __post_init__(self):
         from floe.errors import field_type_errors
@@ -42,14 +54,15 @@ class DataConfig:
         self.eval_paths = [str(p) for p in (self.eval_paths or [])]
         if self.weights is not None:
             self.weights = [float(w) for w in self.weights]
-        problems = []
+        problems = self._layout_problems()
         if self.name not in NAMES:
             problems.append(f"data.name must be one of {', '.join(NAMES)}, got {self.name!r}")
         embedded = self.name in EMBEDDED
-        if self.name == "jsonl" and not self.paths:
-            problems.append("data.paths must list at least one JSONL file or glob for data=jsonl")
-        if embedded and self.paths:
-            problems.append(f"data.paths is for data=jsonl; data={self.name} reads data.sources")
+        if self.name == "jsonl" and not self.paths and not self.hf_dataset:
+            problems.append("data.paths must list at least one data file or glob for data=jsonl (or set data.hf_dataset)")
+        if embedded and (self.paths or self.hf_dataset):
+            key = "data.paths" if self.paths else "data.hf_dataset"
+            problems.append(f"{key} is for data=jsonl; data={self.name} reads data.sources")
         if embedded:
             if not self.sources:
                 problems.append("data.sources must name at least one embedded source")
@@ -59,8 +72,8 @@ class DataConfig:
             if len(set(self.sources)) != len(self.sources):
                 problems.append("data.sources lists a source twice")
         if self.weights is not None:
-            n = len(self.sources if embedded else self.paths)
-            what = "data.sources" if embedded else "data.paths"
+            n = len(self.source_names)
+            what = "data.sources" if embedded else "data.paths" + (" + data.hf_dataset" if self.hf_dataset else "")
             if len(self.weights) != n:
                 problems.append(f"data.weights has {len(self.weights)} entries but {what} has {n}")
             if any(not w > 0 for w in self.weights):  # also catches nan
@@ -85,10 +98,43 @@ class DataConfig:
         if problems:
             raise ValueError("invalid data config:\n  " + "\n  ".join(problems))
 
+    def _layout_problems(self) -> list[str]:
+        """Turn the mapping keys into plain dicts (Hydra hands over DictConfig) and check them."""
+        from collections.abc import Mapping
+
+        from floe.data.layouts import layout_errors
+
+        problems = []
+        for key in ("message_property_mappings", "roles", "columns"):
+            value = getattr(self, key)
+            if not isinstance(value, Mapping):
+                problems.append(f"data.{key} must be a mapping, e.g. {{a: b}}, got {value!r}")
+                setattr(self, key, {})
+                continue
+            value = {str(k): (v if isinstance(v, str) or not isinstance(v, Iterable) else [str(a) for a in v])
+                     for k, v in value.items()}
+            if key != "roles" and any(not isinstance(v, str) for v in value.values()):
+                problems.append(f"data.{key} maps names to key names (strings), got {value!r}")
+            setattr(self, key, value)
+        return problems + layout_errors(self.layout())
+
+    def layout(self):
+        """The floe.data.layouts.Layout these keys describe."""
+        from floe.data.layouts import Layout
+
+        return Layout(self.format, self.field_messages, self.message_property_mappings, self.roles, self.columns)
+
+    @property
+    def hf_source(self) -> str | None:
+        """The source name of data.hf_dataset ('hf:<name>'), or None."""
+        return f"hf:{self.hf_dataset}" if self.hf_dataset else None
+
     @property
     def source_names(self) -> list[str]:
-        """One name per source, in the order of data.weights."""
-        return list(self.sources) if self.name in EMBEDDED else list(self.paths)
+        """One name per source, in the order of data.weights (data.paths, then data.hf_dataset)."""
+        if self.name in EMBEDDED:
+            return list(self.sources)
+        return list(self.paths) + ([self.hf_source] if self.hf_dataset else [])
 
     @property
     def has_eval(self) -> bool:

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from floe.data import cache, formats, synthetic
+from floe.data import cache, formats, readers, synthetic
 from floe.data.config import DEFAULT_EMBEDDED_EXAMPLES, EMBEDDED, DataConfig
 from floe.data.formats import BadRecord, ReadResult
 from floe.data.packing import best_fit_pack
@@ -157,42 +157,59 @@ def _build_cached(cfg: DataConfig, seed: int, tok: Tokenizer, split: str) -> Pac
 
 # ------------------------------------------------------------------------------ build
 def _resolve_paths(paths: list[str], key: str) -> list[list[str]]:
-    """Each entry of `paths` (config key `key`) -> its sorted files; errors name the entry."""
+    """Each entry of `paths` (config key `key`) -> its sorted files (or datasets directories); errors name
+    the entry. A directory is one source only when datasets' save_to_disk wrote it."""
     out, problems = [], []
     for i, p in enumerate(paths):
         matches = sorted(glob.glob(os.path.expanduser(p), recursive=True)) if glob.has_magic(p) else [p]
-        files = [m for m in matches if os.path.isfile(m)]
+        files = [m for m in matches if os.path.isfile(m) or _is_saved_dataset(m)]
         if not files:
-            problems.append(f"{key}[{i}]: no file matches {p!r}")
-        parquet = [f for f in files if f.endswith(".parquet")]
-        if parquet:  # not read as JSONL: that would report every line as invalid UTF-8
-            problems.append(f"{key}[{i}]: {parquet[0]} is Parquet, which floe does not read; convert it "
-                            "to JSONL, e.g. pandas.read_parquet(p).to_json(out, orient='records', lines=True)")
+            dirs = [m for m in matches if os.path.isdir(m)]
+            problems.append(f"{key}[{i}]: {dirs[0]} is a directory but not a datasets save_to_disk one; give "
+                            "its files or a glob" if dirs else f"{key}[{i}]: no file matches {p!r}")
         out.append(files)
     if problems:
         raise ValueError("\n".join(problems))
     return out
 
 
+def _is_saved_dataset(path: str) -> bool:
+    names = ("dataset_info.json", "state.json", "dataset_dict.json")
+    return os.path.isdir(path) and any(os.path.isfile(os.path.join(path, n)) for n in names)
+
+
+def _read_hub(cfg: DataConfig) -> ReadResult:
+    out = ReadResult(files=[cfg.hf_source], units=["record"])
+    formats.read_iter(out, 0, readers.iter_hub(cfg.hf_dataset, cfg.hf_split, cfg.hf_config, cfg.hf_streaming),
+                      cfg.strict, cfg.layout())
+    return out
+
+
 def _read_sources(cfg: DataConfig, seed: int, files: list[list[str]], split: str) -> list[ReadResult]:
     """The examples of each source on the `split` side of the held-out split (module docstring)."""
     if split == "eval" and cfg.eval_paths:
-        return [formats.read_jsonl_files(fs, cfg.strict) for fs in files]
+        return [formats.read_files(fs, cfg.strict, cfg.layout()) for fs in files]
     if cfg.name in EMBEDDED:
         targets = _shares(cfg.weights or [1.0] * len(cfg.sources), cfg.num_examples or DEFAULT_EMBEDDED_EXAMPLES)
         if split == "eval":
             targets = [max(1, round(cfg.eval_fraction * n)) for n in targets]
         return [formats.read_records(synthetic.generate(s, n, seed, split))
                 for s, n in zip(cfg.sources, targets, strict=True)]
-    reads = [formats.read_jsonl_files(fs, cfg.strict) for fs in files]
+    reads = [formats.read_files(fs, cfg.strict, cfg.layout()) for fs in files]
+    if cfg.hf_dataset:
+        reads.append(_read_hub(cfg))
     if cfg.eval_fraction > 0:
         for i, r in enumerate(reads):
             _keep_side(r, seed, cfg.eval_fraction, heldout=split == "eval")
             if split == "eval" and not r.examples:
                 raise ValueError(f"data.eval_fraction={cfg.eval_fraction} holds out none of the {r.held_out} usable "
-                                 f"examples of data.paths[{i}] ({cfg.paths[i]}): raise data.eval_fraction or "
+                                 f"examples of {_source_key(cfg, i)} ({cfg.source_names[i]}): raise data.eval_fraction or "
                                  "give held-out files in data.eval_paths")
     return reads
+
+
+def _source_key(cfg: DataConfig, i: int) -> str:
+    return f"data.paths[{i}]" if i < len(cfg.paths) else "data.hf_dataset"
 
 
 def is_heldout(example: formats.Example, seed: int, eval_fraction: float) -> bool:
@@ -361,10 +378,14 @@ def _cache_key(cfg: DataConfig, seed: int, tok: Tokenizer, files: list[list[str]
         h.update(py.read_bytes())
     for group in files:
         for f in group:
-            h.update(f.encode() + b"\0")
-            with open(f, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(block)
+            for part in sorted(Path(f).rglob("*")) if os.path.isdir(f) else [Path(f)]:  # a datasets dir: its files
+                if part.is_file():
+                    h.update(str(part).encode() + b"\0")
+                    with open(part, "rb") as fh:
+                        for block in iter(lambda: fh.read(1 << 20), b""):
+                            h.update(block)
+    if cfg.hf_dataset and not (split == "eval" and cfg.eval_paths):
+        h.update(readers.hub_fingerprint(cfg.hf_dataset, cfg.hf_split, cfg.hf_config, cfg.hf_streaming).encode())
     return f"{cfg.name}{'-eval' if split == 'eval' else ''}-{h.hexdigest()[:20]}"
 
 

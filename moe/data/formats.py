@@ -1,10 +1,9 @@
-"""Input records: JSONL lines (or embedded records) -> conversations, with a reason for every reject.
+"""Input records: files (JSONL, JSON arrays, Parquet, Arrow, datasets) or embedded records -> conversations,
+with a reason for every reject.
 
-A record is one of
-    {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
-    {"prompt": str, "completion": str}      -> a user turn and an assistant turn
-    {"text": str}                            -> plain text, every token trained
-and becomes an `Example`: a tuple of (role, content) turns, role "text" for plain text.
+A record in any layout of floe.data.layouts (messages, ShareGPT, Alpaca, prompt/completion, text)
+becomes an `Example`: a tuple of (role, content) turns, role "text" for plain text. Where records
+are kept (which file kinds) is floe.data.readers.
 """
 from __future__ import annotations
 
@@ -13,81 +12,21 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-ROLES = ("system", "user", "assistant")
-TEXT = "text"  # pseudo-role of a plain-text example
+from floe.data import readers
+from floe.data.layouts import (AUTO, BAD_TYPE, EMPTY_ASSISTANT, EMPTY_TEXT, NO_ASSISTANT, NO_FIELDS,  # noqa: F401
+                               NOT_OBJECT, ROLES, TEXT, UNKNOWN_ROLE, UNSUPPORTED_CONTENT, BadRecord, Example,
+                               Layout, parse_record)
 
-# Skip reasons (keys of stats["skipped"]); the bad-line ones stop a strict build.
+# Skip reasons (keys of stats["skipped"]); the bad-line ones stop a strict build. The record-level
+# ones live with the layouts (floe.data.layouts) and are re-exported here.
 INVALID_UTF8 = "invalid UTF-8"
 INVALID_JSON = "invalid JSON"
-NOT_OBJECT = "not a JSON object"
-NO_FIELDS = "no known fields"
-BAD_TYPE = "bad field type"
-UNKNOWN_ROLE = "unknown role"
-EMPTY_ASSISTANT = "empty assistant content"
-NO_ASSISTANT = "no assistant turn"
-EMPTY_TEXT = "empty text"
 NOTHING_TO_TRAIN = "nothing to train"
 # Policy outcomes, counted but never fatal: they follow from the config, not from a bad line.
 BLANK = "blank line"
 OVERLONG = "overlong"
 TRUNCATED_AWAY = "nothing to train after truncation"
 POLICY_REASONS = (BLANK, OVERLONG, TRUNCATED_AWAY)
-
-Example = tuple[tuple[str, str], ...]
-
-
-class BadRecord(ValueError):
-    """A record that cannot be used; `reason` is one of the reason constants above."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-
-
-def parse_record(obj) -> Example:
-    """Turn one decoded JSON value into an Example, or raise BadRecord."""
-    if not isinstance(obj, dict):
-        raise BadRecord(NOT_OBJECT, f"got {type(obj).__name__}")
-    if "messages" in obj:
-        return _parse_messages(obj["messages"])
-    if "prompt" in obj or "completion" in obj:
-        prompt, completion = obj.get("prompt"), obj.get("completion")
-        if not isinstance(prompt, str):
-            raise BadRecord(BAD_TYPE, "prompt must be a string")
-        if completion is None or (isinstance(completion, str) and not completion.strip()):
-            raise BadRecord(EMPTY_ASSISTANT, "completion is missing or empty")
-        if not isinstance(completion, str):
-            raise BadRecord(BAD_TYPE, "completion must be a string")
-        return (("user", prompt), ("assistant", completion))
-    if "text" in obj:
-        text = obj["text"]
-        if not isinstance(text, str):
-            raise BadRecord(BAD_TYPE, "text must be a string")
-        if not text.strip():
-            raise BadRecord(EMPTY_TEXT)
-        return ((TEXT, text),)
-    keys = ", ".join(sorted(map(str, obj))) or "none"
-    raise BadRecord(NO_FIELDS, f"expected messages, prompt/completion or text; found keys: {keys}")
-
-
-def _parse_messages(messages) -> Example:
-    if not isinstance(messages, list) or not messages:
-        raise BadRecord(BAD_TYPE, "messages must be a non-empty list")
-    turns = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise BadRecord(BAD_TYPE, f"messages[{i}] must be an object with role and content")
-        role, content = m.get("role"), m.get("content")
-        if role not in ROLES:
-            raise BadRecord(UNKNOWN_ROLE, f"messages[{i}].role={role!r} (expected one of {', '.join(ROLES)})")
-        if role == "assistant" and (content is None or (isinstance(content, str) and not content.strip())):
-            raise BadRecord(EMPTY_ASSISTANT, f"messages[{i}] is an assistant turn with no content")
-        if not isinstance(content, str):
-            raise BadRecord(BAD_TYPE, f"messages[{i}].content must be a string")
-        turns.append((role, content))
-    if not any(role == "assistant" for role, _ in turns):
-        raise BadRecord(NO_ASSISTANT, "a conversation needs at least one assistant turn to train on")
-    return tuple(turns)
 
 
 @dataclass
@@ -96,6 +35,7 @@ class ReadResult:
     examples: list[Example] = field(default_factory=list)
     origins: list[tuple[int, int]] = field(default_factory=list)  # (file index, 1-based line)
     files: list[str] = field(default_factory=list)
+    units: list[str] = field(default_factory=list)  # per file: what a position counts ("line" or "record")
     skipped: Counter = field(default_factory=Counter)
     first_skips: list[str] = field(default_factory=list)  # a few "path:line: reason" for the log
     lines: int = 0
@@ -105,7 +45,7 @@ class ReadResult:
     def where(self, i: int) -> str:
         """'path:line' of example i."""
         f, line = self.origins[i]
-        return f"{self.files[f]}:{line}" if f >= 0 else f"<embedded #{line}>"
+        return where(self.files[f], self.units[f] if self.units else "line", line) if f >= 0 else f"<embedded #{line}>"
 
     def skip(self, where: str, err: BadRecord, strict: bool) -> None:
         """Count a rejected record; raise it as `where: reason` in strict mode unless it is policy."""
@@ -134,23 +74,37 @@ def iter_jsonl(path: str) -> Iterator[tuple[int, dict | BadRecord | None]]:
                 yield lineno, BadRecord(INVALID_JSON, f"{e.msg} at column {e.pos + 1}")
 
 
-def read_jsonl_files(files: list[str], strict: bool) -> ReadResult:
-    """Parse every line of `files` (one source); strict raises at the first unusable line."""
+def where(path: str, unit: str, position: int) -> str:
+    """'path:12' for a JSONL line, 'path: record 12' for a record of an array, Parquet, Arrow or datasets file."""
+    return f"{path}:{position}" if unit == "line" else f"{path}: record {position}"
+
+
+def read_files(files: list[str], strict: bool, layout: Layout = AUTO) -> ReadResult:
+    """Parse every record of `files` (one source; floe.data.readers picks the reader by file kind);
+    strict raises at the first unusable record."""
     out = ReadResult(files=list(files))
     for fi, path in enumerate(files):
-        for lineno, value in iter_jsonl(path):
-            out.lines += 1
-            if value is None:
-                out.skip(f"{path}:{lineno}", BadRecord(BLANK), strict)
-                continue
-            try:
-                if isinstance(value, BadRecord):
-                    raise value
-                out.examples.append(parse_record(value))
-                out.origins.append((fi, lineno))
-            except BadRecord as err:
-                out.skip(f"{path}:{lineno}", err, strict)
+        kind = readers.kind_of(path)
+        out.units.append(readers.unit(kind))
+        read_iter(out, fi, readers.iter_file(path, kind, iter_jsonl), strict, layout)
     return out
+
+
+def read_iter(out: ReadResult, fi: int, values, strict: bool, layout: Layout) -> None:
+    """Parse (position, value | BadRecord | None) pairs of file `fi` of `out` into it."""
+    path, unit = (out.files[fi], out.units[fi]) if fi >= 0 else ("<records>", "record")
+    for pos, value in values:
+        out.lines += 1
+        if value is None:
+            out.skip(where(path, unit, pos), BadRecord(BLANK), strict)
+            continue
+        try:
+            if isinstance(value, BadRecord):
+                raise value
+            out.examples.append(parse_record(value, layout))
+            out.origins.append((fi, pos))
+        except BadRecord as err:
+            out.skip(where(path, unit, pos), err, strict)
 
 
 def read_records(records: list[dict]) -> ReadResult:

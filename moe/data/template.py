@@ -13,8 +13,61 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from floe.data.formats import ROLES, TEXT, Example
+from floe.data.layouts import ROLES, TEXT, Example
 from floe.data.tokenizer import Tokenizer
+
+# The same ChatML as a Jinja chat template (transformers' apply_chat_template), written into every
+# exported tokenizer: for any messages record, apply_chat_template(messages, tools=record's tools)
+# spells exactly render(parse_record(record)) (tests hold the two equal character for character).
+# Content parts, tool calls and the tools block follow floe.data.layouts; the {% generation %}
+# block marks what encode_examples trains (assistant content and its <|im_end|>), so TRL's
+# assistant_only_loss / return_assistant_tokens_mask train the same tokens as floe.
+CHAT_TEMPLATE = """\
+{%- macro text(content) -%}
+{%- if content is string -%}{{ content }}
+{%- elif content is iterable -%}
+{%- for part in content -%}
+{%- if (part.type is defined and part.type == 'text') or (part.type is not defined and part.text is defined) -%}
+{{ part.text }}
+{%- else -%}
+{{ raise_exception('floe trains on text parts only, not a ' ~ (part.type if part.type is defined else 'typeless') ~ ' part') }}
+{%- endif -%}
+{%- endfor -%}
+{%- endif -%}
+{%- endmacro -%}
+{%- set first = 0 -%}
+{%- if tools -%}
+{%- set ns_tools = namespace(block='# Tools\n\n<tools>') -%}
+{%- for tool in tools -%}{%- set ns_tools.block = ns_tools.block ~ '\n' ~ (tool | tojson) -%}{%- endfor -%}
+{%- set ns_tools.block = ns_tools.block ~ '\n</tools>' -%}
+{%- if messages and messages[0].role == 'system' -%}
+{{ '<|im_start|>system\n' ~ text(messages[0].content) ~ '\n\n' ~ ns_tools.block ~ '<|im_end|>\n' }}
+{%- set first = 1 -%}
+{%- else -%}
+{{ '<|im_start|>system\n' ~ ns_tools.block ~ '<|im_end|>\n' }}
+{%- endif -%}
+{%- endif -%}
+{%- for message in messages[first:] -%}
+{%- if message.role not in ['system', 'user', 'assistant', 'tool'] -%}
+{{ raise_exception('floe chat roles are system, user, assistant, tool, not ' ~ message.role) }}
+{%- endif -%}
+{%- set ns = namespace(body=text(message.content)) -%}
+{%- if message.tool_calls is defined and message.tool_calls -%}
+{%- for call in message.tool_calls -%}
+{%- set fn = call.function if call.function is defined else call -%}
+{%- set args = fn.arguments if fn.arguments is defined else {} -%}
+{%- set args = args if args is string else (args | tojson) -%}
+{%- set ns.body = ns.body ~ ('\n' if ns.body else '') ~ '<tool_call>\n{"name": ' ~ (fn.name | tojson) ~ ', "arguments": ' ~ args ~ '}\n</tool_call>' -%}
+{%- endfor -%}
+{%- endif -%}
+{%- if message.role == 'assistant' -%}
+{{ '<|im_start|>assistant\n' }}{% generation %}{{ ns.body ~ '<|im_end|>' }}{% endgeneration %}{{ '\n' }}
+{%- else -%}
+{{ '<|im_start|>' ~ message.role ~ '\n' ~ ns.body ~ '<|im_end|>\n' }}
+{%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}{%- endif -%}
+"""
 
 
 @dataclass
