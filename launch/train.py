@@ -33,6 +33,7 @@ from floe.data import DataConfig
 from floe.run.init_from import init_data_config, init_model_config
 from floe.optim import OptimConfig
 from floe.parallel import ParallelConfig
+from floe.run.dpo import DPOConfig, objective_errors
 from floe.run.trainer import Configs, TrainConfig
 
 CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
@@ -114,12 +115,12 @@ def parse_config(cfg: DictConfig) -> Configs:
     """Turn the composed Hydra config into floe's dataclasses; all problems in one ValueError."""
     errors, built = [], {}
     for key, cls in (("model", ModelConfig), ("data", DataConfig), ("optim", OptimConfig),
-                     ("parallel", ParallelConfig), ("train", TrainConfig)):
+                     ("parallel", ParallelConfig), ("train", TrainConfig), ("dpo", DPOConfig)):
         try:
             built[key] = _build_section(cfg, key, cls)
         except (ValueError, TypeError) as e:
             errors.append(str(e))
-    known = {"": ("model", "data", "optim", "parallel", "train", "run", "log", "hydra"), "run": ("name", "dir"),
+    known = {"": ("model", "data", "optim", "parallel", "train", "dpo", "run", "log", "hydra"), "run": ("name", "dir"),
              "log": ("wandb", "project", "every", "console_every", "expert_load_every")}
     for section, keys in known.items():  # the dataclass sections name their own unknown keys
         node = cfg[section] if section else cfg
@@ -132,6 +133,8 @@ def parse_config(cfg: DictConfig) -> Configs:
         errors.append(f"log.every must be an integer >= 1 (optimizer steps between metrics lines), got {every!r}")
     if cfg.log.wandb not in ("offline", "online", "disabled"):
         errors.append(f"log.wandb must be offline, online or disabled, got {cfg.log.wandb!r}")
+    if "data" in built and "train" in built:
+        errors += objective_errors(built["train"].objective, built["data"].name)
     if "model" in built and "data" in built and "train" in built and built["data"].seq_len > built["model"].max_seq_len:
         errors.append(f"data.seq_len ({built['data'].seq_len}) must be <= model.max_seq_len "
                       f"({built['model'].max_seq_len})")

@@ -6,7 +6,9 @@ from dataclasses import dataclass, field, fields
 
 from floe.data.synthetic import SOURCES
 
-NAMES = ("synthetic", "jsonl", "arctic_mix")
+NAMES = ("synthetic", "jsonl", "arctic_mix", "preference")
+FILES = ("jsonl", "preference")  # options that read data.paths
+LOSS_ON = ("assistant", "all")  # data.loss_on: which tokens of a conversation are loss targets
 EMBEDDED = ("synthetic", "arctic_mix")  # options that read the embedded sources
 DEFAULT_EMBEDDED_EXAMPLES = 4000
 
@@ -14,8 +16,8 @@ DEFAULT_EMBEDDED_EXAMPLES = 4000
 @dataclass
 class DataConfig:
     """What to train on and how to cut it into rows. Keys are `data.<field>` on the command line."""
-    name: str = "synthetic"            # synthetic | jsonl | arctic_mix (the data=<option>)
-    paths: list[str] = field(default_factory=list)  # jsonl: files or globs, one source each
+    name: str = "synthetic"            # synthetic | jsonl | arctic_mix | preference (the data=<option>)
+    paths: list[str] = field(default_factory=list)  # jsonl, preference: files or globs, one source each
     sources: list[str] = field(default_factory=lambda: list(SOURCES))  # embedded source names
     weights: list[float] | None = None  # share of each source (paths or sources); None: natural/equal
     num_examples: int | None = None    # examples in an epoch's mix; None: all (jsonl) or 4000 (embedded)
@@ -42,6 +44,10 @@ class DataConfig:
     hf_config: str | None = None       # the dataset's config (subset) name
     hf_split: str = "train"
     hf_streaming: bool = False         # true: stream rows without a local copy (the cache key is then the name)
+    # assistant: loss on assistant turns only (completion-only); all: on every token of the conversation,
+    # user turns and template markers included (a model that should write user questions: tools/magpie.py).
+    # Preference pairs (data=preference) always train the answers only.
+    loss_on: str = "assistant"
 
     def __post_init__(self):
         from floe.errors import field_type_errors
@@ -60,9 +66,13 @@ class DataConfig:
         embedded = self.name in EMBEDDED
         if self.name == "jsonl" and not self.paths and not self.hf_dataset:
             problems.append("data.paths must list at least one data file or glob for data=jsonl (or set data.hf_dataset)")
+        if self.name == "preference" and not self.paths:
+            problems.append("data.paths must list at least one JSONL file or glob for data=preference")
+        if self.name == "preference" and self.hf_dataset:
+            problems.append("data.hf_dataset is for data=jsonl; data=preference reads JSONL files in data.paths")
         if embedded and (self.paths or self.hf_dataset):
             key = "data.paths" if self.paths else "data.hf_dataset"
-            problems.append(f"{key} is for data=jsonl; data={self.name} reads data.sources")
+            problems.append(f"{key} is for data=jsonl or data=preference; data={self.name} reads data.sources")
         if embedded:
             if not self.sources:
                 problems.append("data.sources must name at least one embedded source")
@@ -95,6 +105,11 @@ class DataConfig:
         elif self.eval_fraction > 0 and self.eval_paths:
             problems.append("data.eval_fraction and data.eval_paths both set: hold out a share of the training "
                             "sources OR evaluate on separate files, not both (set data.eval_fraction=0)")
+        if self.loss_on not in LOSS_ON:
+            problems.append(f"data.loss_on must be one of {', '.join(LOSS_ON)}, got {self.loss_on!r}")
+        elif self.name == "preference" and self.loss_on != "assistant":
+            problems.append("data.loss_on=all does not apply to data=preference: a pair trains its two answers "
+                            "only (set data.loss_on=assistant)")
         if problems:
             raise ValueError("invalid data config:\n  " + "\n  ".join(problems))
 

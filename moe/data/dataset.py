@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from floe.data import cache, formats, readers, synthetic
+from floe.data import cache, formats, preference, readers, synthetic
 from floe.data.config import DEFAULT_EMBEDDED_EXAMPLES, EMBEDDED, DataConfig
 from floe.data.formats import BadRecord, ReadResult
 from floe.data.packing import best_fit_pack
@@ -111,12 +111,20 @@ class PackedDataset:
 
         Aligned with `labels`: the loss of predicting labels[:, t] belongs to source_ids[:, t].
         """
+        return self._per_token(rows, self.seg_source)
+
+    def example_ids(self, rows) -> torch.Tensor:
+        """[B, L] long: the mixture index of the example each token of the rows belongs to; -1 on padding.
+        For data=preference example 2p is pair p's chosen sequence and 2p + 1 its rejected one."""
+        return self._per_token(rows, self.seg_example)
+
+    def _per_token(self, rows, per_segment: np.ndarray) -> torch.Tensor:
         rows = np.asarray(rows, dtype=np.int64)
         out = np.full((len(rows), self.seq_len), -1, dtype=np.int64)
         for i, r in enumerate(rows.tolist()):
             n = int(self.lengths[r])
             seg = np.cumsum(self.position[r, :n] == 0) - 1  # segment of each real token, in row order
-            out[i, :n] = self.seg_source[self.seg_offsets[r] + seg]
+            out[i, :n] = per_segment[self.seg_offsets[r] + seg]
         return torch.from_numpy(out)
 
 
@@ -186,16 +194,22 @@ def _read_hub(cfg: DataConfig) -> ReadResult:
 
 
 def _read_sources(cfg: DataConfig, seed: int, files: list[list[str]], split: str) -> list[ReadResult]:
-    """The examples of each source on the `split` side of the held-out split (module docstring)."""
+    """The examples of each source on the `split` side of the held-out split (module docstring);
+    for data=preference the "examples" are preference pairs (moe/data/preference.py)."""
+    def read(fs: list[str]) -> ReadResult:
+        if cfg.name == "preference":
+            return preference.read_pairs(fs, cfg.strict)
+        return formats.read_files(fs, cfg.strict, cfg.layout())
+
     if split == "eval" and cfg.eval_paths:
-        return [formats.read_files(fs, cfg.strict, cfg.layout()) for fs in files]
+        return [read(fs) for fs in files]
     if cfg.name in EMBEDDED:
         targets = _shares(cfg.weights or [1.0] * len(cfg.sources), cfg.num_examples or DEFAULT_EMBEDDED_EXAMPLES)
         if split == "eval":
             targets = [max(1, round(cfg.eval_fraction * n)) for n in targets]
         return [formats.read_records(synthetic.generate(s, n, seed, split))
                 for s, n in zip(cfg.sources, targets, strict=True)]
-    reads = [formats.read_files(fs, cfg.strict, cfg.layout()) for fs in files]
+    reads = [read(fs) for fs in files]
     if cfg.hf_dataset:
         reads.append(_read_hub(cfg))
     if cfg.eval_fraction > 0:
@@ -245,7 +259,7 @@ def _encode_source(cfg: DataConfig, tok: Tokenizer, src: ReadResult, name: str) 
     bar = tqdm(total=len(src.examples), desc=f"tokenising {Path(name).name}", unit="ex",
                disable=len(src.examples) < 4 * CHUNK, leave=False)
     for i in range(0, len(src.examples), CHUNK):
-        parts.append(encode_examples(tok, src.examples[i:i + CHUNK], threads))
+        parts.append(encode_examples(tok, src.examples[i:i + CHUNK], threads, cfg.loss_on))
         bar.update(len(parts[-1].lengths))
     bar.close()
     enc = Encoded.concat(parts)
@@ -290,6 +304,12 @@ def _mixture(n_avail: list[int], weights: list[float] | None, total: int | None,
 def _build(cfg: DataConfig, seed: int, tok: Tokenizer, files: list[list[str]], split: str) -> tuple[dict, dict]:
     names = list(cfg.eval_paths) if split == "eval" and cfg.eval_paths else cfg.source_names
     reads = _read_sources(cfg, seed, files, split)
+    if cfg.name == "preference":
+        as_is = split == "eval"
+        arrays, meta = preference.build_pairs(
+            cfg, seed, tok, reads, names, threads=cfg.num_workers or os.cpu_count() or 1,
+            mixture=lambda n: _mixture(n, None if as_is else cfg.weights, None if as_is else cfg.num_examples, seed))
+        return arrays, {"split": split, **meta}
     encs, keeps = [], []
     for name, src in zip(names, reads, strict=True):
         enc, keep = _encode_source(cfg, tok, src, name)

@@ -40,7 +40,7 @@ def check_enough_rows(dataset: PackedDataset, global_batch_size: int) -> None:
 
 
 def eval_micro_batches(dataset: PackedDataset, micro_batch_size: int, dp_rank: int = 0,
-                       dp_size: int = 1) -> Iterator[dict[str, torch.Tensor]]:
+                       dp_size: int = 1, with_example_ids: bool = False) -> Iterator[dict[str, torch.Tensor]]:
     """All rows of an eval set, in row order, as this rank's micro-batches of `micro_batch_size` rows.
 
     Rank r takes rows r, r + dp_size, ...; every rank yields the SAME number of micro-batches
@@ -49,6 +49,7 @@ def eval_micro_batches(dataset: PackedDataset, micro_batch_size: int, dp_rank: i
     False, source_ids -1) that add nothing to any loss sum. Each batch is PackedDataset.batch()'s
     dict plus "source_ids" [B, L] (long, index into dataset.source_names, -1 on padding), aligned
     with "labels": summing the token losses where labels != -100 per source id gives eval_loss/<source>.
+    with_example_ids: also "example_ids" [B, L] (PackedDataset.example_ids; -1 on padding).
     """
     if not isinstance(micro_batch_size, int) or micro_batch_size < 1:
         raise ValueError(f"eval micro-batch size must be a positive integer, got {micro_batch_size!r}")
@@ -60,13 +61,16 @@ def eval_micro_batches(dataset: PackedDataset, micro_batch_size: int, dp_rank: i
         rows = mine[start:start + micro_batch_size]
         batch = dataset.batch(rows)
         batch["source_ids"] = dataset.source_ids(rows)
+        if with_example_ids:
+            batch["example_ids"] = dataset.example_ids(rows)
         missing = micro_batch_size - len(rows)
         if missing:
             empty = {"input_ids": torch.full((missing, L), dataset.pad_id, dtype=torch.long),
                      "labels": torch.full((missing, L), -100, dtype=torch.long),
                      "position_ids": torch.arange(L).repeat(missing, 1),
                      "attention_mask": torch.zeros((missing, L), dtype=torch.bool),
-                     "source_ids": torch.full((missing, L), -1, dtype=torch.long)}
+                     "source_ids": torch.full((missing, L), -1, dtype=torch.long),
+                     "example_ids": torch.full((missing, L), -1, dtype=torch.long)}
             batch = {k: torch.cat([batch[k], empty[k]]) for k in batch}
         yield batch
 
@@ -75,7 +79,8 @@ class StepLoader:
     """Deterministic, world-size-invariant step batches over a PackedDataset."""
 
     def __init__(self, dataset: PackedDataset, global_batch_size: int, micro_batch_size: int,
-                 dp_rank: int = 0, dp_size: int = 1, seed: int = 0):
+                 dp_rank: int = 0, dp_size: int = 1, seed: int = 0, with_example_ids: bool = False):
+        """with_example_ids: each micro-batch also holds "example_ids" (PackedDataset.example_ids)."""
         problems = batch_errors(global_batch_size, micro_batch_size, dp_size)
         if problems:
             raise ValueError("\n".join(problems))
@@ -84,6 +89,7 @@ class StepLoader:
         self.dataset, self.seed = dataset, int(seed)
         self.global_batch_size, self.micro_batch_size = global_batch_size, micro_batch_size
         self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.with_example_ids = with_example_ids
         self.steps_per_epoch = dataset.num_rows // global_batch_size
         self.rows_left_out_per_epoch = dataset.num_rows % global_batch_size
         self.epoch, self.step = 0, 0  # position of the NEXT step to serve
@@ -116,6 +122,13 @@ class StepLoader:
         trained = self.dataset.trained[rows, 1:].astype(bool)
         return int(np.count_nonzero(trained & (self.dataset.position[rows, 1:] != 0)))
 
+    def global_examples(self) -> int:
+        """Examples (packed segments; for preference data, sequences) in the NEXT step's whole global
+        batch, every rank's rows: known on the host, no collective."""
+        G, ds = self.global_batch_size, self.dataset
+        rows = self.epoch_order(self.epoch)[self.step * G:(self.step + 1) * G]
+        return int((ds.seg_offsets[rows + 1] - ds.seg_offsets[rows]).sum())
+
     def next_step(self) -> list[dict[str, torch.Tensor]]:
         """This rank's micro-batches for one optimizer step, then advance (rolling into the next epoch)."""
         rows = self.step_rows(self.epoch, self.step)
@@ -123,7 +136,11 @@ class StepLoader:
         if self.step == self.steps_per_epoch:
             self.epoch, self.step = self.epoch + 1, 0
         m = self.micro_batch_size
-        return [self.dataset.batch(rows[i:i + m]) for i in range(0, len(rows), m)]
+        batches = [self.dataset.batch(rows[i:i + m]) for i in range(0, len(rows), m)]
+        if self.with_example_ids:
+            for i, b in enumerate(batches):
+                b["example_ids"] = self.dataset.example_ids(rows[i * m:(i + 1) * m])
+        return batches
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "step": self.step, "seed": self.seed,

@@ -5,6 +5,8 @@
 Trained tokens: the content of every assistant turn and the <|im_end|> that closes it (so the
 model learns to stop). A prompt/completion record is a user turn plus an assistant turn.
 A plain-text example is its tokens plus </s> (when the tokenizer has one), all trained.
+With loss_on="all" (data.loss_on) every token of a conversation is trained: user turns, system
+turns and the template markers too, so the model learns what users ask (tools/magpie.py).
 The first token of every example is never trained: nothing in the example predicts it.
 """
 from __future__ import annotations
@@ -107,8 +109,11 @@ def render(example: Example) -> str:
     return "".join(c if role == TEXT else f"<|im_start|>{role}\n{c}<|im_end|>\n" for role, c in example)
 
 
-def encode_examples(tok: Tokenizer, examples: list[Example], num_threads: int = 1) -> Encoded:
-    """Tokenise examples through the template; contents are encoded in one batched call."""
+def encode_examples(tok: Tokenizer, examples: list[Example], num_threads: int = 1,
+                    loss_on: str = "assistant") -> Encoded:
+    """Tokenise examples through the template; contents are encoded in one batched call.
+    loss_on: "assistant" (assistant contents and their <|im_end|>) or "all" (every token)."""
+    every = loss_on == "all"
     ids = tok.encode_batch([content for ex in examples for _, content in ex], num_threads)
     header = {role: tok.im_start + tok.encode(f"{role}\n") for role in ROLES}
     footer = tok.im_end + tok.encode("\n")
@@ -131,9 +136,9 @@ def encode_examples(tok: Tokenizer, examples: list[Example], num_threads: int = 
             tokens += header[role]
             tokens += content
             tokens += footer
-            trained += [False] * len(header[role])
-            trained += [is_assistant] * (len(content) + num_end)
-            trained += [False] * (len(footer) - num_end)
+            trained += [every] * len(header[role])
+            trained += [is_assistant or every] * (len(content) + num_end)
+            trained += [every] * (len(footer) - num_end)
         trained[start] = False
         lengths[e] = len(tokens) - start
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)

@@ -17,7 +17,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -28,6 +28,7 @@ from floe.config import ModelConfig
 from floe.errors import ConfigError
 from floe.data import DataConfig, StepLoader, build_dataset, build_eval_dataset, check_enough_rows, eval_micro_batches
 from floe.errors import batch_errors
+from floe.run.dpo import OBJECTIVES, DPOConfig
 from floe.run.evaluation import eval_loss_record, eval_loss_sums
 from floe.run.host_allocator import HOST_ALLOCATORS
 from floe.run.init_from import weight_loader
@@ -64,6 +65,7 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on cuda, fp32 on cpu) | fp32 | bf16 (fp32 master weights), on any device
     activation_checkpointing: str = "none"  # none | moe | selective | full (moe/model.py CHECKPOINTING)
     host_allocator: str = "auto"  # auto (retain on cpu) | retain | system (moe/run/host_allocator.py)
+    objective: str = "sft"  # sft (LM loss on the trained tokens) | dpo (preference pairs; moe/run/dpo.py)
 
     def __post_init__(self):
         from floe.errors import field_type_errors
@@ -96,6 +98,8 @@ class TrainConfig:
         if self.host_allocator not in HOST_ALLOCATORS:
             errors.append(f"train.host_allocator must be one of {', '.join(HOST_ALLOCATORS)}, "
                           f"got {self.host_allocator!r}")
+        if self.objective not in OBJECTIVES:
+            errors.append(f"train.objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             errors.append(f"train.device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
         if errors:
@@ -115,6 +119,7 @@ class Configs:
     log_every: int
     expert_load_every: int = 10  # optimizer steps between lines of run_dir/expert_load.jsonl; 0 = last step only
     console_every: int = 10  # optimizer steps between console lines when stderr is not a terminal
+    dpo: DPOConfig = field(default_factory=DPOConfig)  # train.objective=dpo
 
 
 def pick_device(choice: str) -> str:
@@ -196,6 +201,11 @@ def _train_claimed(c: Configs, resolved: dict, launch, device_kind: str) -> dict
     check_launch(c, launch.world_size, tokenizer.vocab_size)
     if resuming:
         run_dir.check_resumed_data(c.run_dir, dataset.fingerprint)
+    if c.train.objective == "dpo":  # dpo_trainer subclasses Trainer: imported where it is chosen
+        from floe.run.dpo_trainer import DPOTrainer, check_resumed_reference
+
+        if resuming:
+            check_resumed_reference(c, dataset, eval_dataset)
     check_deepspeed_version()
     done = completed_run(c, dataset, launch.rank)
     if done is not None:
@@ -205,7 +215,8 @@ def _train_claimed(c: Configs, resolved: dict, launch, device_kind: str) -> dict
     env_before = dict(os.environ)
     created_group = init_distributed(device)
     try:
-        return Trainer(c, resolved, dataset, device, eval_dataset).fit()
+        trainer_class = DPOTrainer if c.train.objective == "dpo" else Trainer
+        return trainer_class(c, resolved, dataset, device, eval_dataset).fit()
     finally:
         kernels.set_backend(None)
         if created_group:
@@ -252,7 +263,8 @@ class Trainer:
         apply_activation_checkpointing(model, c.train.activation_checkpointing)
         self.loader = StepLoader(dataset, global_batch_size=c.train.global_batch_size,
                                  micro_batch_size=c.train.micro_batch_size, dp_rank=self.rank,
-                                 dp_size=self.world_size, seed=c.train.seed)
+                                 dp_size=self.world_size, seed=c.train.seed,
+                                 with_example_ids=c.train.objective == "dpo")
         self.total_steps = total_steps(c.train, self.loader.steps_per_epoch)
         self.ckpt_dir = os.path.join(c.run_dir, "checkpoints")
         resume_from = checkpoint.latest_checkpoint(self.ckpt_dir) if c.train.resume == "auto" else None
@@ -373,11 +385,12 @@ class Trainer:
                 f"{last or 'none (no checkpoint was written)'}. Lower optim.lr, raise optim.warmup_ratio or check "
                 f"model.init_std, then relaunch (it resumes from that checkpoint) or start a new run.dir")
 
-    def _sums(self, out, mb) -> torch.Tensor:
-        """This micro-batch's contribution to SUMMED, on the device (no sync)."""
+    def _sums(self, out, mb, lm_sum: torch.Tensor | None = None) -> torch.Tensor:
+        """This micro-batch's contribution to SUMMED, on the device (no sync); lm_sum: the objective's
+        summed loss when it is not the LM loss (train.objective=dpo)."""
         assigned = float(sum(st.num_assignments for st in out.router_stats))
         return torch.stack([
-            out.lm_loss_sum.detach().double(), out.balance_loss.detach().double(), out.aux_loss.detach().double(),
+            (out.lm_loss_sum if lm_sum is None else lm_sum).detach().double(), out.balance_loss.detach().double(), out.aux_loss.detach().double(),
             sum(st.dropped for st in out.router_stats).double(),
             torch.tensor(assigned, device=self.device, dtype=torch.float64),
             mb["attention_mask"].sum().double(),
@@ -439,17 +452,23 @@ class Trainer:
         step, every = record["step"], self.c.console_every
         if self.progress is None and (step % every == 0 or step == self.total_steps):
             mfu = f" mfu {100 * record['mfu']:.2f}%" if "mfu" in record else ""
-            log.info("step %d/%d loss %.4f balance %.3f dropped %.3f lr %.2e grad_norm %.3f %.0f tokens/s%s",
+            log.info("step %d/%d loss %.4f balance %.3f dropped %.3f lr %.2e grad_norm %.3f %.0f tokens/s%s%s",
                      step, self.total_steps, record["loss"], record["balance_loss"], record["dropped_frac"],
-                     record["lr"], record["grad_norm"], record["tokens_per_s"], mfu)
+                     record["lr"], record["grad_norm"], record["tokens_per_s"], mfu,
+                     self.console_extra(record, evaluation=False))
         if "eval_loss" in record:
             per_source = ", ".join(f"{k.split('/', 1)[1]} {v:.4f}" for k, v in record.items()
                                    if k.startswith("eval_loss/"))
-            line = f"eval at step {step}: loss {record['eval_loss']:.4f} ({per_source})"
+            line = (f"eval at step {step}: loss {record['eval_loss']:.4f}" + (f" ({per_source})" if per_source else "")
+                    + self.console_extra(record, evaluation=True))
             if self.progress is not None:
                 self.progress.write(line)
             else:
                 log.info(line)
+
+    def console_extra(self, record: dict, evaluation: bool) -> str:
+        """What an objective adds to a console line (train.objective=dpo: reward accuracy and margin)."""
+        return ""
 
     def maybe_evaluate(self) -> dict:
         """eval_loss and eval_loss/<source> every train.eval_every steps and at the last step; {} otherwise."""
