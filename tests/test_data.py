@@ -103,6 +103,20 @@ def test_labels_multi_turn(tok):
     assert not trained[0]
 
 
+def test_loss_on_all_trains_every_token_but_the_first(tok, tmp_path):
+    """data.loss_on=all (for a model that should learn user turns, tools/magpie.py): every token of the
+    conversation is a target, template markers and user turns included; only the first is not."""
+    ex = formats.parse_record(chat(("user", "2 + 3?"), ("assistant", "5")))
+    ids, trained = encode_examples(tok, [ex], loss_on="all").example(0)
+    assert tok.decode(ids.tolist()) == render(ex) and not trained[0] and trained[1:].all()
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps(chat(("user", "2 + 3?"), ("assistant", "5"))) + "\n")
+    built = {on: build_dataset(DataConfig(name="jsonl", paths=[str(path)], seq_len=32, loss_on=on,
+                                          cache_dir=str(tmp_path / "cache")), seed=0)[1] for on in ("assistant", "all")}
+    assert built["all"].stats["loss_tokens"] == len(ids) - 1
+    assert built["assistant"].stats["loss_tokens"] == len(tok.encode("5")) + 1  # "5<|im_end|>"
+
+
 def test_labels_prompt_completion_and_text(tok):
     pc = formats.parse_record({"prompt": "Say hi", "completion": "hi!"})
     tx = formats.parse_record({"text": "all of this"})

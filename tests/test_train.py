@@ -183,11 +183,13 @@ def test_every_config_composes(tmp_path):
     for group, options in groups.items():
         for option in options:
             overrides = [f"{group}={option}"]
-            if group == "data" and option == "jsonl":
+            if group == "data" and option in ("jsonl", "preference"):
                 overrides.append("data.paths=[x.jsonl]")
+            if group == "data" and option == "preference":
+                overrides.append("train.objective=dpo")
             parse_config(make_cfg(tmp_path, *overrides))
     for exp in sorted(f[:-5] for f in os.listdir(os.path.join(CONF_DIR, "experiment")) if f.endswith(".yaml")):
-        if exp.startswith("arctic_sft"):  # fine-tuning recipes refuse to start from random weights
+        if exp.startswith(("arctic_sft", "arctic_dpo")):  # fine-tuning recipes refuse to start from random weights
             with pytest.raises(ValueError, match="train.init_from is required"):
                 parse_config(make_cfg(tmp_path, f"+experiment={exp}"))
             continue
