@@ -26,6 +26,7 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from launch.errors import EXIT_CODE, config_errors
 from floe.run import trainer
 from floe.config import PRESETS, ModelConfig
 from floe.errors import ConfigError
@@ -178,14 +179,8 @@ def main(cfg: DictConfig) -> None:
     global _task_started
     _task_started = True
     _restore_stderr()  # training's own output (warnings, errors) is every rank's again
-    try:
+    with config_errors():  # one clean message (no traceback), once under torchrun, exit code 2
         train(cfg)
-    except ConfigError as e:
-        # One clean message (no traceback), printed once under torchrun (every rank found the same
-        # problem before any collective), and exit code 2 as for a command-line error.
-        if os.environ.get("RANK", "0") == "0":
-            print(f"floe: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 def cli() -> None:
@@ -204,7 +199,7 @@ def cli() -> None:
         main()
     except SystemExit as e:
         if e.code == 1 and not _task_started:
-            sys.exit(2)
+            sys.exit(EXIT_CODE)
         raise
     finally:
         _restore_stderr()

@@ -70,3 +70,38 @@ def test_threshold_boundary():
     assert strict.check(a) is None and strict.check(b) is None  # below 0.7: both kept
     loose = dedup.Deduper(threshold=0.25)
     assert loose.check(a) is None and loose.check(b) == "near"
+
+
+def test_dedup_reads_every_layout_and_kind_training_reads(tmp_path):
+    """ShareGPT JSONL (the issue's case: nothing was deduplicated), an Alpaca JSON array, Parquet and a
+    datasets directory: duplicates found by the text training renders, kept rows written in the input's kind."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from floe.data.formats import read_files
+
+    share = [{"conversations": [{"from": "human", "value": f"Tell me fact number {i % 5} about owls"},
+                                {"from": "gpt", "value": f"Owls fact {i % 5}: they hunt at night"}]} for i in range(10)]
+    alpaca = [{"instruction": f"Tell me fact number {i} about owls", "input": "", "output": f"Owls fact {i}: they hunt "
+               "at night"} for i in range(5, 9)]
+    (tmp_path / "share.jsonl").write_text("".join(json.dumps(r) + "\n" for r in share))
+    (tmp_path / "alpaca.json").write_text(json.dumps(alpaca))
+    pq.write_table(pa.Table.from_pylist(share), tmp_path / "share.parquet")
+    new = {"instruction": "Name a bird that swims", "input": "", "output": "A penguin swims."}
+    datasets.Dataset.from_list(alpaca + [new]).save_to_disk(str(tmp_path / "saved"))
+    inputs = [str(tmp_path / n) for n in ("share.jsonl", "alpaca.json", "share.parquet", "saved")]
+    report = dedup.dedup_files(inputs, str(tmp_path / "out"), dedup.Deduper(), progress=False)
+    assert [report[p]["kept"] for p in inputs] == [5, 4, 0, 1]
+    assert report[inputs[0]] == {"rows": 10, "kept": 5, "exact": 5, "near": 0, "kept_unparsed": 0}
+    assert report[inputs[2]]["exact"] == 10 and report[inputs[3]]["exact"] == 4  # same text as the first two
+    for name, n in (("share.jsonl", 5), ("alpaca.json", 4), ("share.parquet", 0), ("saved", 1)):
+        assert len(read_files([str(tmp_path / "out" / name)], strict=True).examples) == n, name
+
+
+def test_dedup_bad_input_exits_2_without_a_traceback(tmp_path):
+    out = subprocess.run([sys.executable, "tools/dedup.py", str(tmp_path / "missing.jsonl"), "--out-dir",
+                          str(tmp_path / "o"), "--format", "chatml"], capture_output=True, text=True, timeout=60,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.startswith("floe: data.format must be one of") and "missing.jsonl: no such file" in out.stderr

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +26,8 @@ EMBED = HEAD = 1024 * 64
 PER_LAYER_DENSE = (64 * 64 * 2 + 32 * 64 * 2) + 3 * 64 * 64 + 8 * 64  # attention, dense MLP, router
 NORMS = 2 * 3 * 64 + 64  # three per block, the final one
 EXPERTS_PER_LAYER = 8 * 3 * 64 * 64
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _states(world_size, ep_size, zero_stage, precision, overlap=False, bucket=1000):
@@ -189,10 +195,48 @@ def test_tool_json_has_the_documented_keys(capsys):
     assert out["total_gb"] == pytest.approx(parts)
 
 
-def test_tool_names_a_bad_key():
+def test_tool_names_a_bad_key(capsys):
     from tools.estimate import main
 
-    with pytest.raises(ValueError, match=r"\+routing"):
-        main(["model=tiny", "+routing=sometimes"])
-    with pytest.raises(ValueError, match="parallel.ep_size"):
-        main(["model=tiny", "parallel.ep_size=3", "+world_size=6"])
+    for args, key in ((["model=tiny", "+routing=sometimes"], r"\+routing"),
+                      (["model=tiny", "parallel.ep_size=3", "+world_size=6"], "parallel.ep_size"),
+                      (["model=tiny", "--measure"], "add train.device=cpu")):
+        with pytest.raises(SystemExit) as e:
+            main(args)
+        assert e.value.code == 2 and re.search(key, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["model=nope"], "Could not find 'model/nope'"),
+    (["trian.max_steps=5"], "Could not override 'trian.max_steps'"),
+    (["data.seq_len=abc"], "data.seq_len must be an integer"),
+    (["model=tiny", "+world_size=3", "parallel.ep_size=2"], "invalid estimate config"),
+])
+def test_tool_config_errors_exit_2_without_a_traceback(args, message, capsys):
+    """Hydra's errors and floe's both print one floe: message and exit 2."""
+    from tools.estimate import main
+
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("floe: ") and message in err and len(err.splitlines()) <= 4
+
+
+def test_tool_run_as_the_readme_does_fails_like_training():
+    out = subprocess.run([sys.executable, "tools/estimate.py", "model=nope"], capture_output=True, text=True,
+                         timeout=120, cwd=REPO)
+    assert out.returncode == 2 and out.stderr.startswith("floe: ") and "Traceback" not in out.stderr, out.stderr
+    assert len(out.stderr.splitlines()) == 1 and out.stdout == ""
+
+
+@pytest.mark.slow  # spawns a training process
+def test_measure_trains_with_the_estimators_own_keys(capsys):
+    """--measure with +gpu_mem_gb/+world_size (keys training does not know) trains real steps again."""
+    from tools.estimate import main
+
+    assert main(["model=tiny", "train.device=cpu", "train.max_steps=1", "train.global_batch_size=2",
+                 "train.micro_batch_size=2", "data.seq_len=64", "data.num_examples=40", "data.eval_fraction=0",
+                 "+gpu_mem_gb=8", "+world_size=1", "--measure", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert 0 < out["measured_peak_gb"] and out["gpu_mem_gb"] == 8
+    assert 0.5 < out["total_gb"] / out["measured_peak_gb"] < 3

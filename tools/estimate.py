@@ -5,7 +5,7 @@
         +world_size=256 +gpu_mem_gb=80
     python tools/estimate.py ... +rank=37 --json     # the plan of rank 37, with the experts it holds
     python tools/estimate.py ... +rank=37 --dry-run  # only build rank 37's shard: experts, parameters
-    python tools/estimate.py ... --measure           # CPU: also run real training steps and compare
+    python tools/estimate.py ... train.device=cpu --measure   # also train real steps here and compare
 
 Takes the training config (conf/, the same overrides as launch/train.py) plus:
   +world_size=N     ranks of the run (default 1)
@@ -15,7 +15,8 @@ Takes the training config (conf/, the same overrides as launch/train.py) plus:
                     source rank; balanced: every expert gets tokens * top_k / num_experts
   +reserve_gb=R     held back for memory no tensor counts (CUDA context, NCCL, fragmentation)
 train.device=auto is taken as cuda (the estimate is for the GPU run); train.device=cpu plans a
-CPU run (fp32, reference kernels), which --measure checks against real training steps.
+CPU run (fp32, reference kernels), which --measure checks against real training steps
+(+world_size gloo processes). A config error (Hydra's or floe's) prints one message and exits 2.
 """
 from __future__ import annotations
 
@@ -104,6 +105,14 @@ def _ids(ids: list[int]) -> str:
 
 
 def main(argv=None) -> int:
+    """The command line; config errors (Hydra's or floe's) print one message and exit 2, as training does."""
+    from launch.errors import config_errors
+
+    with config_errors():
+        return _main(argv)
+
+
+def _main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--dry-run", action="store_true",
@@ -112,13 +121,16 @@ def main(argv=None) -> int:
                    help="CPU only: also train real steps (1 process) and report the measured peak")
     p.add_argument("overrides", nargs="*", help="Hydra overrides, as for launch/train.py")
     args = p.parse_args(argv)
+    from floe.errors import ConfigError
     from floe.plan.memory_plan import dry_run, estimate
 
     cfg = compose(args.overrides)
     spec = build_spec(cfg)
     errors = spec.errors()
+    if args.measure and spec.device != "cpu":
+        errors.append("--measure trains real steps on this machine's CPU: add train.device=cpu")
     if errors:
-        raise ValueError("invalid estimate config:\n  " + "\n  ".join(errors))
+        raise ConfigError("invalid estimate config:\n  " + "\n  ".join(errors))
     if args.dry_run:
         shard = dry_run(spec.model, spec.world_size, spec.ep_size, spec.rank)
         print(json.dumps(shard) if args.json else "\n".join(f"{k:<28} {v}" for k, v in shard.items()))
@@ -128,7 +140,9 @@ def main(argv=None) -> int:
     if args.measure:
         from tools.bench_estimate import measure_training_peak
 
-        out["measured_peak_gb"] = measure_training_peak(args.overrides)
+        # training knows none of the estimator's own keys (+world_size, +gpu_mem_gb, ...)
+        training = [o for o in args.overrides if o.split("=", 1)[0].lstrip("+~") not in EXTRA_KEYS]
+        out["measured_peak_gb"] = measure_training_peak(training, spec.world_size)
     if args.json:
         print(json.dumps(out))
     else:

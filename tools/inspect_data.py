@@ -4,7 +4,9 @@
     python tools/inspect_data.py data=jsonl data.paths=[my.jsonl] data.strict=false --rows 2
 
 Takes the same `data=...`, `data.<key>=...` and `train.seed=...` overrides as launch/train.py
-(the data group's yaml from conf/data/ first, then the overrides). Trained tokens (labels
+(the data group's yaml from conf/data/ first, then the overrides), so every record layout and
+file kind training reads (README, Data). A bad override or data file prints one `floe:` message
+and exits 2, as training does. Trained tokens (labels
 != -100) are shown between ⟦ and ⟧; each packed example starts on a `── example` line.
 The last line of output is one JSON object: examples, skipped (by reason), rows, tokens,
 loss_tokens, pad_fraction (and a few more).
@@ -23,6 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from floe.data import DataConfig, build_dataset  # noqa: E402
+from floe.errors import ConfigError  # noqa: E402
+from launch.errors import config_errors  # noqa: E402
 
 
 def data_config_from_overrides(overrides: list[str]) -> tuple[DataConfig, int]:
@@ -31,24 +35,30 @@ def data_config_from_overrides(overrides: list[str]) -> tuple[DataConfig, int]:
     for o in overrides:
         key, sep, raw = o.partition("=")
         if not sep:
-            raise ValueError(f"expected key=value, got {o!r}")
+            raise ConfigError(f"expected key=value, got {o!r}")
         value = yaml.safe_load(raw) if raw else None
         if key == "data":
             option = str(value)
         elif key.startswith("data."):
             values[key[5:]] = value
         elif key == "train.seed":
-            seed = int(value)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ConfigError(f"train.seed must be an integer, got {raw!r}")
+            seed = value
         else:
-            raise ValueError(f"unknown override {key!r}: only data=..., data.<key>=... and train.seed=...")
+            raise ConfigError(f"unknown override {key!r}: only data=..., data.<key>=... and train.seed=...")
     path = REPO / "conf" / "data" / f"{option}.yaml"
     if not path.is_file():
-        raise ValueError(f"data={option}: no {path}")
+        options = ", ".join(sorted(p.stem for p in path.parent.glob("*.yaml")))
+        raise ConfigError(f"data={option}: no such data option (options: {options})")
     base = yaml.safe_load(path.read_text()) or {}
     unknown = sorted(set(values) - set(DataConfig.__dataclass_fields__))
     if unknown:
-        raise ValueError(f"unknown data keys: {', '.join('data.' + k for k in unknown)}")
-    return DataConfig(**{**base, **values}), seed
+        raise ConfigError(f"unknown data keys: {', '.join('data.' + k for k in unknown)}")
+    try:
+        return DataConfig(**{**base, **values}), seed
+    except (ValueError, TypeError) as e:
+        raise ConfigError(str(e)) from None
 
 
 def show_row(tok, ds, r: int, out=None) -> None:
@@ -81,11 +91,12 @@ def main(argv=None) -> None:
     ap.add_argument("--rows", type=int, default=3, help="how many rows to show (0: only the statistics)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    try:
+    with config_errors():
         cfg, seed = data_config_from_overrides(args.overrides)
-        tok, ds = build_dataset(cfg, seed)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+        try:
+            tok, ds = build_dataset(cfg, seed)
+        except (ValueError, FileNotFoundError) as e:  # a data file, line or key: bad input (as in training)
+            raise ConfigError(str(e)) from e
     for r in range(min(args.rows, ds.num_rows)):
         show_row(tok, ds, r)
     s = ds.stats
