@@ -46,7 +46,7 @@ def test_inspect_data_reads_sharegpt_and_alpaca_arrays(tmp_path, capsys):
 
 @pytest.mark.parametrize("tool, args, message", [
     ("inspect_data", ["data.seqlen=3"], "unknown data keys: data.seqlen"),
-    ("inspect_data", ["data=nope"], "data=nope: no such data option (options: arctic_mix, jsonl, synthetic)"),
+    ("inspect_data", ["data=nope"], "data=nope: no such data option (options: arctic_mix, jsonl, "),
     ("inspect_data", ["data.format=chatml"], "data.format must be one of auto"),
     ("inspect_data", ["train.seed=abc"], "train.seed must be an integer"),
     ("inspect_data", ["data=jsonl", "data.paths=[/nonexistent.jsonl]"], "data.paths[0]: no file matches"),
