@@ -31,6 +31,7 @@ from floe.run import trainer
 from floe.config import PRESETS, ModelConfig
 from floe.errors import ConfigError
 from floe.data import DataConfig
+from floe.lora import LoRAConfig
 from floe.run.init_from import init_data_config, init_model_config
 from floe.optim import OptimConfig
 from floe.parallel import ParallelConfig
@@ -116,12 +117,14 @@ def parse_config(cfg: DictConfig) -> Configs:
     """Turn the composed Hydra config into floe's dataclasses; all problems in one ValueError."""
     errors, built = [], {}
     for key, cls in (("model", ModelConfig), ("data", DataConfig), ("optim", OptimConfig),
-                     ("parallel", ParallelConfig), ("train", TrainConfig), ("dpo", DPOConfig)):
+                     ("parallel", ParallelConfig), ("train", TrainConfig), ("dpo", DPOConfig),
+                     ("lora", LoRAConfig)):
         try:
             built[key] = _build_section(cfg, key, cls)
         except (ValueError, TypeError) as e:
             errors.append(str(e))
-    known = {"": ("model", "data", "optim", "parallel", "train", "dpo", "run", "log", "hydra"), "run": ("name", "dir"),
+    known = {"": ("model", "data", "optim", "parallel", "train", "dpo", "lora", "run", "log", "hydra"),
+             "run": ("name", "dir"),
              "log": ("wandb", "project", "every", "console_every", "expert_load_every")}
     for section, keys in known.items():  # the dataclass sections name their own unknown keys
         node = cfg[section] if section else cfg

@@ -116,6 +116,46 @@ def _check_names(present: set[str], names: dict, where: str) -> None:
                          f"unexpected {show(extra)}")
 
 
+# ----------------------------------------------------------------------------- PEFT adapters
+
+PEFT_PREFIX = "base_model.model."  # PEFT's name of the wrapped model in adapter_model.safetensors
+# Arctic module names of what each lora.target adapts (a regex, as PEFT's target_modules takes it).
+PEFT_TARGETS = {
+    "attention": r"self_attn\.(q_proj|k_proj|v_proj|o_proj)",
+    "dense_mlp": r"residual_mlp\.(w1|w3|w2)",
+    "experts": r"block_sparse_moe\.experts\.\d+\.(w1|w3|w2)",
+}
+
+
+def peft_target_modules(targets: list[str]) -> str:
+    """PEFT's target_modules (a regex matched against whole module names) for floe's lora.targets."""
+    return r"model\.layers\.\d+\.(" + "|".join(PEFT_TARGETS[t] for t in targets) + ")"
+
+
+def to_peft(adapter_state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """floe's trained tensors (adapters with every expert, `moe.gate.weight` when the router trained) ->
+    PEFT's adapter_model.safetensors names on Hugging Face Arctic: "<module>.lora_A.weight" [r, in] and
+    "<module>.lora_B.weight" [out, r] per adapted Linear, one per expert; a trained router as a
+    modules_to_save tensor under its own name."""
+    names = {name: hf for hf, (name, e) in hf_names(config).items() if e is None}
+    out = {}
+    for name, t in adapter_state.items():
+        module, _, leaf = name.rpartition(".lora.")
+        if not leaf:  # a fully trained tensor (the router)
+            if name not in names:
+                raise ValueError(f"to_peft: {name} has no Hugging Face name")
+            out[PEFT_PREFIX + names[name]] = t
+        elif leaf in ("A", "B"):  # layers.{i}.attn.q_proj.lora.A
+            out[f"{PEFT_PREFIX}{names[module + '.weight'].removesuffix('.weight')}.lora_{leaf}.weight"] = t
+        else:  # layers.{i}.moe.experts.lora.w1_A [E, ...]
+            w, ab = leaf.split("_")
+            layer = int(module.split(".")[1])
+            for e in range(t.shape[0]):
+                hf = hf_expert_name(layer, e, w).removesuffix(".weight")
+                out[f"{PEFT_PREFIX}{hf}.lora_{ab}.weight"] = t[e]
+    return out
+
+
 # ----------------------------------------------------------------------------- config.json
 
 # floe field <- Arctic key, for the fields that decide what the weights compute.

@@ -59,6 +59,7 @@ class GroupedExperts(nn.Module):
         self.w1 = nn.Parameter(torch.empty(num_experts, ffn, hidden_size))  # gate projection
         self.w3 = nn.Parameter(torch.empty(num_experts, ffn, hidden_size))  # up projection
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, ffn))  # down projection
+        self.lora = None  # optional adapters (floe.lora.GroupedLoRA, set by apply_lora): forward hands them the rows
 
     @torch.no_grad()
     def init_weights(self, seed: int, key: str, std: float, out_std: float) -> None:
@@ -85,9 +86,21 @@ class GroupedExperts(nn.Module):
         for w in EXPERT_WEIGHTS:
             full = getattr(self, w)
             setattr(self, w, nn.Parameter(full.detach()[rows].clone(), requires_grad=full.requires_grad))
+        if self.lora is not None:
+            self.lora.shard_(rows)  # the adapters' expert dim goes with the experts
         self.first_expert, self.num_local_experts = first_expert, num_local_experts
 
+    def expert_tensors(self) -> dict[str, nn.Parameter]:
+        """{name under this module: parameter} of every tensor whose dim 0 is the local expert: w1, w3,
+        w2 and the adapters' (what expert parallelism, DeepSpeed's markers and checkpoints treat per expert)."""
+        out = {w: getattr(self, w) for w in EXPERT_WEIGHTS}
+        if self.lora is not None:
+            out.update({f"lora.{name}": p for name, p in self.lora.named_parameters()})
+        return out
+
     def forward(self, x_RD: torch.Tensor, tokens_per_local_expert: torch.Tensor) -> torch.Tensor:
+        if self.lora is not None and self.lora.active:
+            return self.lora(self, x_RD, tokens_per_local_expert)
         return kernels.grouped_swiglu(x_RD, self.w1, self.w3, self.w2, tokens_per_local_expert)
 
     def extra_repr(self) -> str:

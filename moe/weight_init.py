@@ -15,11 +15,19 @@ import torch
 from floe.config import ModelConfig
 
 
+def _keyed_generator(device: torch.device, key: tuple) -> torch.Generator:
+    digest = hashlib.sha256(repr(key).encode()).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
 def seeded_normal_(t: torch.Tensor, std: float, *key) -> None:
     """Fill t from N(0, std^2) with a generator seeded by `key` alone."""
-    digest = hashlib.sha256(repr(key).encode()).digest()
-    generator = torch.Generator(device=t.device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
-    t.normal_(0.0, std, generator=generator)
+    t.normal_(0.0, std, generator=_keyed_generator(t.device, key))
+
+
+def seeded_uniform_(t: torch.Tensor, bound: float, *key) -> None:
+    """Fill t from U(-bound, bound) with a generator seeded by `key` alone."""
+    t.uniform_(-bound, bound, generator=_keyed_generator(t.device, key))
 
 
 def init_stds(config: ModelConfig) -> tuple[float, float]:

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from floe.layer import EXPERT_WEIGHTS, MoELayer
+from floe.layer import MoELayer
 from floe.parallel.groups import ParallelGroups
 
 
@@ -148,9 +148,9 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     for name, layer in expert_parallel_layers(model):
         groups = layer.dispatcher.groups
-        for w in EXPERT_WEIGHTS:
+        for w, param in layer.experts.expert_tensors().items():  # the weights and any adapters
             key = f"{name}.experts.{w}" if name else f"experts.{w}"
-            shard = getattr(layer.experts, w).detach().contiguous()
+            shard = param.detach().contiguous()
             parts = [torch.empty_like(shard) for _ in range(groups.ep_size)]
             dist.all_gather(parts, shard, group=groups.ep_group)
             state[key] = torch.cat(parts, 0)  # ep rank r holds experts [r*L, (r+1)*L)

@@ -39,7 +39,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from floe.layer import EXPERT_WEIGHTS
 from floe.optim import OptimConfig, build_optimizer, lr_lambda, param_groups
 from floe.parallel.dispatch import apply_expert_parallel, expert_parallel_layers
 from floe.parallel.grad_norm import clip_grad_norm_, global_grad_norm, is_expert_param
@@ -216,8 +215,7 @@ def apply_deepspeed_moe(model: nn.Module) -> nn.Module:
 
     for _, layer in expert_parallel_layers(model):
         groups = layer.dispatcher.groups
-        for w in EXPERT_WEIGHTS:  # reduced over the expert-data-parallel group of this name
-            param = getattr(layer.experts, w)
+        for param in layer.experts.expert_tensors().values():  # reduced over the expert-data-parallel group
             param.allreduce = False
             param.group_name = groups.group_name
         layer.deepspeed_moe_marker = _DeepSpeedSeesMoE(layer.config.num_experts, groups.ep_size, groups.group_name)
@@ -243,8 +241,8 @@ def check_engine(engine, model: nn.Module) -> None:
         raise RuntimeError("DeepSpeed did not recognise floe's expert-parallel MoE layers, so it would treat the "
                            "expert shards as data-parallel: call floe.parallel.apply_deepspeed_moe(model) after "
                            "apply_expert_parallel and before deepspeed.initialize")
-    unmarked = [f"{name}.experts.{w}" for name, layer in layers for w in EXPERT_WEIGHTS
-                if not is_expert_param(getattr(layer.experts, w))]
+    unmarked = [f"{name}.experts.{w}" for name, layer in layers for w, p in layer.experts.expert_tensors().items()
+                if not is_expert_param(p)]
     if unmarked:  # the engine broadcast them from rank 0 and would average them over all ranks
         raise RuntimeError(f"expert parameters {unmarked[:3]} lost DeepSpeed's MoE markers (replaced after "
                            "apply_deepspeed_moe, e.g. by Module.to_empty or .to()): call apply_deepspeed_moe last, "
@@ -633,13 +631,16 @@ def load_schedule_state(ds, state: dict) -> None:
 
 def build_engine(model: nn.Module, parallel: ParallelConfig, optim: OptimConfig, *, seed: int,
                  device: torch.device, global_batch_size: int, micro_batch_size: int, total_steps: int,
-                 make_optimizer=None, load_weights=None, precision: str = "auto") -> Engine:
+                 make_optimizer=None, load_weights=None, adapt=None, precision: str = "auto") -> Engine:
     """Apply parallelism to `model` (an ArcticForCausalLM, best built on the meta device) and
     build the DeepSpeed engine, in the one correct order (module docstring). Collective.
 
     make_optimizer(param_groups) -> torch optimizer; default AdamW from `optim`.
     load_weights(model): fills the (sharded, possibly meta) model on `device` instead of the keyed
     init from `seed`, e.g. lambda m: floe.hf.load_hf_weights(m, hf_dir, device).
+    adapt(model): changes the loaded (sharded) model before DeepSpeed sees it, e.g.
+    lambda m: floe.lora.apply_lora(m, lora_cfg, seed): adapters beside the weights, the base frozen
+    (DeepSpeed then holds gradients, optimizer state and partitions of the adapters only).
     Call init_distributed first and validate_parallel before that.
     """
     check_deepspeed_version()
@@ -654,6 +655,8 @@ def build_engine(model: nn.Module, parallel: ParallelConfig, optim: OptimConfig,
         model.reset_parameters(seed=seed)
     else:
         load_weights(model)
+    if adapt is not None:
+        adapt(model)
     if groups is not None:
         apply_deepspeed_moe(model)  # last before initialize: the markers live on the Parameter objects
     if make_optimizer is None:

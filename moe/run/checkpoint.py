@@ -10,6 +10,9 @@ Layout under <run.dir>/checkpoints/:
         optim/dense_rank_00000.safetensors   "<name>.exp_avg", "<name>.exp_avg_sq" (+ "<name>.fp32", the master
         optim/expert_00005.safetensors        weights, only when the weights are not fp32), same split as model/
     latest                                the name of the newest complete checkpoint
+A LoRA run (floe.lora) writes only what trains: the adapters (the experts' by global id, as the experts)
+and the router under lora.train_router, with their optimizer state; floe.json says "adapters_only", and
+the trainer's client state in state.json names the frozen base (floe.run.init_from.base_identity).
 
 Who writes what, in parallel, with no gather of the model on one rank:
   - dense parameters are dealt out over ALL ranks, largest first to the least-loaded rank (every rank
@@ -45,7 +48,8 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from floe.layer import EXPERT_WEIGHTS, MoELayer
+from floe.layer import MoELayer
+from floe.lora import adapters, trainable_parameters
 from floe.parallel import engine as ds_engine
 
 LATEST = "latest"
@@ -66,9 +70,16 @@ def expert_tensors(model: nn.Module) -> dict[str, tuple[int, torch.Tensor]]:
     for name, m in model.named_modules():
         if isinstance(m, MoELayer):
             prefix = f"{name}.experts." if name else "experts."
-            for w in EXPERT_WEIGHTS:
-                out[prefix + w] = (m.experts.first_expert, getattr(m.experts, w))
+            for w, p in m.experts.expert_tensors().items():  # the weights and any adapters
+                out[prefix + w] = (m.experts.first_expert, p)
     return out
+
+
+def saved_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """What a checkpoint of `model` holds: every parameter, or for a model with LoRA adapters only what
+    trains (the adapters, and the router with lora.train_router); its frozen base is re-created from
+    train.init_from or the seed (the checkpoint records which: `base` in state.json)."""
+    return trainable_parameters(model) if adapters(model) else dict(model.named_parameters())
 
 
 def dense_writers(sizes: dict[str, int], world_size: int) -> dict[str, int]:
@@ -144,6 +155,11 @@ def read_meta(path: str) -> dict:
                          f"floe reads {FORMAT!r} version {VERSION} (checkpoints of older floe versions, written "
                          "by DeepSpeed, cannot be resumed)")
     return meta
+
+
+def read_client_state(path: str) -> dict:
+    """The client state save() was given for checkpoint `path` (no process group needed)."""
+    return _read_json(os.path.join(path, "state.json"))["client"]
 
 
 def latest_checkpoint(ckpt_dir: str) -> str | None:
@@ -223,7 +239,7 @@ def save(engine, ckpt_dir: str, step: int, client_state: dict, keep_last: int = 
     adam_step = ds_engine.optimizer_step_count(ds)
     ds_engine.link_optimizer_state(ds)
     experts = expert_tensors(model)
-    params = dict(model.named_parameters())
+    params = saved_parameters(model)
     writer = dense_writers({n: p.numel() for n, p in params.items() if n not in experts}, world)
     edp_rank, edp_size = _edp_slot(engine)
     dense_model, dense_optim, expert_model, expert_optim = {}, {}, {}, {}
@@ -255,7 +271,7 @@ def save(engine, ckpt_dir: str, step: int, client_state: dict, keep_last: int = 
         _write_json(os.path.join(tmp_path, "floe.json"), {
             "format": FORMAT, "version": VERSION, "step": step, "world_size": world,
             "ep_size": engine.groups.ep_size if engine.groups is not None else 1,
-            "zero_stage": int(ds.zero_optimization_stage())})
+            "zero_stage": int(ds.zero_optimization_stage()), "adapters_only": bool(adapters(model))})
     dist.barrier()  # every rank's files are on disk
     if rank == 0:
         shutil.rmtree(final_path, ignore_errors=True)
@@ -303,10 +319,14 @@ def load_weights(model: nn.Module, path: str) -> None:
     """Fill `model` (full or expert-sharded, on any device) with checkpoint `path`'s weights: every
     dense tensor by name and each expert row this model holds by global id. Strict: every name and
     shape must match. No process group needed (tools/export.py uses it on one CPU process)."""
-    read_meta(path)
-    experts = expert_tensors(model)
+    meta = read_meta(path)
+    if meta.get("adapters_only", False) != bool(adapters(model)):
+        raise ValueError(f"checkpoint {path} holds {'only LoRA adapters' if meta.get('adapters_only') else 'a full model'}"
+                         f", the model {'has' if adapters(model) else 'has no'} adapters (was lora.rank changed?)")
+    saved = saved_parameters(model)
+    experts = {n: v for n, v in expert_tensors(model).items() if n in saved}
     dense = _Tensors(_dense_files(path, "model"))
-    own = {n: p for n, p in model.named_parameters() if n not in experts}
+    own = {n: p for n, p in saved.items() if n not in experts}
     missing, unexpected = sorted(set(own) - set(dense.where)), sorted(set(dense.where) - set(own))
     if missing or unexpected:
         raise ValueError(f"checkpoint {path} does not match the model: missing {missing[:5]}, unexpected "

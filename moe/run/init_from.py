@@ -57,3 +57,51 @@ def weight_loader(init_from: str, device: torch.device):
         log.info("init_from %s: read %d tensors (%.1f MB) on this rank", init_from, report.tensors_read,
                  report.bytes_read / 1e6)
     return load
+
+
+# ---- the base of a LoRA run --------------------------------------------------------------------------
+SAMPLE_BYTES = 1 << 20  # the fingerprint reads this many bytes at each end of every file
+
+
+def dir_fingerprint(hf_dir: str) -> str:
+    """sha256 over every file of `hf_dir` (sorted by name): its name, its size, and its first and last
+    SAMPLE_BYTES bytes, so files up to 2 MiB are hashed whole and a 480B directory costs 2 MiB of reads per
+    shard. A safetensors file starts with its header (every tensor's name, dtype, shape and offsets)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(hf_dir)):
+        path = os.path.join(hf_dir, name)
+        if not os.path.isfile(path):
+            continue
+        size = os.path.getsize(path)
+        digest.update(f"{name}\0{size}\0".encode())
+        with open(path, "rb") as f:
+            digest.update(f.read(SAMPLE_BYTES))
+            if size > 2 * SAMPLE_BYTES:
+                f.seek(size - SAMPLE_BYTES)
+            digest.update(f.read(SAMPLE_BYTES))
+    return digest.hexdigest()
+
+
+def base_identity(init_from: str | None, seed: int) -> dict:
+    """The frozen base a LoRA run's adapters belong to: {"init_from": dir, "fingerprint": ...} or, for a
+    base initialised from scratch, {"fresh_init_seed": seed}. Recorded in every LoRA checkpoint."""
+    if init_from:
+        return {"init_from": os.path.abspath(init_from), "fingerprint": dir_fingerprint(init_from)}
+    return {"fresh_init_seed": seed}
+
+
+def base_problem(saved: dict | None, current: dict) -> str | None:
+    """Why adapters trained on base `saved` do not belong on base `current` (None: they do). The directory
+    may move: the fingerprint decides."""
+    if saved is None or saved == current:
+        return None
+    if "fingerprint" in saved and saved.get("fingerprint") == current.get("fingerprint"):
+        return None
+
+    def show(base):
+        if "fresh_init_seed" in base:
+            return f"a fresh init with train.seed={base['fresh_init_seed']}"
+        return f"train.init_from={base['init_from']} (fingerprint {base['fingerprint'][:16]}...)"
+    return f"the adapters were trained on {show(saved)}, this run's base is {show(current)}"

@@ -39,7 +39,7 @@ DATA_FILE = "data.json"   # the fingerprint of the packed training rows (floe.da
 
 # Keys whose change alters what a resumed run computes. A key is matched exactly or by section
 # prefix ("model." covers every model.* key); FREE_DATA_KEYS are carved out of data.*.
-NEVER_CHANGE = ("model.", "data.", "train.seed", "train.global_batch_size")
+NEVER_CHANGE = ("model.", "data.", "lora.", "train.seed", "train.global_batch_size")
 # data.tokenizer is a path: the same tokenizer may live elsewhere (train.init_from=<another copy of the
 # export>); another tokenizer changes the packed rows, which the data fingerprint check refuses.
 FREE_DATA_KEYS = ("data.num_workers", "data.cache_dir", "data.eval_paths", "data.tokenizer")

@@ -31,8 +31,9 @@ from floe.errors import batch_errors
 from floe.run.dpo import OBJECTIVES, DPOConfig
 from floe.run.evaluation import eval_loss_record, eval_loss_sums
 from floe.run.host_allocator import HOST_ALLOCATORS
-from floe.run.init_from import weight_loader
+from floe.run.init_from import base_identity, base_problem, weight_loader
 from floe.run.metrics import device_peak_flops, load_cv, mem_peak_gb, train_flops_per_token
+from floe.lora import LoRAConfig, apply_lora, lora_model_errors
 from floe.model import CHECKPOINTING, ArcticForCausalLM, apply_activation_checkpointing
 from floe.optim import OptimConfig
 from floe.parallel import (PRECISIONS, ParallelConfig, build_engine, check_deepspeed_version, init_distributed,
@@ -117,6 +118,7 @@ class Configs:
     wandb: str
     wandb_project: str
     log_every: int
+    lora: LoRAConfig = field(default_factory=LoRAConfig)  # rank 0: no adapters
     expert_load_every: int = 10  # optimizer steps between lines of run_dir/expert_load.jsonl; 0 = last step only
     console_every: int = 10  # optimizer steps between console lines when stderr is not a terminal
     dpo: DPOConfig = field(default_factory=DPOConfig)  # train.objective=dpo
@@ -134,6 +136,7 @@ def check_launch(c: Configs, world_size: int, vocab_size: int) -> None:
     """Config rules that depend on the launch or the data; raised before any collective."""
     errors = parallel_errors(c.model, world_size, c.parallel.ep_size, c.parallel.zero_stage,
                              c.train.global_batch_size, c.train.micro_batch_size)
+    errors += lora_model_errors(c.lora, c.model)
     if c.train.kernels == "triton" and pick_device(c.train.device) == "cpu" and not kernels.interpreter_enabled():
         errors.append("train.kernels=triton on a CPU needs TRITON_INTERPRET=1 in the environment (slow: for "
                       "checking the kernels); use train.kernels=auto or reference to train on a CPU")
@@ -201,6 +204,7 @@ def _train_claimed(c: Configs, resolved: dict, launch, device_kind: str) -> dict
     check_launch(c, launch.world_size, tokenizer.vocab_size)
     if resuming:
         run_dir.check_resumed_data(c.run_dir, dataset.fingerprint)
+        check_resumed_base(c)
     if c.train.objective == "dpo":  # dpo_trainer subclasses Trainer: imported where it is chosen
         from floe.run.dpo_trainer import DPOTrainer, check_resumed_reference
 
@@ -240,6 +244,20 @@ class NonFiniteTraining(FloatingPointError):
     """train.max_skipped_steps consecutive steps were not finite: the run stops (non-zero exit)."""
 
 
+def lora_base(c: Configs) -> dict | None:
+    """The frozen base of a LoRA run (floe.run.init_from.base_identity), None without LoRA."""
+    return base_identity(c.train.init_from, c.train.seed) if c.lora.enabled else None
+
+
+def check_resumed_base(c: Configs) -> None:
+    """Refuse to resume LoRA adapters onto another base than the one they were trained on."""
+    latest = checkpoint.latest_checkpoint(os.path.join(c.run_dir, "checkpoints"))
+    saved = checkpoint.read_client_state(latest).get("base")
+    if c.lora.enabled and (problem := base_problem(saved, lora_base(c))):
+        raise ConfigError(f"cannot resume {latest}: {problem}. Relaunch with the base it was trained on, or set "
+                          "another run.dir to start over")
+
+
 def _is_resume(c: Configs) -> bool:
     """Whether this launch continues a checkpoint in run.dir (what Trainer._resume will load)."""
     return (c.train.resume == "auto"
@@ -268,9 +286,13 @@ class Trainer:
         self.total_steps = total_steps(c.train, self.loader.steps_per_epoch)
         self.ckpt_dir = os.path.join(c.run_dir, "checkpoints")
         resume_from = checkpoint.latest_checkpoint(self.ckpt_dir) if c.train.resume == "auto" else None
-        # A run's own checkpoint wins over init_from: its weights would be overwritten anyway.
-        load_weights = weight_loader(c.train.init_from, device) if c.train.init_from and not resume_from else None
-        self.engine = build_engine(model, c.parallel, c.optim, seed=c.train.seed, device=device,
+        # A run's own checkpoint wins over init_from: its weights would be overwritten anyway. A LoRA
+        # run's checkpoint holds only its adapters: the frozen base is loaded (or initialised) again.
+        load_base = c.train.init_from and (not resume_from or c.lora.enabled)
+        load_weights = weight_loader(c.train.init_from, device) if load_base else None
+        self.base = lora_base(c)
+        adapt = (lambda m: apply_lora(m, c.lora, seed=c.train.seed)) if c.lora.enabled else None
+        self.engine = build_engine(model, c.parallel, c.optim, seed=c.train.seed, device=device, adapt=adapt,
                                    global_batch_size=c.train.global_batch_size, load_weights=load_weights,
                                    micro_batch_size=c.train.micro_batch_size, total_steps=self.total_steps,
                                    precision=c.train.precision)
@@ -297,6 +319,10 @@ class Trainer:
             log.info("expert parallel: ep_size %d, rank %d holds experts %d..%d of %d", groups.ep_size, self.rank,
                      experts.first_expert, experts.first_expert + experts.num_local_experts - 1, cfg.num_experts)
         total, active = cfg.num_params()
+        if self.c.lora.enabled:
+            trained = sum(p.numel() for p in self.engine.model.parameters() if p.requires_grad)
+            log.info("lora: rank %d on %s; %.3fM trainable parameters on this rank, the base frozen",
+                     self.c.lora.rank, ", ".join(self.c.lora.targets), trained / 1e6)
         log.info("model: %.2fM parameters, %.2fM active per token; %s, ZeRO-%d; host allocator %s", total / 1e6,
                  active / 1e6, resolve_precision(self.c.train.precision, self.device), self.c.parallel.zero_stage,
                  allocator)
@@ -495,9 +521,10 @@ class Trainer:
         if self.consecutive_skips and self.step != self.total_steps:
             return  # a skipped step changed nothing worth a checkpoint; `latest` stays the last applied step
         if (save_every and self.step % save_every == 0) or self.step == self.total_steps:
-            path = checkpoint.save(self.engine, self.ckpt_dir, self.step,
-                                   {"step": self.step, "loader": self.loader.state_dict()},
-                                   keep_last=self.c.train.keep_last)
+            client = {"step": self.step, "loader": self.loader.state_dict()}
+            if self.base is not None:
+                client["base"] = self.base
+            path = checkpoint.save(self.engine, self.ckpt_dir, self.step, client, keep_last=self.c.train.keep_last)
             log.info("saved %s", path)
 
 

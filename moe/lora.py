@@ -1,0 +1,298 @@
+"""LoRA: low-rank adapters beside the frozen weights of attention, the dense MLP and the experts.
+
+    apply_lora(model, LoRAConfig(rank=8, alpha=16, targets=["attention", "dense_mlp", "experts"]), seed=0)
+
+Every adapted projection W [out, in] computes W x + scaling * B A dropout(x), with A [r, in],
+B [out, r] and scaling = alpha / r, or alpha / sqrt(r) with `rslora` (rank-stabilised LoRA). B starts
+at zero, so the adapted model computes exactly what its base computes until the first update.
+  - nn.Linear (attention q/k/v/o_proj, dense MLP w1/w3/w2): a `LoRA` child named `lora` and a forward
+    hook that adds its term to the Linear's output; the frozen weight keeps its name and its module.
+  - GroupedExperts: a `GroupedLoRA` child named `lora` holding, for each of w1/w3/w2, A [L, r, in] and
+    B [L, out, r] for the L experts the module holds. GroupedExperts.forward hands it its rows; base and
+    adapter products run through kernels.grouped_mm on the same groups. Expert parallelism shards it
+    with the experts (GroupedExperts.shard_ slices it; apply_lora after sharding builds only the local
+    rows), and checkpoints store its rows by global expert id (GroupedExperts.expert_tensors).
+Every other parameter gets requires_grad False (the router too, unless `train_router`), so DeepSpeed
+creates no gradient, optimizer state or ZeRO partition for it.
+
+A is drawn like torch's nn.Linear default (kaiming-uniform with a = sqrt(5): U(-1/sqrt(in), 1/sqrt(in)),
+PEFT's default too) from a generator keyed by (seed, parameter name, global expert id), so a shard holds
+exactly the rows of the 1-process model whatever the expert-parallel size.
+
+Shape legend (experts): R rows, L local experts, I a projection's input width, O its output width, r rank.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from floe import kernels
+from floe.config import ModelConfig
+from floe.errors import field_type_errors
+from floe.layer import EXPERT_WEIGHTS, GroupedExperts
+from floe.weight_init import seeded_uniform_
+
+# lora.targets: which projections get adapters. The module names each one adapts (model.py, layer.py):
+LORA_TARGETS = {
+    "attention": ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj"),
+    "dense_mlp": ("mlp.w1", "mlp.w3", "mlp.w2"),
+    "experts": ("moe.experts",),  # w1, w3 and w2 of every expert
+}
+
+
+@dataclass
+class LoRAConfig:
+    """The `lora.*` config section. rank 0 = no adapters (every parameter trains as configured)."""
+
+    rank: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0  # on each adapter's input, training only
+    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    rslora: bool = False  # scaling alpha / sqrt(rank) instead of alpha / rank
+    train_router: bool = False  # also train the router (gate.weight) in full
+
+    def __post_init__(self):
+        if errors := field_type_errors(self, "lora"):
+            raise ValueError("invalid lora config:\n  " + "\n  ".join(errors))
+        errors = []
+        if self.rank < 0:
+            errors.append(f"lora.rank must be >= 0 (0 = LoRA off), got {self.rank}")
+        if not self.alpha > 0:
+            errors.append(f"lora.alpha must be > 0, got {self.alpha!r}")
+        if not 0 <= self.dropout < 1:
+            errors.append(f"lora.dropout must be in [0, 1), got {self.dropout!r}")
+        if unknown := [t for t in self.targets if t not in LORA_TARGETS]:
+            errors.append(f"lora.targets: unknown target(s) {unknown}; known: {', '.join(LORA_TARGETS)}")
+        if len(set(self.targets)) != len(self.targets):
+            errors.append(f"lora.targets lists a target twice: {self.targets}")
+        if self.rank > 0 and not self.targets:
+            errors.append("lora.targets is empty: name at least one of " + ", ".join(LORA_TARGETS))
+        if errors:
+            raise ValueError("invalid lora config:\n  " + "\n  ".join(errors))
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+
+def lora_model_errors(lora: LoRAConfig, model: ModelConfig) -> list[str]:
+    """The rules between lora.* and model.* (checked before any process group exists)."""
+    if lora.enabled and model.freeze_moe:
+        return ["lora.rank > 0 together with model.freeze_moe: LoRA freezes the base itself and trains adapters "
+                "(on the experts too when lora.targets has 'experts'); drop model.freeze_moe, or leave 'experts' "
+                "out of lora.targets to keep the MoE as it is"]
+    return []
+
+
+def _dropout(p: float) -> nn.Module:
+    # nn.Identity at 0: no random draw at all, so a run without dropout keeps its RNG stream
+    return nn.Dropout(p) if p > 0 else nn.Identity()
+
+
+class LoRA(nn.Module):
+    """The adapter of one nn.Linear: forward(x [..., in]) -> scaling * B A dropout(x)  [..., out]."""
+
+    def __init__(self, linear: nn.Linear, rank: int, scaling: float, dropout: float):
+        super().__init__()
+        w = linear.weight
+        self.A = nn.Parameter(torch.empty(rank, w.shape[1], device=w.device, dtype=w.dtype))
+        self.B = nn.Parameter(torch.zeros(w.shape[0], rank, device=w.device, dtype=w.dtype))
+        self.scaling = scaling
+        self.dropout = _dropout(dropout)
+        self.enabled, self.merged = True, False
+
+    @torch.no_grad()
+    def reset_parameters(self, seed: int, key: str) -> None:
+        seeded_uniform_(self.A, 1 / math.sqrt(self.A.shape[1]), seed, f"{key}.A")
+        self.B.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(self.dropout(x), self.A), self.B) * self.scaling
+
+    def delta(self) -> torch.Tensor:
+        """scaling * B A: what merging adds to the Linear's weight [out, in]."""
+        return (self.B @ self.A) * self.scaling
+
+    def extra_repr(self) -> str:
+        return f"rank {self.A.shape[0]}, scaling {self.scaling:g}"
+
+
+def _add_lora(linear: nn.Linear, args, out: torch.Tensor):
+    """Forward hook of an adapted nn.Linear: its output plus the adapter's term."""
+    lora = linear.lora
+    if lora.enabled and not lora.merged:
+        return out + lora(args[0])
+    return None  # output unchanged
+
+
+class GroupedLoRA(nn.Module):
+    """Adapters of GroupedExperts' w1, w3 and w2: {w}_A [L, r, in], {w}_B [L, out, r] for its L experts.
+
+    forward(experts, x [R, D] grouped by local expert, tokens_per_local_expert [L]) -> [R, D]: the experts'
+    SwiGLU with every projection adapted."""
+
+    def __init__(self, experts: GroupedExperts, rank: int, scaling: float, dropout: float):
+        super().__init__()
+        for w in EXPERT_WEIGHTS:
+            base_LOI = getattr(experts, w)
+            num_local, out_features, in_features = base_LOI.shape
+            kw = {"device": base_LOI.device, "dtype": base_LOI.dtype}
+            setattr(self, f"{w}_A", nn.Parameter(torch.empty(num_local, rank, in_features, **kw)))
+            setattr(self, f"{w}_B", nn.Parameter(torch.zeros(num_local, out_features, rank, **kw)))
+        self.scaling = scaling
+        self.dropout = _dropout(dropout)
+        self.enabled, self.merged = True, False
+
+    @property
+    def active(self) -> bool:
+        return self.enabled and not self.merged
+
+    @torch.no_grad()
+    def reset_parameters(self, seed: int, key: str, first_expert: int) -> None:
+        """Row e of {w}_A draws from (seed, f"{key}.{w}_A", first_expert + e); every B is zero."""
+        for w in EXPERT_WEIGHTS:
+            a_LrI = getattr(self, f"{w}_A")
+            for row in range(a_LrI.shape[0]):
+                seeded_uniform_(a_LrI[row], 1 / math.sqrt(a_LrI.shape[2]), seed, f"{key}.{w}_A", first_expert + row)
+            getattr(self, f"{w}_B").zero_()
+
+    @torch.no_grad()
+    def shard_(self, rows: slice) -> None:
+        """Keep only local rows `rows` (GroupedExperts.shard_ calls it with its own slice)."""
+        for name, p in list(self.named_parameters(recurse=False)):
+            setattr(self, name, nn.Parameter(p.detach()[rows].clone(), requires_grad=p.requires_grad))
+
+    def forward(self, experts: GroupedExperts, x_RD: torch.Tensor, tokens_per_local_expert: torch.Tensor):
+        gate_RF = self._project(experts, "w1", x_RD, tokens_per_local_expert)
+        up_RF = self._project(experts, "w3", x_RD, tokens_per_local_expert)
+        return self._project(experts, "w2", F.silu(gate_RF) * up_RF, tokens_per_local_expert)
+
+    def _project(self, experts: GroupedExperts, w: str, x_RI: torch.Tensor, sizes_L: torch.Tensor) -> torch.Tensor:
+        """x W_g^T + scaling * x A_g^T B_g^T per expert group g (transposed views, never copies)."""
+        y_RO = kernels.grouped_mm(x_RI, getattr(experts, w).transpose(1, 2), sizes_L)
+        xa_Rr = kernels.grouped_mm(self.dropout(x_RI), getattr(self, f"{w}_A").transpose(1, 2), sizes_L)
+        return y_RO + kernels.grouped_mm(xa_Rr, getattr(self, f"{w}_B").transpose(1, 2), sizes_L) * self.scaling
+
+    def delta(self, w: str) -> torch.Tensor:
+        """scaling * B_e A_e for every local expert e: what merging adds to experts.{w} [L, out, in]."""
+        return torch.bmm(getattr(self, f"{w}_B"), getattr(self, f"{w}_A")) * self.scaling
+
+    def extra_repr(self) -> str:
+        return f"rank {self.w1_A.shape[1]}, scaling {self.scaling:g}, {self.w1_A.shape[0]} experts"
+
+
+def _targets(model: nn.Module, targets: list[str]) -> list[tuple[str, nn.Module]]:
+    suffixes = tuple("." + s for t in targets for s in LORA_TARGETS[t])
+    return [(name, m) for name, m in model.named_modules() if ("." + name).endswith(suffixes)]
+
+
+def apply_lora(model: nn.Module, cfg: LoRAConfig, seed: int = 0) -> nn.Module:
+    """Give every targeted projection of `model` (an ArcticForCausalLM with its weights in place,
+    expert-parallel or not) an adapter and freeze everything but the adapters (and the router with
+    train_router); in place. rank 0: the model is returned untouched. Adapter A is keyed by `seed`."""
+    if not cfg.enabled:
+        return model
+    if adapters(model):
+        raise ValueError("apply_lora: the model has LoRA adapters already")
+    if any(p.is_meta for p in model.parameters()):
+        raise ValueError("apply_lora: materialise the model's weights first (the adapters are built beside them)")
+    model.requires_grad_(False)
+    for name, module in _targets(model, cfg.targets):
+        if isinstance(module, GroupedExperts):
+            module.lora = GroupedLoRA(module, cfg.rank, cfg.scaling, cfg.dropout)
+            module.lora.reset_parameters(seed, f"{name}.lora", module.first_expert)
+        elif isinstance(module, nn.Linear):
+            module.lora = LoRA(module, cfg.rank, cfg.scaling, cfg.dropout)
+            module.lora.reset_parameters(seed, f"{name}.lora")
+            module.register_forward_hook(_add_lora)
+        else:
+            raise AssertionError(f"LORA_TARGETS names {name}, a {type(module).__name__}")
+    if cfg.train_router:
+        for name, p in model.named_parameters():
+            if name.endswith("moe.gate.weight"):
+                p.requires_grad_(True)
+    return model
+
+
+def adapters(model: nn.Module) -> list[tuple[str, LoRA | GroupedLoRA]]:
+    """(name, adapter) of every LoRA and GroupedLoRA in `model`."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, (LoRA, GroupedLoRA))]
+
+
+def is_adapter_name(name: str) -> bool:
+    """Whether a parameter name belongs to an adapter (every adapter module is called `lora`)."""
+    return ".lora." in f".{name}"
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module):
+    """Inside the block `model` computes its base (e.g. DPO's reference policy); merged adapters
+    stay merged (unmerge first to get the base from a merged model)."""
+    found = adapters(model)
+    before = [a.enabled for _, a in found]
+    for _, a in found:
+        a.enabled = False
+    try:
+        yield model
+    finally:
+        for (_, a), was in zip(found, before):
+            a.enabled = was
+
+
+def _adapted_weights(model: nn.Module):
+    """(adapter, base weight, delta) of every adapter, one per adapted [out, in] or [L, out, in] weight."""
+    for name, a in adapters(model):
+        owner = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+        if isinstance(a, LoRA):
+            yield a, owner.weight, a.delta
+        else:
+            for w in EXPERT_WEIGHTS:
+                yield a, getattr(owner, w), (lambda a=a, w=w: a.delta(w))
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Add every adapter's scaling * B A into its base weight (in place); adapters then add nothing."""
+    for a, weight, delta in _adapted_weights(model):
+        if not a.merged:
+            weight.add_(delta().to(weight.dtype))
+    for _, a in adapters(model):
+        a.merged = True
+    return model
+
+
+@torch.no_grad()
+def unmerge_lora(model: nn.Module) -> nn.Module:
+    """Undo merge_lora (subtracts the same terms: equal to the base up to rounding)."""
+    for a, weight, delta in _adapted_weights(model):
+        if a.merged:
+            weight.sub_(delta().to(weight.dtype))
+    for _, a in adapters(model):
+        a.merged = False
+    return model
+
+
+@torch.no_grad()
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The base model's state dict with every adapter merged into its weight, adapter entries left out:
+    the state dict of a plain ArcticForCausalLM (for export). The model is not changed."""
+    out = {k: v.detach() for k, v in model.state_dict().items() if not is_adapter_name(k)}
+    names = {id(p): n for n, p in model.named_parameters()}
+    for a, weight, delta in _adapted_weights(model):
+        if not a.merged:
+            out[names[id(weight)]] = weight.detach() + delta().to(weight.dtype)
+    return out
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """{name: parameter} of what trains (requires_grad): what a LoRA checkpoint holds."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}

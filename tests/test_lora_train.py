@@ -1,0 +1,105 @@
+"""LoRA runs end to end: launch/train.py with lora.*, their checkpoints, resume, and 2 processes vs 1."""
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+
+from floe.errors import ConfigError
+from launch.train import train
+from tests.test_console import SMALL, launch
+from tests.test_parallel_train import checkpoint_params
+from tests.test_train import make_cfg, read_metrics
+
+LORA = ["lora=default", "lora.rank=4", "lora.dropout=0.1", *SMALL]
+
+
+def _size(path) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+def test_resume_with_adapter_dropout_is_bit_exact_and_holds_adapters_only(tmp_path):
+    """Adapter dropout draws from torch's RNG inside training: the resumed run must see the same masks."""
+    straight = tmp_path / "straight"
+    train(make_cfg(straight, *LORA, "train.max_steps=4", "train.save_every=2"))
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_00000004")
+    (resumed / "checkpoints" / "latest").write_text("step_00000002")
+    assert train(make_cfg(resumed, *LORA, "train.max_steps=4", "train.save_every=2"))["step"] == 4
+    a, b = read_metrics(straight), read_metrics(resumed)
+    assert [m["step"] for m in b] == [1, 2, 3, 4]
+    assert [(m["loss"], m["grad_norm"]) for m in a] == [(m["loss"], m["grad_norm"]) for m in b]
+    for kind in ("model", "optim"):
+        sa, sb = checkpoint_params(straight, 4, kind), checkpoint_params(resumed, 4, kind)
+        assert set(sa) == set(sb) and sa
+        assert all(".lora." in name for name in sa), sorted(sa)[:5]  # adapters and their state only
+        for name, tensor in sa.items():
+            assert torch.equal(tensor, sb[name]), name
+    # without dropout the second step's loss differs (the first equals: B is still zero): masks were drawn
+    plain = tmp_path / "plain"
+    train(make_cfg(plain, *LORA, "lora.dropout=0.0", "train.max_steps=2"))
+    assert read_metrics(plain)[0]["loss"] == a[0]["loss"] and read_metrics(plain)[1]["loss"] != a[1]["loss"]
+
+
+def test_lora_checkpoint_is_a_small_fraction_of_a_full_one(tmp_path):
+    train(make_cfg(tmp_path / "full", *SMALL, "train.max_steps=1"))
+    train(make_cfg(tmp_path / "lora", *LORA, "train.max_steps=1"))
+    full = _size(tmp_path / "full" / "checkpoints" / "step_00000001")
+    lora = _size(tmp_path / "lora" / "checkpoints" / "step_00000001")
+    assert lora < full / 5, (lora, full)
+
+
+def _hf_base(out_dir, seed):
+    from floe.config import PRESETS
+    from floe.data.tokenizer import Tokenizer
+    from floe.hf import save_hf
+    from floe.model import ArcticForCausalLM
+
+    model = ArcticForCausalLM(PRESETS["tiny"])
+    model.reset_parameters(seed=seed)
+    save_hf(model.state_dict(), model.config, str(out_dir), Tokenizer())
+    return model
+
+
+def _back_to(run, step):
+    """Simulate a crash after `step`: its checkpoint is the latest, the later ones are gone."""
+    ckpt = run / "checkpoints"
+    for tag in os.listdir(ckpt):
+        if tag.startswith("step_") and int(tag[5:]) > step:
+            shutil.rmtree(ckpt / tag)
+    (ckpt / "latest").write_text(f"step_{step:08d}")
+
+
+def test_resume_refuses_adapters_onto_another_base(tmp_path):
+    base = tmp_path / "base"
+    _hf_base(base, seed=1)
+    run = tmp_path / "run"
+    args = [*LORA, "train.max_steps=3", "train.save_every=1", "train.keep_last=0"]
+    train(make_cfg(run, *args, f"train.init_from={base}"))
+    _back_to(run, 1)
+    moved = tmp_path / "moved"
+    shutil.copytree(base, moved)  # the same content elsewhere: the fingerprint decides, not the path
+    assert train(make_cfg(run, *args, f"train.init_from={moved}"))["step"] == 3
+    _back_to(run, 2)
+    _hf_base(moved, seed=2)  # same shapes and names, other weights
+    with pytest.raises(ConfigError, match="adapters were trained on train.init_from=.*this run's base is"):
+        train(make_cfg(run, *args, f"train.init_from={moved}"))
+
+
+@pytest.mark.parametrize("override, key", [
+    ("lora.rank=-1", "lora.rank"), ("lora.alpha=0", "lora.alpha"), ("lora.targets=[attention,lm_head]", "lora.targets"),
+    ("lora.dropout=1.5", "lora.dropout"), ("model.freeze_moe=true", "model.freeze_moe"),
+])
+def test_bad_lora_config_is_one_clean_error(tmp_path, override, key):
+    proc = launch(f"run.dir={tmp_path / 'run'}", "lora=default", override, *SMALL)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert key in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_arctic_lora_recipe_requires_init_from(tmp_path):
+    proc = launch(f"run.dir={tmp_path / 'run'}", "+experiment=arctic_lora", "log.wandb=disabled")
+    assert proc.returncode == 2 and "train.init_from is required" in proc.stderr, proc.stderr[-2000:]
