@@ -178,7 +178,7 @@ def test_every_config_composes(tmp_path):
     from launch.train import parse_config
 
     groups = {g: sorted(f[:-5] for f in os.listdir(os.path.join(CONF_DIR, g)) if f.endswith(".yaml"))
-              for g in ("data", "optim", "parallel")}
+              for g in ("data", "optim", "parallel", "lora")}
     groups["model"] = sorted(PRESETS)  # the model group is registered from PRESETS
     for group, options in groups.items():
         for option in options:
@@ -189,7 +189,7 @@ def test_every_config_composes(tmp_path):
                 overrides.append("train.objective=dpo")
             parse_config(make_cfg(tmp_path, *overrides))
     for exp in sorted(f[:-5] for f in os.listdir(os.path.join(CONF_DIR, "experiment")) if f.endswith(".yaml")):
-        if exp.startswith(("arctic_sft", "arctic_dpo")):  # fine-tuning recipes refuse to start from random weights
+        if exp.startswith(("arctic_sft", "arctic_dpo", "arctic_lora")):  # fine-tuning recipes refuse random weights
             with pytest.raises(ValueError, match="train.init_from is required"):
                 parse_config(make_cfg(tmp_path, f"+experiment={exp}"))
             continue
