@@ -37,6 +37,9 @@ setup(
         "protobuf>=3.20",  # reading a SentencePiece model's spec (normaliser, pieces) for tokenizer.json
         "tqdm>=4.66",  # progress bars
         "matplotlib>=3.7,<4",  # tools/compare.py plots (tested with 3.11)
+        # lora.quantize_base: NF4 (QLoRA's to_nf4) and int8 affine quantization, pure PyTorch on CPU and CUDA;
+        # tested with 0.18.0, whose public names (torchao.quantization.to_nf4, quant_primitives) floe uses
+        "torchao>=0.18,<0.19",
     ],
     extras_require={"dev": [
         "pytest>=8", "pytest-timeout>=2.3",
