@@ -212,6 +212,22 @@ def document_ids(position_ids_BS: torch.Tensor) -> torch.Tensor:
     return torch.cumsum(position_ids_BS == 0, dim=1)
 
 
+def example_lengths(position_ids_BS: torch.Tensor) -> torch.Tensor:
+    """[B, S] length of the packed example each token belongs to (a row's padding tail is one more)."""
+    doc_BS = document_ids(position_ids_BS)
+    counts_BN = torch.zeros(doc_BS.shape[0], doc_BS.shape[1] + 1, dtype=torch.long, device=doc_BS.device)
+    counts_BN.scatter_add_(1, doc_BS, torch.ones_like(doc_BS))  # tokens per example id
+    return counts_BN.gather(1, doc_BS)
+
+
+def neftune_noise(x_BSD: torch.Tensor, position_ids_BS: torch.Tensor, alpha: float) -> torch.Tensor:
+    """NEFTune's noise for embeddings x: U(-1, 1) * alpha / sqrt(L * D), with L the token's own example
+    length in a packed row (transformers and the paper use the whole padded row: the same for one example
+    a row). Draws from torch's default generator of x's device."""
+    scale_BS = alpha / (example_lengths(position_ids_BS) * x_BSD.shape[-1]).to(torch.float32).sqrt()
+    return (torch.rand_like(x_BSD, dtype=torch.float32) * 2 - 1).mul_(scale_BS[..., None]).to(x_BSD.dtype)
+
+
 def packed_attention_mask(position_ids_BS: torch.Tensor) -> torch.Tensor:
     """Causal mask (B, 1, S, S) that also keeps each packed example to itself (the CPU path)."""
     doc_BS = document_ids(position_ids_BS)
@@ -250,6 +266,7 @@ class ArcticForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = Rotary(config.head_dim, config.rope_theta)
         self.packed_attention = "auto"  # one of PACKED_ATTENTION
+        self.neftune_alpha = 0.0  # train.neftune_alpha: noise on the input embeddings in training forwards only
         self.reset_parameters()
         if config.freeze_moe:
             for block in self.layers:
@@ -311,6 +328,8 @@ class ArcticForCausalLM(nn.Module):
             moe_tokens = attention_mask.reshape(-1).bool().nonzero().squeeze(1)
 
         x = self.embed_tokens(input_ids)
+        if self.neftune_alpha > 0 and self.training and torch.is_grad_enabled() and cache is None:
+            x = x + neftune_noise(x, position_ids, self.neftune_alpha)
         rope = self.rotary(position_ids, x.dtype)
         stats = []
         for i, block in enumerate(self.layers):

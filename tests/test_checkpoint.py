@@ -174,6 +174,43 @@ def _nan_save_worker(rank, world_size, run_dir):
         return "saved"
 
 
+# ---- RNG state ----------------------------------------------------------------------------------------
+
+def _draws():
+    import random
+
+    import numpy as np
+
+    return [random.random(), random.gauss(0, 1), np.random.rand(3).tolist(), np.random.randn(3).tolist(),
+            torch.rand(3).tolist(), torch.randint(0, 1 << 30, (2,)).tolist()]
+
+
+def _rng_worker(rank, world_size, run_dir):
+    """Save a checkpoint with python's, numpy's and torch's generators mid-stream (a Gaussian pair half
+    used in each), draw, scramble every generator, load: the same draws again."""
+    import random
+
+    import numpy as np
+
+    with _engine_after_training(rank, world_size, run_dir) as engine:
+        ckpt_dir = os.path.join(run_dir, "checkpoints")
+        checkpoint.load(engine, checkpoint.latest_checkpoint(ckpt_dir))
+        random.seed(11), np.random.seed(12), torch.manual_seed(13)
+        random.gauss(0, 1), np.random.randn(1), torch.randn(5)  # leave cached Gaussians behind
+        path = checkpoint.save(engine, ckpt_dir, 3, {"step": 3})
+        expected = _draws()
+        random.seed(0), np.random.seed(0), torch.manual_seed(0)
+        scrambled = _draws()
+        checkpoint.load(engine, path)
+        return {"expected": expected, "scrambled": scrambled, "after_load": _draws()}
+
+
+def test_rng_state_round_trips_through_a_checkpoint(tmp_path):
+    result, = run_distributed(_rng_worker, 1, args=(str(tmp_path / "run"),), timeout=240)
+    assert result["after_load"] == result["expected"]
+    assert all(a != b for a, b in zip(result["scrambled"], result["expected"]))  # each generator was moved
+
+
 # ---- resume under another layout --------------------------------------------------------------------
 
 STEPS, SAVED = 4, 2

@@ -149,3 +149,16 @@ def test_eval_on_two_processes_equals_one(tmp_path):
     # the expert load of the step, summed over the ranks, is the 1-process count
     load1, load2 = (open(os.path.join(d, "expert_load.jsonl")).read() for d in (one, two))
     assert load1 == load2 and load1.count("\n") == 1
+
+
+def test_neftune_leaves_evaluation_alone(eval_ds):
+    """train.neftune_alpha on a model in training mode: the held-out sums are the noiseless ones and no
+    random number is drawn."""
+    torch.manual_seed(0)
+    model = ArcticForCausalLM(PRESETS["tiny"]).train()
+    n = len(eval_ds.source_names)
+    clean = eval_loss_sums(model, eval_micro_batches(eval_ds, 3, dp_rank=0, dp_size=1), n, torch.device("cpu"))
+    model.neftune_alpha = 5.0
+    rng = torch.get_rng_state()
+    noisy = eval_loss_sums(model, eval_micro_batches(eval_ds, 3, dp_rank=0, dp_size=1), n, torch.device("cpu"))
+    assert torch.equal(noisy, clean) and torch.equal(torch.get_rng_state(), rng)

@@ -184,3 +184,14 @@ def test_evaluate_cli_on_a_run_with_the_embedded_questions(tiny_run, capsys):
     read = read_exact_match(tiny_run)
     assert set(read) == {"exact_match", "exact_match/code", "exact_match/general", "exact_match/identity",
                          "exact_match/math"}
+
+
+def test_neftune_never_touches_generation(model):
+    """A model left in training mode with train.neftune_alpha on generates what it generates without."""
+    import copy
+
+    noisy = copy.deepcopy(model).train()
+    noisy.neftune_alpha = 5.0
+    assert generate(noisy, PROMPTS, 8) == generate(model, PROMPTS, 8)
+    assert (generate(noisy, PROMPTS, 8, temperature=1.0, seed=4)
+            == generate(model, PROMPTS, 8, temperature=1.0, seed=4))

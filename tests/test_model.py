@@ -188,3 +188,56 @@ def test_cuda_packed_attention_equals_dense_mask(dtype):
     torch.testing.assert_close(results["auto"][0], results["dense"][0], **tol)
     for name, grad in results["dense"][1].items():
         torch.testing.assert_close(results["auto"][1][name], grad, **tol, msg=name)
+
+
+# ---- NEFTune (train.neftune_alpha) -----------------------------------------------------------------------
+
+def _embedding_seen_by_block0(model, ids, pos):
+    seen = []
+    handle = model.layers[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+    model(ids, position_ids=pos)
+    handle.remove()
+    return seen[0]
+
+
+def test_neftune_noise_per_packed_example_follows_the_formula():
+    torch.manual_seed(0)
+    model = ArcticForCausalLM(PRESETS["tiny"])  # hidden 64
+    alpha, d = 5.0, 64
+    lengths = [10, 30, 24]  # two examples and the padding tail, in every one of 16 rows
+    pos = torch.cat([torch.arange(n) for n in lengths]).expand(16, -1)
+    ids = torch.randint(0, 1024, pos.shape)
+    clean = _embedding_seen_by_block0(model, ids, pos)
+    model.neftune_alpha = alpha
+    noise = _embedding_seen_by_block0(model, ids, pos) - clean
+    start = 0
+    for n in lengths:
+        part = noise[:, start:start + n]
+        start += n
+        bound = alpha / (n * d) ** 0.5  # the example's own length, not the row's (64)
+        assert part.abs().max() <= bound * (1 + 1e-5)
+        assert part.abs().max() >= 0.99 * bound  # uniform: thousands of draws reach the edge
+        assert abs(part.mean()) < 0.05 * bound
+        assert part.var().item() == pytest.approx(bound ** 2 / 3, rel=0.08)  # Var U(-b, b) = b^2 / 3
+    # one example per row (no position_ids): L is the row length, as transformers does
+    plain = model.embed_tokens(ids)
+    seen = []
+    handle = model.layers[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
+    model(ids)
+    handle.remove()
+    assert (seen[0] - plain).abs().max() <= alpha / (64 * d) ** 0.5 * (1 + 1e-5)
+
+
+def test_neftune_is_off_in_eval_mode_and_without_grad():
+    torch.manual_seed(0)
+    model = ArcticForCausalLM(PRESETS["tiny"])
+    ids = torch.randint(0, 1024, (2, 16))
+    pos = torch.arange(16).expand(2, -1)
+    clean = _embedding_seen_by_block0(model, ids, pos)
+    model.neftune_alpha = 5.0
+    with torch.no_grad():  # still in training mode
+        assert torch.equal(_embedding_seen_by_block0(model, ids, pos), clean)
+    model.eval()
+    assert torch.equal(_embedding_seen_by_block0(model, ids, pos), clean)
+    model.train()
+    assert not torch.equal(_embedding_seen_by_block0(model, ids, pos), clean)

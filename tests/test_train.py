@@ -44,9 +44,12 @@ def test_entry_point_trains_tiny_and_loss_falls(tmp_path):
     assert open(run_dir / "checkpoints" / "latest").read() == "step_00000030"
 
 
-@pytest.mark.parametrize("extra", [[], ["train.precision=bf16"]], ids=["fp32", "bf16-zero0"])
+@pytest.mark.parametrize("extra", [[], ["train.precision=bf16"], ["train.neftune_alpha=5"]],
+                         ids=["fp32", "bf16-zero0", "neftune"])
 def test_resume_is_bit_exact(tmp_path, extra):
-    """Also in bf16 at ZeRO-0 (DeepSpeed's unfused bf16 optimizer: fp32 masters per parameter)."""
+    """Also in bf16 at ZeRO-0 (DeepSpeed's unfused bf16 optimizer: fp32 masters per parameter), and with
+    NEFTune, whose noise draws from torch's RNG every step: the resumed run draws the uninterrupted run's
+    noise only if the checkpoint restored the RNG state (without it this case fails)."""
     straight = tmp_path / "straight"
     train(make_cfg(straight, "train.max_steps=6", "train.save_every=3", "train.global_batch_size=8",
                    "train.micro_batch_size=4", *extra))
@@ -71,10 +74,11 @@ def test_resume_is_bit_exact(tmp_path, extra):
 
 
 def test_config_errors_name_every_key(tmp_path):
-    cfg = make_cfg(tmp_path, "model.top_k=9", "model.drop_policy=random", "optim.lr=-1", "train.micro_batch_size=0")
+    cfg = make_cfg(tmp_path, "model.top_k=9", "model.drop_policy=random", "optim.lr=-1", "train.micro_batch_size=0",
+                   "train.neftune_alpha=-1")
     with pytest.raises(ValueError) as err:
         train(cfg)
-    for key in ("model.top_k", "model.drop_policy", "optim.lr", "train.micro_batch_size"):
+    for key in ("model.top_k", "model.drop_policy", "optim.lr", "train.micro_batch_size", "train.neftune_alpha"):
         assert key in str(err.value)
 
 

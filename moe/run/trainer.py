@@ -67,6 +67,7 @@ class TrainConfig:
     activation_checkpointing: str = "none"  # none | moe | selective | full (moe/model.py CHECKPOINTING)
     host_allocator: str = "auto"  # auto (retain on cpu) | retain | system (moe/run/host_allocator.py)
     objective: str = "sft"  # sft (LM loss on the trained tokens) | dpo (preference pairs; moe/run/dpo.py)
+    neftune_alpha: float = 0.0  # NEFTune noise on the input embeddings in training (0 = off; moe/model.py)
 
     def __post_init__(self):
         from floe.errors import field_type_errors
@@ -76,6 +77,8 @@ class TrainConfig:
         errors = batch_errors(self.global_batch_size, self.micro_batch_size, dp_size=1)
         if self.epochs <= 0:
             errors.append(f"train.epochs must be > 0, got {self.epochs}")
+        if not self.neftune_alpha >= 0:
+            errors.append(f"train.neftune_alpha must be >= 0 (0 = off), got {self.neftune_alpha!r}")
         if self.max_skipped_steps < 1:
             errors.append(f"train.max_skipped_steps must be >= 1, got {self.max_skipped_steps}")
         for name in ("max_steps", "save_every", "eval_every", "keep_last"):
@@ -279,6 +282,7 @@ class Trainer:
         with torch.device("meta"):  # shapes only: no rank ever allocates experts it does not own
             model = ArcticForCausalLM(c.model)
         apply_activation_checkpointing(model, c.train.activation_checkpointing)
+        model.neftune_alpha = c.train.neftune_alpha
         self.loader = StepLoader(dataset, global_batch_size=c.train.global_batch_size,
                                  micro_batch_size=c.train.micro_batch_size, dp_rank=self.rank,
                                  dp_size=self.world_size, seed=c.train.seed,
