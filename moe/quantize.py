@@ -88,12 +88,27 @@ class QuantizedWeight(nn.Module):
         if kind not in QUANTIZE_BASE[1:]:
             raise ValueError(f"lora.quantize_base must be one of {QUANTIZE_BASE}, got {kind!r}")
         self.kind, self.shape = kind, tuple(weight.shape)
+        if kind == "nf4":
+            self.scaler_block = self._nf4_scaler_block(self.shape)
+        if weight.is_meta:  # shapes only (the memory plan): the buffers the real weight would get
+            for key, (shape, dtype) in self._layout().items():
+                self.register_buffer(key, torch.empty(shape, dtype=dtype, device="meta"))
+            return
         w_EOI = weight.detach().reshape(-1, *self.shape[-2:]).to(torch.float32)  # (E, O, I)
         parts = [self._quantize_one(w_EOI[e]) for e in range(w_EOI.shape[0])]
         for key in parts[0]:
             self.register_buffer(key, torch.stack([p[key] for p in parts]))
-        if kind == "nf4":
-            self.scaler_block = self._nf4_scaler_block(self.shape)
+
+    def _layout(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """{buffer: (shape, dtype)} for this weight's shape and kind (what _quantize_one stacks)."""
+        num = math.prod(self.shape[:-2])
+        out_features, in_features = self.shape[-2:]
+        if self.kind == "int8":
+            return {"codes": ((num, out_features, in_features), torch.int8), "scale": ((num, out_features), torch.int32)}
+        blocks = out_features * in_features // NF4_BLOCK
+        return {"codes": ((num, out_features * in_features // 2), torch.uint8), "scalers": ((num, blocks), torch.int8),
+                "factor": ((num, blocks // self.scaler_block), torch.int32), "mean": ((num, 1), torch.int32),
+                "levels": ((num, 16), torch.int32)}
 
     @staticmethod
     def _nf4_scaler_block(shape) -> int:
@@ -143,6 +158,12 @@ class QuantizedWeight(nn.Module):
         return values.view(scalers_NB.numel(), -1) * scalers_NB[:, None]  # (NB, 64)
 
 
+def _storage_key(t: torch.Tensor) -> int:
+    """The address of t's StorageImpl: shared by every view of it, and defined under FakeTensorMode (the
+    memory plan), where data_ptr() is 0 for every tensor."""
+    return t.untyped_storage()._cdata
+
+
 @dataclass
 class _Saved:
     """A dequantized weight saved for backward, kept as the recipe to rebuild it."""
@@ -159,13 +180,13 @@ class _Recompute:
     dequantized weight is stored as its recipe and dequantized again when backward unpacks it."""
 
     def __init__(self):
-        self.live: dict[int, tuple[QuantizedWeight, torch.Tensor]] = {}  # storage address -> (source, weight)
+        self.live: dict[int, tuple[QuantizedWeight, torch.Tensor]] = {}  # _storage_key -> (source, weight)
         self.contexts: list = []
 
     def pack(self, t: torch.Tensor):
         if t.requires_grad or t.layout != torch.strided or t.device.type == "meta":
             return t
-        hit = self.live.get(t.untyped_storage().data_ptr())
+        hit = self.live.get(_storage_key(t))
         if hit is None or hit[1].device != t.device:
             return t
         return _Saved(hit[0], t.dtype, t.size(), t.stride(), t.storage_offset())
@@ -254,13 +275,13 @@ def _install_dequantize(owner: nn.Module, names: tuple[str, ...], recompute: _Re
         for name in names:
             weight = getattr(module, f"{name}_quantized").dequantize(dtype)
             module.__dict__[name] = weight
-            recompute.live[weight.untyped_storage().data_ptr()] = (getattr(module, f"{name}_quantized"), weight)
+            recompute.live[_storage_key(weight)] = (getattr(module, f"{name}_quantized"), weight)
 
     def after(module, args, output):
         for name in names:
             weight = module.__dict__.pop(name, None)
             if weight is not None:
-                recompute.live.pop(weight.untyped_storage().data_ptr(), None)
+                recompute.live.pop(_storage_key(weight), None)
 
     owner._floe_dequantize_hooks = (owner.register_forward_pre_hook(before),
                                     owner.register_forward_hook(after, always_call=True))
