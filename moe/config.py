@@ -6,7 +6,11 @@ from dataclasses import dataclass
 
 from floe.errors import field_type_errors
 
-DROP_POLICIES = ("probs", "position")
+# Over capacity, within a choice rank: keep higher "probs", earlier "position", or tokens with a loss
+# first and then higher probs ("loss_aware"). moe/router.py route() says exactly how.
+DROP_POLICIES = ("probs", "position", "loss_aware")
+# Where the balance loss is measured: over the micro-batch's tokens, or per packed example averaged.
+BALANCE_SCOPES = ("batch", "sequence")
 
 
 @dataclass
@@ -26,15 +30,19 @@ class ModelConfig:
     num_experts: int = 128
     top_k: int = 2
     capacity_factor: float | None = 1.25  # None = dropless
-    drop_policy: str = "probs"  # over capacity, within a choice rank: keep higher "probs" or earlier "position"
+    drop_policy: str = "probs"  # over capacity, within a choice rank: keep higher "probs", earlier "position",
+    # or loss tokens first ("loss_aware")
     normalize_weights: bool = True  # renormalise the top-k router weights to sum to 1
     balance_coef: float = 0.01
+    balance_scope: str = "batch"  # the balance loss per micro-batch ("batch") or per example averaged ("sequence")
+    balance_bias_rate: float = 0.0  # aux-loss-free balancing: per-expert selection bias step per optimizer step; 0 = off
     z_loss_coef: float = 0.0
     rope_theta: float = 10000.0
     max_seq_len: int = 4096
     norm_eps: float = 1e-5
     init_std: float = 0.02
     freeze_moe: bool = False  # train only the dense parts (router and experts frozen)
+    freeze_router: bool = False  # train everything but the routers (gate weights frozen)
 
     def __post_init__(self):
         errors = field_type_errors(self, "model")
@@ -67,7 +75,9 @@ class ModelConfig:
             errors.append(f"model.capacity_factor must be > 0 or null (dropless), got {self.capacity_factor!r}")
         if self.drop_policy not in DROP_POLICIES:
             errors.append(f"model.drop_policy must be one of {DROP_POLICIES}, got {self.drop_policy!r}")
-        for name in ("balance_coef", "z_loss_coef", "norm_eps", "init_std"):
+        if self.balance_scope not in BALANCE_SCOPES:
+            errors.append(f"model.balance_scope must be one of {BALANCE_SCOPES}, got {self.balance_scope!r}")
+        for name in ("balance_coef", "balance_bias_rate", "z_loss_coef", "norm_eps", "init_std"):
             if not getattr(self, name) >= 0:
                 errors.append(f"model.{name} must be >= 0, got {getattr(self, name)!r}")
         if not self.rope_theta > 0:

@@ -22,6 +22,13 @@ num_experts_per_tok > 1, as DeepSpeed's top-1/top-2 gating that trained it does.
 `normalize_weights` is derived from top_k on import and refused on export when it differs.
 (A copy of the Hub's modeling_arctic.py in optimum-habana renormalises at top_k 1 too; the
 two agree for top_k >= 2, which is Arctic's.)
+
+The aux-loss-free balancing bias (model.balance_bias_rate > 0) has no Arctic name: Arctic chooses
+experts by the top-k of the router's softmax, floe then by the top-k of softmax + bias, and no
+change of the gate weights turns one into the other (the bias shifts probabilities, not logits).
+Export refuses such a model unless asked to drop the bias (tools/export.py --drop-expert-bias),
+which keeps every weight but routes some tokens differently from training. Starting a run with a
+bias from Arctic weights (init_from) starts the bias at zero, as a fresh run does.
 """
 from __future__ import annotations
 
@@ -36,7 +43,7 @@ import torch.nn as nn
 
 from floe.config import ModelConfig
 from floe.data.template import CHAT_TEMPLATE
-from floe.layer import EXPERT_WEIGHTS
+from floe.layer import EXPERT_BIAS, EXPERT_WEIGHTS
 from floe.run.checkpoint import expert_tensors
 
 log = logging.getLogger(__name__)
@@ -245,10 +252,21 @@ def _training_fields(hf: dict, source: str, errors: list[str]) -> dict:
     return out | dict(capacity_factor=float(train))
 
 
+def is_expert_bias(name: str) -> bool:
+    """Whether a floe state-dict name is a layer's balancing bias (no Arctic name; module docstring)."""
+    return name.rsplit(".", 1)[-1] == EXPERT_BIAS
+
+
 def hf_config_from(config: ModelConfig, bos_id: int | None = None, eos_id: int | None = None,
-                   pad_id: int | None = None, dtype: str = "float32") -> dict:
-    """ModelConfig -> Arctic config.json; ValueError naming each field Arctic cannot express."""
+                   pad_id: int | None = None, dtype: str = "float32", drop_expert_bias: bool = False) -> dict:
+    """ModelConfig -> Arctic config.json; ValueError naming each field Arctic cannot express.
+    drop_expert_bias: accept model.balance_bias_rate > 0 (the bias is left out of the weights)."""
     errors = []
+    if config.balance_bias_rate > 0 and not drop_expert_bias:
+        errors.append(f"model.balance_bias_rate = {config.balance_bias_rate}: this model chooses experts with an "
+                      "aux-loss-free balancing bias, which Arctic's router cannot express (it is not foldable "
+                      "into the gate weights). Export without it with tools/export.py --drop-expert-bias (same "
+                      "weights; some tokens then go to other experts than in training)")
     if config.dense_ffn != config.hidden_size:
         errors.append(f"model.dense_ffn = {config.dense_ffn} != model.hidden_size = {config.hidden_size}: "
                       "Arctic's residual MLP is always hidden_size wide")
@@ -386,6 +404,8 @@ def load_hf_weights(model: nn.Module, hf_dir: str, device: torch.device | str | 
             first, stacked = experts[name]
             for row in range(stacked.shape[0]):
                 stacked[row].copy_(reader.read(to_hf_name[(name, first + row)], tuple(stacked.shape[1:])))
+        elif is_expert_bias(name):
+            param.zero_()  # Arctic has none: the bias starts where a fresh run's does
         elif (name, None) in to_hf_name:
             param.copy_(reader.read(to_hf_name[(name, None)], tuple(param.shape)))
         else:
@@ -396,14 +416,17 @@ def load_hf_weights(model: nn.Module, hf_dir: str, device: torch.device | str | 
 # ----------------------------------------------------------------------------- export
 
 def save_hf(state: dict[str, torch.Tensor], config: ModelConfig, out_dir: str, tokenizer,
-            dtype: str = "float32", max_shard_bytes: int = 5 * 2**30) -> list[str]:
+            dtype: str = "float32", max_shard_bytes: int = 5 * 2**30, drop_expert_bias: bool = False) -> list[str]:
     """Write a full floe state dict (all experts) as a Hugging Face Arctic directory: weights,
     config.json, generation_config.json and the tokenizer files. Refuses (ValueError) before
-    writing anything when Arctic cannot express the model or the tokenizer cannot be mirrored."""
+    writing anything when Arctic cannot express the model or the tokenizer cannot be mirrored.
+    drop_expert_bias: leave the balancing bias out instead of refusing (module docstring)."""
     end_of_turn = tokenizer.im_end[0] if len(tokenizer.im_end) == 1 else tokenizer.eos_id
     bos = tokenizer.sp.bos_id()
     hf_cfg = hf_config_from(config, bos_id=bos if bos >= 0 else None, eos_id=end_of_turn,
-                            pad_id=tokenizer.pad_id, dtype=dtype)
+                            pad_id=tokenizer.pad_id, dtype=dtype, drop_expert_bias=drop_expert_bias)
+    if drop_expert_bias:
+        state = {k: v for k, v in state.items() if not is_expert_bias(k)}
     if tokenizer.vocab_size > config.vocab_size:
         raise ValueError(f"model.vocab_size ({config.vocab_size}) is smaller than the tokenizer's "
                          f"({tokenizer.vocab_size}, {tokenizer.path})")

@@ -29,6 +29,11 @@ from floe.weight_init import draw_seed, init_stds, seeded_normal_
 EXPERT_WEIGHTS = ("w1", "w3", "w2")
 
 
+# The aux-loss-free balancing bias [E] (fp32 buffer of each MoELayer when model.balance_bias_rate > 0):
+# model state (checkpointed, exported only by tools/export.py --drop-expert-bias), never a parameter.
+EXPERT_BIAS = "expert_bias"
+
+
 @dataclass
 class MoEStats:
     balance_loss: torch.Tensor  # scalar, differentiable; normalised GShard value (1.0 = perfectly uniform)
@@ -36,6 +41,17 @@ class MoEStats:
     tokens_per_expert: torch.Tensor  # [E] long: kept assignments per expert
     dropped: torch.Tensor  # scalar long: assignments dropped by capacity
     num_assignments: int  # T * k
+    routed_per_expert: torch.Tensor  # [E] long: assignments per expert before capacity (the router's choice)
+    dropped_loss: torch.Tensor  # scalar long: dropped assignments of tokens with a loss
+    loss_assignments: torch.Tensor  # scalar long: assignments of tokens with a loss
+
+
+@dataclass
+class TokenInfo:
+    """What the model knows about each routed token, for the variants that need it (None = unknown)."""
+
+    example_ids_T: torch.Tensor | None = None  # [T] packed example of each token (model.balance_scope=sequence)
+    has_loss_T: torch.Tensor | None = None  # [T] bool: the token's prediction is trained (drop_policy=loss_aware)
 
 
 @dataclass
@@ -173,6 +189,8 @@ class MoELayer(nn.Module):
         self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)  # router
         self.dispatcher = LocalDispatcher()
         self.checkpoint_experts = False  # set by floe.model.apply_activation_checkpointing
+        if config.balance_bias_rate > 0:  # only then: the default model's state is what it always was
+            self.register_buffer(EXPERT_BIAS, torch.zeros(config.num_experts))
         self.init_weights()
 
     @torch.no_grad()
@@ -188,28 +206,50 @@ class MoELayer(nn.Module):
         if not self.gate.weight.is_meta:
             seeded_normal_(self.gate.weight, std, seed, f"{prefix}gate.weight")
         self.experts.init_weights(seed, key, std, out_std)
+        bias = getattr(self, EXPERT_BIAS, None)
+        if bias is not None and not bias.is_meta:
+            bias.zero_()
+
+    @torch.no_grad()
+    def update_expert_bias(self, routed_per_expert_E: torch.Tensor) -> None:
+        """After an applied optimizer step: move the balancing bias against the global batch's
+        load, routed_per_expert_E [E] (the same on every rank, so every replica stays equal)."""
+        bias = getattr(self, EXPERT_BIAS, None)
+        if bias is not None:
+            router.update_expert_bias_(bias, routed_per_expert_E.to(bias.device), self.config.balance_bias_rate)
 
     def router_logits(self, x_TD: torch.Tensor) -> torch.Tensor:
         """Router logits [T, E], in fp32 whatever the activations' dtype."""
         return x_TD.float() @ self.gate.weight.float().t()
 
-    def route(self, x_TD: torch.Tensor, dropless: bool = False,
-              logits_TE: torch.Tensor | None = None) -> tuple[router.RoutePlan, MoEStats]:
+    def route(self, x_TD: torch.Tensor, dropless: bool = False, logits_TE: torch.Tensor | None = None,
+              tokens: TokenInfo | None = None) -> tuple[router.RoutePlan, MoEStats]:
         """Router in fp32: plan for every token plus the losses and counts. dropless: no capacity.
         logits_TE: router_logits(x_TD) when the caller computed them already."""
         cfg = self.config
+        tokens = tokens or TokenInfo()
         if logits_TE is None:
             logits_TE = self.router_logits(x_TD)
         num_tokens = x_TD.shape[0]
         cap = None if dropless else router.capacity(num_tokens, cfg.num_experts, cfg.top_k, cfg.capacity_factor)
-        plan = router.route(logits_TE, cfg.top_k, cap, cfg.drop_policy, cfg.normalize_weights)
+        plan = router.route(logits_TE, cfg.top_k, cap, cfg.drop_policy, cfg.normalize_weights,
+                            getattr(self, EXPERT_BIAS, None), tokens.has_loss_T)
         kept_experts = plan.expert_ids[plan.kept]
+        dropped_TK = ~plan.kept
+        if tokens.has_loss_T is None:  # unknown: every token counts as carrying a loss
+            dropped_loss, loss_assignments = dropped_TK.sum(), torch.tensor(plan.kept.numel(), device=x_TD.device)
+        else:
+            dropped_loss = (dropped_TK & tokens.has_loss_T[:, None]).sum()
+            loss_assignments = tokens.has_loss_T.sum() * cfg.top_k
         stats = MoEStats(
-            balance_loss=router.balance_loss(plan.probs, plan.expert_ids),
+            balance_loss=router.balance(plan.probs, plan.expert_ids, cfg.balance_scope, tokens.example_ids_T),
             z_loss=router.z_loss(logits_TE) if cfg.z_loss_coef > 0 else logits_TE.new_zeros(()),
             tokens_per_expert=torch.bincount(kept_experts, minlength=cfg.num_experts),
-            dropped=(~plan.kept).sum(),
+            dropped=dropped_TK.sum(),
             num_assignments=plan.kept.numel(),
+            routed_per_expert=torch.bincount(plan.expert_ids.reshape(-1), minlength=cfg.num_experts),
+            dropped_loss=dropped_loss,
+            loss_assignments=loss_assignments,
         )
         return plan, stats
 
@@ -235,10 +275,12 @@ class MoELayer(nn.Module):
 
     # The block calls start() before attention and finish() after its dense MLP, so a
     # dispatcher that communicates has its exchange in flight in between.
-    def start(self, x_TD: torch.Tensor, dropless: bool = False, logits_TE: torch.Tensor | None = None) -> _Pending:
+    def start(self, x_TD: torch.Tensor, dropless: bool = False, logits_TE: torch.Tensor | None = None,
+              tokens: TokenInfo | None = None) -> _Pending:
         """Route, permute and dispatch; returns the pending state finish() consumes.
-        logits_TE: router_logits(x_TD) when the caller computed them (activation checkpointing)."""
-        plan, stats = self.route(x_TD, dropless, logits_TE)
+        logits_TE: router_logits(x_TD) when the caller computed them (activation checkpointing);
+        tokens: per-token facts the routing variants need (TokenInfo)."""
+        plan, stats = self.route(x_TD, dropless, logits_TE, tokens)
         x_AD, perm = self.permute(x_TD, plan)
         handle = self.dispatcher.dispatch(x_AD, perm.tokens_per_expert_E)
         return _Pending(handle, perm, stats, x_TD.shape[0])
@@ -255,5 +297,6 @@ class MoELayer(nn.Module):
         y_AD = self.dispatcher.combine(y_RD, pending.handle)
         return self.unpermute(y_AD, pending.perm, pending.num_tokens), pending.stats
 
-    def forward(self, x_TD: torch.Tensor, dropless: bool = False) -> tuple[torch.Tensor, MoEStats]:
-        return self.finish(self.start(x_TD, dropless))
+    def forward(self, x_TD: torch.Tensor, dropless: bool = False,
+                tokens: TokenInfo | None = None) -> tuple[torch.Tensor, MoEStats]:
+        return self.finish(self.start(x_TD, dropless, tokens=tokens))

@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from floe.config import ModelConfig
 from floe.weight_init import draw_seed, init_stds, seeded_normal_
-from floe.layer import MoELayer, MoEStats
+from floe.layer import MoELayer, MoEStats, TokenInfo
 
 IGNORE_INDEX = -100
 
@@ -133,14 +133,15 @@ class ArcticBlock(nn.Module):
         self.moe = MoELayer(config)
         self.checkpointing = "none"  # one of CHECKPOINTING; set by apply_activation_checkpointing
 
-    def forward(self, x_BSD, rope, attn_mask, moe_tokens, dropless: bool = False, cache=None):
+    def forward(self, x_BSD, rope, attn_mask, moe_tokens, dropless: bool = False, cache=None,
+                token_info: TokenInfo | None = None):
         b, s, d = x_BSD.shape
         mode = self.checkpointing if torch.is_grad_enabled() else "none"
         if mode == "full":  # keeps neither the norm's output nor the router's input
             moe_in_TD, logits_TE = _checkpoint(self._moe_input, x_BSD, moe_tokens, True)
         else:
             moe_in_TD, logits_TE = self._moe_input(x_BSD, moe_tokens), None
-        pending = self.moe.start(moe_in_TD, dropless, logits_TE)  # the MoE reads the block input, not h
+        pending = self.moe.start(moe_in_TD, dropless, logits_TE, token_info)  # the MoE reads the block input, not h
         del moe_in_TD  # only the rows gathered by start() are still needed
         if mode == "full":
             out = _checkpoint(self._attention_and_mlp, x_BSD, rope, attn_mask, cache)
@@ -268,9 +269,11 @@ class ArcticForCausalLM(nn.Module):
         self.packed_attention = "auto"  # one of PACKED_ATTENTION
         self.neftune_alpha = 0.0  # train.neftune_alpha: noise on the input embeddings in training forwards only
         self.reset_parameters()
-        if config.freeze_moe:
-            for block in self.layers:
+        for block in self.layers:
+            if config.freeze_moe:
                 block.moe.requires_grad_(False)
+            if config.freeze_router:
+                block.moe.gate.requires_grad_(False)
 
     @torch.no_grad()
     def reset_parameters(self, seed: int | None = None) -> None:
@@ -295,6 +298,27 @@ class ArcticForCausalLM(nn.Module):
                 p.fill_(1.0)  # RMSNorm weights (floe has no biases)
             else:
                 seeded_normal_(p, out_std if name.endswith(("o_proj.weight", "mlp.w2.weight")) else std, seed, name)
+
+    def token_info(self, position_ids_BS, labels_BS, moe_tokens) -> TokenInfo | None:
+        """Per routed token: its packed example (only for model.balance_scope=sequence) and, given
+        labels, whether its prediction is trained (the shifted label is not -100, so the last token
+        of an example has none): model.drop_policy=loss_aware drops by it, every policy counts
+        dropped_loss by it. None when there is nothing to say."""
+        cfg = self.config
+        example_ids = has_loss = None
+        if cfg.balance_scope == "sequence":
+            b, s = position_ids_BS.shape
+            row_offset = torch.arange(b, device=position_ids_BS.device)[:, None] * (s + 1)
+            example_ids = (document_ids(position_ids_BS) + row_offset).reshape(-1)  # unique over the batch
+        if labels_BS is not None:
+            targets = shift_targets(labels_BS, position_ids_BS) != IGNORE_INDEX  # (B, S-1)
+            has_loss = F.pad(targets, (0, 1), value=False).reshape(-1)  # (B*S,)
+        if example_ids is None and has_loss is None:
+            return None
+        if moe_tokens is not None:  # padding is not routed
+            example_ids = None if example_ids is None else example_ids[moe_tokens]
+            has_loss = None if has_loss is None else has_loss[moe_tokens]
+        return TokenInfo(example_ids_T=example_ids, has_loss_T=has_loss)
 
     def forward(
         self,
@@ -327,6 +351,8 @@ class ArcticForCausalLM(nn.Module):
             # NOTE: device-to-host sync (nonzero) to size the MoE's token set.
             moe_tokens = attention_mask.reshape(-1).bool().nonzero().squeeze(1)
 
+        token_info = self.token_info(position_ids, labels, moe_tokens)
+
         x = self.embed_tokens(input_ids)
         if self.neftune_alpha > 0 and self.training and torch.is_grad_enabled() and cache is None:
             x = x + neftune_noise(x, position_ids, self.neftune_alpha)
@@ -334,7 +360,7 @@ class ArcticForCausalLM(nn.Module):
         stats = []
         for i, block in enumerate(self.layers):
             layer_cache = None if cache is None else cache.layer(i)
-            x, layer_stats = block(x, rope, attn_mask, moe_tokens, dropless, layer_cache)
+            x, layer_stats = block(x, rope, attn_mask, moe_tokens, dropless, layer_cache, token_info)
             stats.append(layer_stats)
         logits = self.lm_head(self.norm(x))
 

@@ -8,13 +8,17 @@ import torch
 import torch.nn.functional as F
 
 
-def naive_route(logits, top_k, capacity_factor, drop_policy, normalize=True):
-    """Returns (expert_ids [T][k] lists, weights [T, k] tensor (differentiable), kept [T][k] bools)."""
+def naive_route(logits, top_k, capacity_factor, drop_policy, normalize=True, bias=None, has_loss=None):
+    """Returns (expert_ids [T][k] lists, weights [T, k] tensor (differentiable), kept [T][k] bools).
+    bias [E]: chooses by probs + bias, weighs by probs. has_loss [T] bools: drop_policy="loss_aware"
+    serves loss tokens first, then by probability."""
     num_tokens, num_experts = logits.shape
     probs = torch.softmax(logits.float(), dim=-1)
+    bias = [0.0] * num_experts if bias is None else [float(b) for b in bias]
+    has_loss = [True] * num_tokens if has_loss is None else [bool(h) for h in has_loss]
     expert_ids, weights = [], []
     for t in range(num_tokens):
-        order = sorted(range(num_experts), key=lambda e: (-probs[t, e].item(), e))[:top_k]
+        order = sorted(range(num_experts), key=lambda e: (-(probs[t, e].item() + bias[e]), e))[:top_k]
         expert_ids.append(order)
         w = torch.stack([probs[t, e] for e in order])
         weights.append(w / w.sum() if normalize else w)
@@ -26,6 +30,8 @@ def naive_route(logits, top_k, capacity_factor, drop_policy, normalize=True):
             tokens = list(range(num_tokens))
             if drop_policy == "probs":
                 tokens.sort(key=lambda t: -probs[t, expert_ids[t][j]].item())  # stable: ties by position
+            elif drop_policy == "loss_aware":
+                tokens.sort(key=lambda t: (not has_loss[t], -probs[t, expert_ids[t][j]].item()))
             for t in tokens:
                 e = expert_ids[t][j]
                 if used[e] < cap:

@@ -41,3 +41,15 @@ def test_validation_reports_every_problem_with_its_key():
 def test_dropless_and_valid_configs_accepted():
     assert ModelConfig(capacity_factor=None).capacity_factor is None
     assert PRESETS["tiny"].head_dim == 16
+
+
+def test_router_keys_are_checked_with_their_names():
+    with pytest.raises(ValueError) as err:
+        ModelConfig(balance_bias_rate=-0.001, balance_scope="token", drop_policy="loss")
+    msg = str(err.value)
+    for key in ("model.balance_bias_rate", "model.balance_scope", "model.drop_policy"):
+        assert key in msg, key
+    with pytest.raises(ValueError, match="model.balance_bias_rate"):
+        ModelConfig(balance_bias_rate=float("nan"))
+    ok = ModelConfig(balance_bias_rate=0.001, balance_scope="sequence", drop_policy="loss_aware", freeze_router=True)
+    assert (ok.balance_bias_rate, ok.balance_scope, ok.drop_policy) == (0.001, "sequence", "loss_aware")

@@ -241,3 +241,56 @@ def test_neftune_is_off_in_eval_mode_and_without_grad():
     assert torch.equal(_embedding_seen_by_block0(model, ids, pos), clean)
     model.train()
     assert not torch.equal(_embedding_seen_by_block0(model, ids, pos), clean)
+
+
+def test_freeze_router_trains_everything_but_the_gates():
+    model = tiny_model(freeze_router=True)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {f"layers.{i}.moe.gate.weight" for i in range(model.config.num_layers)}
+
+
+def test_token_info_marks_examples_and_trained_predictions():
+    # Row 0 packs examples [0..2] and [3..5]; row 1 holds one example, its last token padding.
+    model = tiny_model(balance_scope="sequence", drop_policy="loss_aware")
+    position_ids = torch.tensor([[0, 1, 2, 0, 1, 2], [0, 1, 2, 3, 4, 5]])
+    labels = torch.tensor([[-100, 5, 6, -100, -100, 7], [-100, -100, 8, 9, -100, -100]])
+    attention_mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0]])
+    moe_tokens = attention_mask.reshape(-1).nonzero().squeeze(1)
+    info = model.token_info(position_ids, labels, moe_tokens)
+    # A token has a loss when the next token of its own example has a label.
+    assert info.has_loss_T.tolist() == [True, True, False, False, True, False,
+                                        False, True, True, False, False]
+    ex = info.example_ids_T.tolist()
+    assert ex[0] == ex[1] == ex[2] != ex[3] == ex[4] == ex[5] and len(set(ex[6:])) == 1 and ex[6] not in ex[:6]
+    assert tiny_model().token_info(position_ids, None, moe_tokens) is None  # defaults: nothing to compute
+
+
+def test_dropped_loss_counts_against_a_direct_count():
+    # Capacity 0.5: many assignments drop; dropped_loss counts those of tokens whose prediction is trained.
+    for policy in ("probs", "loss_aware"):
+        torch.manual_seed(0)
+        model = ArcticForCausalLM(PRESETS["tiny"].replace(capacity_factor=0.5, drop_policy=policy)).eval()
+        ids = torch.randint(0, 1024, (2, 32))
+        labels = torch.where(torch.rand(2, 32) < 0.4, ids, torch.full_like(ids, -100))
+        position_ids = torch.arange(32).expand(2, 32)
+        out = model(ids, position_ids=position_ids, labels=labels)
+        has_loss = model.token_info(position_ids, labels, None).has_loss_T
+        for layer, st in zip(model.layers, out.router_stats):
+            plan, _ = layer.moe.route(layer.norm_moe(_block_input(model, ids, layer)).reshape(64, -1),
+                                      tokens=model.token_info(position_ids, labels, None))
+            assert st.dropped_loss.item() == (~plan.kept & has_loss[:, None]).sum().item()
+            assert st.loss_assignments.item() == has_loss.sum().item() * model.config.top_k
+            assert st.dropped.item() > st.dropped_loss.item() >= 0
+
+
+def _block_input(model, ids, layer):
+    """The input x of `layer` (a block of `model`) for input_ids `ids`: embeddings through the earlier blocks."""
+    captured = {}
+
+    def keep_input(module, args):
+        captured["x"] = args[0]  # returns None: the block's arguments are left as they are
+    hook = layer.register_forward_pre_hook(keep_input)
+    with torch.no_grad():
+        model(ids)
+    hook.remove()
+    return captured["x"]

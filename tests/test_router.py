@@ -98,3 +98,120 @@ def test_z_loss_hand_computed():
 def test_unknown_drop_policy_rejected():
     with pytest.raises(ValueError, match="drop_policy"):
         router.route(torch.randn(3, 4), 2, 2, "random")
+
+
+# ---- aux-loss-free balancing bias, sequence-wise balance, loss-aware drops ------------------------------
+
+def test_expert_bias_update_hand_computed():
+    # Loads [10, 2, 4, 0]: mean 4, so expert 0 (over) moves down, 1 and 3 (under) up, 2 (even) stays.
+    bias = torch.tensor([0.5, 0.0, -0.25, 0.0])
+    router.update_expert_bias_(bias, torch.tensor([10, 2, 4, 0]), rate=0.125)
+    assert bias.tolist() == [0.375, 0.125, -0.25, 0.125]
+
+
+def test_bias_chooses_experts_and_the_probabilities_weigh_them():
+    # Token 0's probabilities are [0.579, 0.213, 0.129, 0.078]; a bias of 0.6 on expert 3 puts it first.
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0], [0.0, 0.1, 0.2, 3.0]])
+    probs = torch.softmax(logits, -1)
+    bias = torch.tensor([0.0, 0.0, 0.0, 0.6])
+    plan = router.route(logits, 2, None, "probs", normalize_weights=True, expert_bias=bias)
+    assert plan.expert_ids.tolist() == [[3, 0], [3, 2]]
+    chosen = probs.gather(1, plan.expert_ids)  # the unbiased probabilities of the chosen experts
+    torch.testing.assert_close(plan.weights, chosen / chosen.sum(-1, keepdim=True))
+    torch.testing.assert_close(plan.probs, probs)
+    raw = router.route(logits, 2, None, "probs", normalize_weights=False, expert_bias=bias)
+    torch.testing.assert_close(raw.weights, chosen)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_zero_bias_routes_exactly_as_no_bias(seed):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(41, 8, generator=g) * 2
+    logits[:, seed] += 1.5
+    for policy in ("probs", "position", "loss_aware"):
+        a = router.route(logits, 2, router.capacity(41, 8, 2, 1.0), policy)
+        b = router.route(logits, 2, router.capacity(41, 8, 2, 1.0), policy, expert_bias=torch.zeros(8))
+        assert torch.equal(a.expert_ids, b.expert_ids) and torch.equal(a.kept, b.kept)
+        assert torch.equal(a.weights, b.weights)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("policy", ["probs", "loss_aware"])
+def test_biased_loss_aware_route_matches_naive_loop(seed, policy):
+    g = torch.Generator().manual_seed(100 + seed)
+    num_tokens, num_experts, top_k = [(37, 8, 2), (64, 4, 1), (29, 16, 4)][seed % 3]
+    logits = torch.randn(num_tokens, num_experts, generator=g) * 2
+    logits[:, seed % num_experts] += 1.5
+    bias = torch.randn(num_experts, generator=g) * 0.2
+    has_loss = torch.rand(num_tokens, generator=g) < 0.4
+    cap = router.capacity(num_tokens, num_experts, top_k, 0.75)
+    plan = router.route(logits, top_k, cap, policy, expert_bias=bias, has_loss=has_loss)
+    ids, weights, kept = naive_route(logits, top_k, 0.75, policy, bias=bias.tolist(), has_loss=has_loss.tolist())
+    assert plan.expert_ids.tolist() == ids
+    assert plan.kept.tolist() == kept
+    torch.testing.assert_close(plan.weights, weights)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_loss_aware_never_drops_a_loss_token_for_a_token_without_loss(seed):
+    g = torch.Generator().manual_seed(seed)
+    num_tokens, num_experts, top_k = 64, 4, 2
+    logits = torch.randn(num_tokens, num_experts, generator=g) * 2
+    logits[:, 0] += 2.0  # expert 0 is wanted far beyond its capacity
+    has_loss = torch.rand(num_tokens, generator=g) < 0.3
+    plan = router.route(logits, top_k, router.capacity(num_tokens, num_experts, top_k, 0.5), "loss_aware",
+                        has_loss=has_loss)
+    assert (~plan.kept[has_loss]).any()  # the case binds: some loss tokens are dropped at all
+    for e in range(num_experts):
+        for j in range(top_k):
+            to_e = plan.expert_ids[:, j] == e
+            dropped_loss = (to_e & has_loss & ~plan.kept[:, j]).any()
+            kept_without_loss = (to_e & ~has_loss & plan.kept[:, j]).any()
+            assert not (dropped_loss and kept_without_loss), (e, j)
+    probs_plan = router.route(logits, top_k, router.capacity(num_tokens, num_experts, top_k, 0.5), "probs")
+    assert (~plan.kept[has_loss]).sum() < (~probs_plan.kept[has_loss]).sum()  # it spares loss tokens
+
+
+def test_loss_aware_equals_probs_when_every_token_has_a_loss():
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(50, 8, generator=g) * 2
+    logits[:, 3] += 2.0
+    cap = router.capacity(50, 8, 2, 0.75)
+    a = router.route(logits, 2, cap, "loss_aware", has_loss=torch.ones(50, dtype=torch.bool))
+    b = router.route(logits, 2, cap, "probs")
+    assert torch.equal(a.expert_ids, b.expert_ids) and torch.equal(a.kept, b.kept)
+    assert not b.kept.all()
+
+
+@pytest.mark.parametrize("count", ["first", "all"])
+def test_sequence_balance_is_the_batch_formula_per_example_averaged(count):
+    g = torch.Generator().manual_seed(3)
+    probs = torch.softmax(torch.randn(30, 6, generator=g) * 2, -1)
+    expert_ids = probs.topk(2, dim=-1).indices
+    example_ids = torch.tensor([7] * 5 + [2] * 11 + [9] * 14)  # three examples, ids in any order
+    per_example = [naive_balance_loss(probs[m], expert_ids[m, 0].tolist()) if count == "first" else
+                   router.balance_loss(probs[m], expert_ids[m], count="all")
+                   for m in (example_ids == 7, example_ids == 2, example_ids == 9)]
+    expected = sum(float(v) for v in per_example) / 3
+    got = router.sequence_balance_loss(probs, expert_ids, example_ids, count=count)
+    assert got.item() == pytest.approx(expected, rel=1e-6)
+    assert router.balance(probs, expert_ids, "batch", example_ids).item() == pytest.approx(
+        router.balance_loss(probs, expert_ids).item())
+
+
+def test_sequence_balance_is_one_under_uniform_routing():
+    num_experts = 4
+    probs = torch.full((24, num_experts), 1.0 / num_experts)
+    # every example (of 8 tokens) spreads its first choices evenly over the experts
+    first = torch.arange(24) % num_experts
+    expert_ids = torch.stack([first, (first + 1) % num_experts], 1)
+    example_ids = torch.arange(24) // 8
+    assert router.sequence_balance_loss(probs, expert_ids, example_ids).item() == pytest.approx(1.0, abs=1e-6)
+    # Each example sends all its tokens to its own expert (probability 0.7): the batch looks balanced
+    # (1.0), each example alone is collapsed (E * 1 * 0.7 = 2.8).
+    probs = torch.full((32, num_experts), 0.1)
+    example_ids = torch.arange(32) // 8
+    probs[torch.arange(32), example_ids] = 0.7
+    own = torch.stack([example_ids, (example_ids + 1) % num_experts], 1)
+    assert router.balance_loss(probs, own).item() == pytest.approx(1.0, abs=1e-6)
+    assert router.sequence_balance_loss(probs, own, example_ids).item() == pytest.approx(2.8, rel=1e-6)

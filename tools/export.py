@@ -8,7 +8,8 @@ config.json (model_type "arctic"), generation_config.json (eos = <|im_end|>), to
 tokenizer_config.json (with the ChatML chat_template), special_tokens_map.json and tokenizer.model.
 Experts come from the checkpoint by global id, whatever parallel.ep_size the run used. A model
 Arctic cannot express (e.g. model.dense_ffn != model.hidden_size) is refused before anything is
-read or written. Load the result with
+read or written; so is one trained with the balancing bias (model.balance_bias_rate > 0) unless
+--drop-expert-bias leaves the bias out. Load the result with
 
     AutoTokenizer.from_pretrained(out)
     AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)   # Arctic's modeling code
@@ -66,14 +67,17 @@ def load_checkpoint_model(ckpt_dir: str, run_dir: str) -> tuple[ArcticForCausalL
     return model, run_cfg
 
 
-def export(path: str, out_dir: str, dtype: str = "float32", max_shard_gb: float = 5.0) -> list[str]:
-    """Write the checkpoint at `path` to `out_dir`; returns the file names written."""
+def export(path: str, out_dir: str, dtype: str = "float32", max_shard_gb: float = 5.0,
+           drop_expert_bias: bool = False) -> list[str]:
+    """Write the checkpoint at `path` to `out_dir`; returns the file names written.
+    drop_expert_bias: export a model trained with model.balance_bias_rate > 0 without its bias."""
     ckpt_dir, run_dir = resolve_checkpoint(path)
     model_cfg, run_cfg = read_run_config(run_dir)
-    hf_config_from(model_cfg)  # refuse an inexpressible model before reading the weights
+    hf_config_from(model_cfg, drop_expert_bias=drop_expert_bias)  # refuse an inexpressible model before reading
     tokenizer = Tokenizer(run_cfg.get("data", {}).get("tokenizer"))
     model, _ = load_checkpoint_model(ckpt_dir, run_dir)
-    return save_hf(model.state_dict(), model.config, out_dir, tokenizer, dtype, int(max_shard_gb * 2**30))
+    return save_hf(model.state_dict(), model.config, out_dir, tokenizer, dtype, int(max_shard_gb * 2**30),
+                   drop_expert_bias=drop_expert_bias)
 
 
 def main():
@@ -82,9 +86,12 @@ def main():
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--max-shard-gb", type=float, default=5.0)
+    p.add_argument("--drop-expert-bias", action="store_true",
+                   help="export a model trained with model.balance_bias_rate > 0 without its balancing bias "
+                        "(Arctic cannot express it; some tokens then route differently than in training)")
     args = p.parse_args()
     try:
-        files = export(args.path, args.out, args.dtype, args.max_shard_gb)
+        files = export(args.path, args.out, args.dtype, args.max_shard_gb, args.drop_expert_bias)
     except ValueError as e:
         sys.exit(f"export: {e}")
     print(f"wrote {', '.join(files)} to {args.out}")

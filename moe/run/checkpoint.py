@@ -5,7 +5,8 @@ Layout under <run.dir>/checkpoints/:
         floe.json                         format and version, step, the layout that wrote it (for information)
         state.json                        step, loader position, lr schedule, Adam's step count, DeepSpeed counters
         rng/rank_00000.json               each rank's python / numpy / torch (/ cuda) RNG state
-        model/dense_rank_00000.safetensors   dense weights by parameter name (split over the ranks that wrote them)
+        model/dense_rank_00000.safetensors   dense weights by parameter name (split over the ranks that wrote them),
+                                          and the state dict's buffers (the balancing bias "layers.<i>.moe.expert_bias")
         model/expert_00005.safetensors       expert 5 by global id: "layers.<i>.moe.experts.w1|w3|w2", one row each
         optim/dense_rank_00000.safetensors   "<name>.exp_avg", "<name>.exp_avg_sq" (+ "<name>.fp32", the master
         optim/expert_00005.safetensors        weights, only when the weights are not fp32), same split as model/
@@ -48,7 +49,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from floe.layer import MoELayer
+from floe.layer import EXPERT_BIAS, MoELayer
 from floe.lora import adapters, trainable_parameters
 from floe.parallel import engine as ds_engine
 
@@ -80,6 +81,13 @@ def saved_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     trains (the adapters, and the router with lora.train_router); its frozen base is re-created from
     train.init_from or the seed (the checkpoint records which: `base` in state.json)."""
     return trainable_parameters(model) if adapters(model) else dict(model.named_parameters())
+
+
+def state_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """{name: buffer} of the model state that is not a parameter: each MoE layer's balancing bias
+    (model.balance_bias_rate > 0), which moves in training with or without adapters; saved and loaded
+    with the dense weights, no optimizer state. (Other buffers, e.g. a quantized frozen base, are not.)"""
+    return {n: b for n, b in model.named_buffers() if n.rsplit(".", 1)[-1] == EXPERT_BIAS}
 
 
 def dense_writers(sizes: dict[str, int], world_size: int) -> dict[str, int]:
@@ -240,9 +248,12 @@ def save(engine, ckpt_dir: str, step: int, client_state: dict, keep_last: int = 
     ds_engine.link_optimizer_state(ds)
     experts = expert_tensors(model)
     params = saved_parameters(model)
-    writer = dense_writers({n: p.numel() for n, p in params.items() if n not in experts}, world)
+    buffers = state_buffers(model)
+    writer = dense_writers({n: p.numel() for n, p in (params | buffers).items() if n not in experts}, world)
     edp_rank, edp_size = _edp_slot(engine)
     dense_model, dense_optim, expert_model, expert_optim = {}, {}, {}, {}
+    # Buffers of the model's state (the balancing bias): replicated on every rank, no optimizer state.
+    dense_model.update({n: b.detach() for n, b in buffers.items() if writer[n] == rank})
     for name, p in params.items():  # the same order on every rank: the gathers below are collective
         state = ds_engine.full_optimizer_state(ds, p) if adam_step is not None and ds_engine.optimizes(ds, p) else {}
         if p.dtype == torch.float32:
@@ -326,11 +337,11 @@ def load_weights(model: nn.Module, path: str) -> None:
     saved = saved_parameters(model)
     experts = {n: v for n, v in expert_tensors(model).items() if n in saved}
     dense = _Tensors(_dense_files(path, "model"))
-    own = {n: p for n, p in saved.items() if n not in experts}
+    own = {n: p for n, p in saved.items() if n not in experts} | state_buffers(model)
     missing, unexpected = sorted(set(own) - set(dense.where)), sorted(set(dense.where) - set(own))
     if missing or unexpected:
         raise ValueError(f"checkpoint {path} does not match the model: missing {missing[:5]}, unexpected "
-                         f"{unexpected[:5]} (was model.* changed?)")
+                         f"{unexpected[:5]} (was model.* changed, e.g. model.balance_bias_rate turned on or off?)")
     for name, p in own.items():
         _copy(p, dense.get(name), f"{path}: {name}")
     cache: dict[int, _Tensors] = {}

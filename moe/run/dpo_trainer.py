@@ -27,7 +27,7 @@ import torch.distributed as dist
 from floe.data import eval_micro_batches
 from floe.errors import ConfigError
 from floe.run.dpo import local_sequences, preference_loss, sequence_logps
-from floe.run.trainer import SUMMED, Trainer
+from floe.run.trainer import Trainer
 
 log = logging.getLogger("floe")
 REFERENCE_FILE = "reference_logps.npz"
@@ -139,7 +139,7 @@ class DPOTrainer(Trainer):
         assert len(micro_batches) == engine.grad_accum, (len(micro_batches), engine.grad_accum)
         # As the trainer's lm_scale: undo DeepSpeed's 1/grad_accum and rank average for the pair mean.
         scale = engine.grad_accum * self.world_size / max(num_pairs, 1)
-        num_base = len(SUMMED) + self.c.model.num_layers * self.c.model.num_experts
+        num_base = self.num_summed()
         sums = torch.zeros(num_base + len(DPO_SUMMED), dtype=torch.float64, device=self.device)
         for i, mb in enumerate(micro_batches):
             out, mb, logps, tokens, examples = self._logps(engine, mb)
@@ -160,6 +160,8 @@ class DPOTrainer(Trainer):
         loss = totals["lm_sum"] / max(num_pairs, 1)
         finite_loss = math.isfinite(loss) and math.isfinite(totals["aux"])
         grad_norm, applied = engine.step(skip=not finite_loss)
+        if applied:
+            self._update_expert_bias(totals["routed_per_expert"])
         self.step += 1
         self._count_skip(applied, loss, grad_norm)
         record = self._record(totals, loss, num_pairs, grad_norm, time.perf_counter() - t0)

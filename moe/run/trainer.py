@@ -42,8 +42,9 @@ from floe.parallel import (PRECISIONS, ParallelConfig, build_engine, check_deeps
 log = logging.getLogger("floe")
 
 # What each step sums over micro-batches and ranks (one all-reduce): the logged quantities,
-# followed by the kept assignments per expert of every layer (num_layers x num_experts counts).
-SUMMED = ("lm_sum", "balance", "aux", "dropped", "assigned", "input_tokens")
+# followed by the kept assignments per expert of every layer (num_layers x num_experts counts), then
+# the assignments per expert before capacity (the router's choice: the balancing bias moves against it).
+SUMMED = ("lm_sum", "balance", "aux", "dropped", "assigned", "input_tokens", "dropped_loss", "loss_assigned")
 
 
 @dataclass
@@ -371,8 +372,7 @@ class Trainer:
         # by grad_accum and averages gradients over ranks; this factor undoes both for the LM term
         # (the aux term stays a mean).
         lm_scale = engine.grad_accum * self.world_size / max(num_loss_tokens, 1.0)
-        sums = torch.zeros(len(SUMMED) + self.c.model.num_layers * self.c.model.num_experts, dtype=torch.float64,
-                           device=self.device)
+        sums = torch.zeros(self.num_summed(), dtype=torch.float64, device=self.device)
         for i, mb in enumerate(micro_batches):
             out = engine(input_ids=mb["input_ids"], position_ids=mb["position_ids"], labels=mb["labels"],
                          attention_mask=mb["attention_mask"])
@@ -388,6 +388,8 @@ class Trainer:
         # on every rank, whether this step is applied (Engine.step).
         finite_loss = math.isfinite(loss) and math.isfinite(totals["aux"])
         grad_norm, applied = engine.step(skip=not finite_loss)  # clip and update, or skip
+        if applied:  # the global batch's counts: every rank moves its copy of the bias alike
+            self._update_expert_bias(totals["routed_per_expert"])
         self.step += 1
         self._count_skip(applied, loss, grad_norm)
         record = self._record(totals, loss, num_loss_tokens, grad_norm, time.perf_counter() - t0)
@@ -415,23 +417,40 @@ class Trainer:
                 f"{last or 'none (no checkpoint was written)'}. Lower optim.lr, raise optim.warmup_ratio or check "
                 f"model.init_std, then relaunch (it resumes from that checkpoint) or start a new run.dir")
 
+    def num_summed(self) -> int:
+        """Length of _sums' vector: SUMMED, then kept and routed assignments per expert of every layer."""
+        return len(SUMMED) + 2 * self.c.model.num_layers * self.c.model.num_experts
+
+    def _update_expert_bias(self, routed_per_expert: list[list[int]]) -> None:
+        """After an applied step: each layer's balancing bias against the global batch's routed counts."""
+        if self.c.model.balance_bias_rate <= 0:
+            return
+        for block, load in zip(self.engine.model.layers, routed_per_expert):
+            block.moe.update_expert_bias(torch.tensor(load, dtype=torch.float64))
+
     def _sums(self, out, mb, lm_sum: torch.Tensor | None = None) -> torch.Tensor:
         """This micro-batch's contribution to SUMMED, on the device (no sync); lm_sum: the objective's
         summed loss when it is not the LM loss (train.objective=dpo)."""
-        assigned = float(sum(st.num_assignments for st in out.router_stats))
-        return torch.stack([
-            (out.lm_loss_sum if lm_sum is None else lm_sum).detach().double(), out.balance_loss.detach().double(), out.aux_loss.detach().double(),
-            sum(st.dropped for st in out.router_stats).double(),
+        stats = out.router_stats
+        assigned = float(sum(st.num_assignments for st in stats))
+        return torch.cat([torch.stack([
+            (out.lm_loss_sum if lm_sum is None else lm_sum).detach().double(), out.balance_loss.detach().double(),
+            out.aux_loss.detach().double(),
+            sum(st.dropped for st in stats).double(),
             torch.tensor(assigned, device=self.device, dtype=torch.float64),
             mb["attention_mask"].sum().double(),
-            *torch.stack([st.tokens_per_expert for st in out.router_stats]).reshape(-1).double()])
+            sum(st.dropped_loss for st in stats).double(), sum(st.loss_assignments for st in stats).double()]),
+            torch.stack([st.tokens_per_expert for st in stats]).reshape(-1).double(),
+            torch.stack([st.routed_per_expert for st in stats]).reshape(-1).double()])
 
     def _totals(self, values: list[float]) -> dict:
-        """The summed values by name; "tokens_per_expert": [layer][expert] kept assignments (ints)."""
+        """The summed values by name; "tokens_per_expert" and "routed_per_expert": [layer][expert]
+        kept assignments and assignments before capacity (ints)."""
         totals = dict(zip(SUMMED, values))
-        load, num_experts = values[len(SUMMED):], self.c.model.num_experts
-        totals["tokens_per_expert"] = [[int(v) for v in load[i:i + num_experts]]
-                                       for i in range(0, len(load), num_experts)]
+        num_layers, num_experts = self.c.model.num_layers, self.c.model.num_experts
+        load = values[len(SUMMED):]
+        rows = [[int(v) for v in load[i:i + num_experts]] for i in range(0, len(load), num_experts)]
+        totals["tokens_per_expert"], totals["routed_per_expert"] = rows[:num_layers], rows[num_layers:]
         return totals
 
     def _step_metrics(self, totals: dict, elapsed: float) -> dict:
@@ -456,6 +475,7 @@ class Trainer:
             "grad_norm": grad_norm,
             "tokens_per_s": totals["input_tokens"] / elapsed,
             "dropped_frac": totals["dropped"] / max(totals["assigned"], 1.0),
+            "dropped_loss_frac": totals["dropped_loss"] / max(totals["loss_assigned"], 1.0),
             "loss_tokens": num_loss_tokens,
             "step_time_s": elapsed,
             **self._step_metrics(totals, elapsed),
