@@ -170,3 +170,22 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
         resolve_checkpoint(str(tmp_path))
     with pytest.raises(ValueError, match="no such run or checkpoint directory"):
         resolve_checkpoint(str(tmp_path / "nope"))
+
+
+def test_balancing_bias_refused_on_export_unless_dropped(tmp_path):
+    from launch.train import train
+
+    run = tmp_path / "run"
+    train(make_cfg(run, "train.max_steps=3", "train.global_batch_size=8", "train.micro_batch_size=8",
+                   "model.balance_bias_rate=0.01"))
+    with pytest.raises(ValueError, match=r"model.balance_bias_rate = 0.01: .*--drop-expert-bias"):
+        export(str(run), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+    export(str(run), str(tmp_path / "out"), drop_expert_bias=True)
+    model, _ = load_checkpoint_model(*resolve_checkpoint(str(run)))
+    trained = model.state_dict()
+    # 3 sign steps of 0.01: an odd multiple of 0.01 unless a load sat exactly at the mean; the export leaves it out
+    assert sum(trained[f"layers.{i}.moe.expert_bias"].abs().sum() for i in range(model.config.num_layers)) > 0
+    exported = from_hf(load_file(tmp_path / "out" / "model.safetensors"), model.config.replace(balance_bias_rate=0.0))
+    assert set(trained) - set(exported) == {f"layers.{i}.moe.expert_bias" for i in range(model.config.num_layers)}
+    assert all(torch.equal(exported[k], trained[k]) for k in exported)

@@ -211,3 +211,19 @@ def test_hf_arctic_to_floe_on_two_processes_ep2(tmp_path):
         assert r["held"] == sum(num_bytes[n] for n in dense | mine)  # never more than its own share
         seen_experts += sorted(mine)
     assert sorted(seen_experts) == sorted(n for n in state if ".experts." in n)  # each expert read once
+
+
+def test_arctic_weights_start_the_balancing_bias_at_zero(tmp_path):
+    from floe.data.tokenizer import Tokenizer
+
+    cfg = PRESETS["tiny"].replace(capacity_factor=None)
+    source = ArcticForCausalLM(cfg)
+    source.reset_parameters(seed=7)
+    save_hf(source.state_dict(), cfg, str(tmp_path), Tokenizer())
+    with torch.device("meta"):
+        model = ArcticForCausalLM(cfg.replace(balance_bias_rate=0.01))
+    load_hf_weights(model, str(tmp_path))  # materialises: the bias would hold garbage if it were skipped
+    state = model.state_dict()
+    for i in range(cfg.num_layers):
+        assert torch.equal(state.pop(f"layers.{i}.moe.expert_bias"), torch.zeros(cfg.num_experts))
+    assert all(torch.equal(v, source.state_dict()[k]) for k, v in state.items())

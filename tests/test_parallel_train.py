@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 
 import pytest
 import torch
@@ -177,3 +178,44 @@ def test_non_finite_steps_are_skipped_alike_on_two_ranks(tmp_path, zero_stage):
         f"parallel.zero_stage={zero_stage}"]), timeout=120)
     assert [(r["skipped"], r["skipped_steps"]) for r in results] == [(True, 2), (True, 2)]
     assert [(m["skipped"], m["skipped_steps"]) for m in metrics(run_dir)] == [(True, 1), (True, 2)]
+
+
+# ---- the aux-loss-free balancing bias across processes and layouts ------------------------------------
+
+def _bias(state):
+    return {k: v for k, v in state.items() if k.endswith(".moe.expert_bias")}
+
+
+def test_balancing_bias_two_processes_ep2_zero2_equal_one_and_resume_at_another_layout(tmp_path):
+    # Dropless, so the routed counts of the global batch are the same whatever the split; the bias
+    # moves after every step (rate 0.01, large next to tiny's near-uniform router probabilities, so
+    # it changes which experts are chosen) and is part of every checkpoint.
+    bias = ["model.balance_bias_rate=0.01", "train.max_steps=4"]
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    run_distributed(_train_worker, 1, args=(one, bias), timeout=90)
+    run_distributed(_train_worker, 2, args=(two, [*bias, "parallel.ep_size=2", "parallel.zero_stage=2"]), timeout=120)
+    for step in range(1, 5):
+        got, ref = checkpoint_params(two, step), checkpoint_params(one, step)
+        assert set(got) == set(ref) and len(_bias(ref)) == 2
+        for name in ref:
+            torch.testing.assert_close(got[name], ref[name], rtol=0, atol=1e-4, msg=f"step {step}: {name}")
+        for name, b in _bias(ref).items():  # moved by +-0.01 per step: exact multiples on every rank
+            assert torch.equal(got[name], b), name
+            steps_taken = (b / 0.01).round()
+            torch.testing.assert_close(b, steps_taken * 0.01, rtol=0, atol=1e-6)
+    assert any(b.abs().sum() > 0 for b in _bias(checkpoint_params(one, 4)).values())
+    for ma, mb in zip(metrics(two), metrics(one)):
+        assert ma["loss"] == pytest.approx(mb["loss"], rel=1e-5, abs=1e-6)
+    # Resume the 2-process run's step-2 checkpoint on 1 process at ZeRO-0: the bias comes back, so
+    # steps 3 and 4 (and the bias they leave) are the uninterrupted run's.
+    resumed = str(tmp_path / "resumed")
+    shutil.copytree(two, resumed)
+    for step in (3, 4):
+        shutil.rmtree(os.path.join(resumed, "checkpoints", f"step_{step:08d}"))
+    with open(os.path.join(resumed, "checkpoints", "latest"), "w") as f:
+        f.write(f"step_{2:08d}")
+    run_distributed(_train_worker, 1, args=(resumed, [*bias, "parallel.zero_stage=0"]), timeout=90)
+    got, ref = checkpoint_params(resumed, 4), checkpoint_params(two, 4)
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=0, atol=1e-4, msg=name)
+    assert _bias(got).keys() == _bias(ref).keys() and all(torch.equal(got[k], ref[k]) for k in _bias(ref))
