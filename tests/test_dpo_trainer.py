@@ -86,6 +86,17 @@ def test_objective_and_data_must_agree(tmp_path, pairs):
         train(make_cfg(tmp_path / "c", *dpo_overrides(pairs), "dpo.loss=ipo"))
 
 
+def test_arctic_dpo_recipe_requires_init_from(tmp_path, pairs):
+    from launch.train import parse_config
+
+    with pytest.raises(ConfigError, match="train.init_from is required"):
+        parse_config(make_cfg(tmp_path, "+experiment=arctic_dpo", f"data.paths=[{pairs}]"))
+    cfg = make_cfg(tmp_path, "+experiment=arctic_dpo", f"data.paths=[{pairs}]", "model=tiny",
+                   "train.require_init_from=false", "data.seq_len=512", "parallel.ep_size=1")
+    built = parse_config(cfg)
+    assert built.train.objective == "dpo" and built.data.name == "preference" and built.dpo.beta == 0.1
+
+
 def test_simpo_needs_no_reference_and_activation_checkpointing_changes_nothing(tmp_path, pairs):
     from launch.train import train
 
