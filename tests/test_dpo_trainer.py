@@ -112,6 +112,25 @@ def test_simpo_needs_no_reference_and_activation_checkpointing_changes_nothing(t
     assert runs["none"][0]["loss"] != pytest.approx(math.log(2))  # simpo: -log sigmoid(r_c - r_r - gamma)
 
 
+def test_with_lora_the_reference_is_the_base_with_adapters_disabled(tmp_path, pairs):
+    """LoRA: nothing cached; step 1 at ln 2 (B starts at zero); at every step the reference log-probs
+    (logps - rewards / beta) are those of the starting weights, as the full run's cache has them."""
+    from launch.train import train
+
+    full, lora = tmp_path / "full", tmp_path / "lora"
+    train(make_cfg(full, *dpo_overrides(pairs, 3, "optim.lr=0")))
+    train(make_cfg(lora, *dpo_overrides(pairs, 3, "lora.rank=4", "optim.lr=3e-2")))
+    assert not os.path.exists(lora / dpo_trainer.REFERENCE_FILE)
+    a, b = read_metrics(full), read_metrics(lora)
+    assert b[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and b[-1]["rewards/margins"] != 0
+    for ra, rb in zip(a, b, strict=True):
+        for half in ("chosen", "rejected"):
+            ref_a = ra[f"logps/{half}"] - ra[f"rewards/{half}"] / 0.1
+            ref_b = rb[f"logps/{half}"] - rb[f"rewards/{half}"] / 0.1
+            assert ref_b == pytest.approx(ref_a, abs=2e-4), (ra["step"], half)
+    assert b[-1]["logps/chosen"] != pytest.approx(a[-1]["logps/chosen"], abs=1e-3)  # the adapters did move
+
+
 def _dpo_worker(rank, world_size, run_dir, overrides):
     from launch.train import train
 

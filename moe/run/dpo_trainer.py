@@ -4,7 +4,9 @@ Before the first step, one pass of the run's own model (the starting weights; a 
 second copy) computes every sequence's reference log-probability, train and eval sets, each rank its
 share of the rows, summed over ranks; rank 0 caches them in run_dir/reference_logps.npz, keyed by
 the data fingerprints and the starting point. A relaunch reuses the cache; a resume requires it
-(the starting weights are gone), checked before any process group exists.
+(the starting weights are gone), checked before any process group exists. With LoRA (lora.rank > 0)
+the frozen base IS the starting point: each micro-batch's reference is the same model with its
+adapters disabled (floe.lora.disable_adapters), one extra forward without gradients, nothing cached.
 
 Per-sequence log-probabilities are taken with the MoE dropless, in the reference pass and in training:
 with capacity dropping a sequence's value would depend on which rows share its micro-batch, and the
@@ -26,6 +28,7 @@ import torch.distributed as dist
 
 from floe.data import eval_micro_batches
 from floe.errors import ConfigError
+from floe.lora import disable_adapters
 from floe.run.dpo import local_sequences, preference_loss, sequence_logps
 from floe.run.trainer import Trainer
 
@@ -60,7 +63,7 @@ def save_reference(run_dir: str, key: dict, arrays: dict[str, np.ndarray]) -> No
 
 def check_resumed_reference(c, dataset, eval_dataset) -> None:
     """A resumed DPO run needs its cached reference (files only: before any process group)."""
-    if not c.dpo.needs_reference:
+    if not c.dpo.needs_reference or c.lora.enabled:
         return
     found = load_reference(c.run_dir)
     want = json.loads(json.dumps(reference_key(c, dataset, eval_dataset), sort_keys=True))
@@ -76,7 +79,9 @@ class DPOTrainer(Trainer):
 
     def __init__(self, c, resolved: dict, dataset, device: torch.device, eval_dataset=None):
         super().__init__(c, resolved, dataset, device, eval_dataset)
-        self.reference = self._reference(dataset, eval_dataset) if c.dpo.needs_reference else None
+        # With LoRA the reference is the frozen base itself (adapters disabled), computed on the fly.
+        cached = c.dpo.needs_reference and not c.lora.enabled
+        self.reference = self._reference(dataset, eval_dataset) if cached else None
 
     def _reference(self, dataset, eval_dataset) -> dict[str, torch.Tensor]:
         want = json.loads(json.dumps(reference_key(self.c, dataset, eval_dataset), sort_keys=True))
@@ -107,26 +112,36 @@ class DPOTrainer(Trainer):
         try:
             for mb in eval_micro_batches(dataset, self.c.train.micro_batch_size, self.rank, self.world_size,
                                          with_example_ids=True):
-                _, _, logps, _, examples = self._logps(model, mb)
+                mb, local, examples = self._micro_batch(mb)
+                _, logps, _ = self._logps(model, mb, local, len(examples))
                 out[examples.to(self.device)] = logps
         finally:
             model.train(was_training)
         dist.all_reduce(out)  # each sequence is computed on exactly one rank
         return out.cpu()
 
-    def _logps(self, forward, mb: dict):
-        """One micro-batch: (model output, the batch on the device, log-probs [N], answer tokens [N],
-        example ids [N] on the host), sequences in local order: 2i a chosen, 2i + 1 its rejected."""
-        local, examples = local_sequences(mb["example_ids"])
-        mb = {k: v.to(self.device) for k, v in mb.items()}
+    def _logps(self, forward, mb: dict, local: torch.Tensor, n: int):
+        """(model output, log-probs [n], answer tokens [n]) of one micro-batch's sequences (on the device)."""
         out = forward(input_ids=mb["input_ids"], position_ids=mb["position_ids"],
                       attention_mask=mb["attention_mask"], dropless=True)
-        logps, tokens = sequence_logps(out.logits, mb["labels"], mb["position_ids"], local.to(self.device),
-                                       len(examples))
-        return out, mb, logps, tokens, examples
+        logps, tokens = sequence_logps(out.logits, mb["labels"], mb["position_ids"], local, n)
+        return out, logps, tokens
 
-    def _pairs(self, logps, tokens, examples, split: str):
-        ref = self.reference[split][examples].to(self.device) if self.reference is not None else None
+    def _micro_batch(self, mb: dict) -> tuple[dict, torch.Tensor, torch.Tensor]:
+        """(the batch on the device, local sequence ids [B, S] on the device, example ids [N] on the host);
+        local order: 2i a chosen sequence, 2i + 1 its rejected one."""
+        local, examples = local_sequences(mb["example_ids"])
+        return {k: v.to(self.device) for k, v in mb.items()}, local.to(self.device), examples
+
+    def _pairs(self, mb, local, examples, logps, tokens, split: str):
+        """The preference loss and rewards of one micro-batch's pairs, against its reference log-probs:
+        the cache (from the starting weights), or with LoRA the base with adapters disabled, now."""
+        ref = None
+        if self.c.lora.enabled and self.c.dpo.needs_reference:
+            with torch.no_grad(), disable_adapters(self.engine.model):
+                _, ref, _ = self._logps(self.engine.model, mb, local, len(examples))
+        elif self.reference is not None:
+            ref = self.reference[split][examples].to(self.device)
         return preference_loss(self.c.dpo, logps[0::2], logps[1::2], None if ref is None else ref[0::2],
                                None if ref is None else ref[1::2], tokens[0::2], tokens[1::2])
 
@@ -142,8 +157,9 @@ class DPOTrainer(Trainer):
         num_base = self.num_summed()
         sums = torch.zeros(num_base + len(DPO_SUMMED), dtype=torch.float64, device=self.device)
         for i, mb in enumerate(micro_batches):
-            out, mb, logps, tokens, examples = self._logps(engine, mb)
-            pairs = self._pairs(logps, tokens, examples, "train")
+            mb, local, examples = self._micro_batch(mb)
+            out, logps, tokens = self._logps(engine, mb, local, len(examples))
+            pairs = self._pairs(mb, local, examples, logps, tokens, "train")
             engine.backward(pairs.losses.sum() * scale + out.aux_loss)
             sums[:num_base] += self._sums(out, mb, lm_sum=pairs.losses.sum())
             sums[num_base:] += torch.stack([
@@ -181,8 +197,9 @@ class DPOTrainer(Trainer):
         try:
             for mb in eval_micro_batches(self.eval_dataset, self.c.train.micro_batch_size, self.rank,
                                          self.world_size, with_example_ids=True):
-                _, _, logps, tokens, examples = self._logps(model, mb)
-                p = self._pairs(logps, tokens, examples, "eval")
+                mb, local, examples = self._micro_batch(mb)
+                _, logps, tokens = self._logps(model, mb, local, len(examples))
+                p = self._pairs(mb, local, examples, logps, tokens, "eval")
                 margin = p.chosen_rewards - p.rejected_rewards
                 sums += torch.stack([p.losses.sum(), (margin > 0).sum(), margin.sum(),
                                      torch.tensor(float(len(margin)), device=self.device)]).double()
