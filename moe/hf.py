@@ -44,7 +44,7 @@ import torch.nn as nn
 from floe.config import ModelConfig
 from floe.data.template import CHAT_TEMPLATE
 from floe.layer import EXPERT_BIAS, EXPERT_WEIGHTS
-from floe.run.checkpoint import expert_tensors
+from floe.run.checkpoint import expert_tensors, readable_as_umask
 
 log = logging.getLogger(__name__)
 
@@ -421,7 +421,7 @@ def save_hf(state: dict[str, torch.Tensor], config: ModelConfig, out_dir: str, t
     config.json, generation_config.json and the tokenizer files. Refuses (ValueError) before
     writing anything when Arctic cannot express the model or the tokenizer cannot be mirrored.
     drop_expert_bias: leave the balancing bias out instead of refusing (module docstring)."""
-    end_of_turn = tokenizer.im_end[0] if len(tokenizer.im_end) == 1 else tokenizer.eos_id
+    end_of_turn = tokenizer.end_of_turn_id
     bos = tokenizer.sp.bos_id()
     hf_cfg = hf_config_from(config, bos_id=bos if bos >= 0 else None, eos_id=end_of_turn,
                             pad_id=tokenizer.pad_id, dtype=dtype, drop_expert_bias=drop_expert_bias)
@@ -471,6 +471,7 @@ def _save_shards(tensors: dict[str, torch.Tensor], out_dir: str, dtype: torch.dt
     for fname, shard in zip(names, shards):
         save_file({n: tensors[n].detach().to(dtype).contiguous() for n in shard}, os.path.join(out_dir, fname),
                   metadata={"format": "pt"})
+        readable_as_umask(os.path.join(out_dir, fname))
     return names + ([INDEX_FILE] if len(shards) > 1 else [])
 
 

@@ -11,7 +11,7 @@ Arctic cannot express (e.g. model.dense_ffn != model.hidden_size) is refused bef
 read or written; so is one trained with the balancing bias (model.balance_bias_rate > 0) unless
 --drop-expert-bias leaves the bias out. Load the result with
 
-    AutoTokenizer.from_pretrained(out)
+    AutoTokenizer.from_pretrained(out, trust_remote_code=False)   # no remote-code question for the tokenizer
     AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)   # Arctic's modeling code
 """
 from __future__ import annotations

@@ -67,25 +67,34 @@ class Tokenizer:
     def piece(self, i: int) -> str:
         return self.sp.id_to_piece(int(i))
 
+    @property
+    def end_of_turn_id(self) -> int:
+        """The id that ends an assistant turn (what generation stops at and the exported eos_token):
+        <|im_end|> when it is one piece, else </s>."""
+        return self.im_end[0] if len(self.im_end) == 1 else self.eos_id
+
     def save_hf(self, out_dir: str | Path, chat_template: str | None = None,
                 model_max_length: int | None = None) -> list[str]:
         """Write tokenizer.json, tokenizer_config.json, special_tokens_map.json and tokenizer.model.
 
         transformers.AutoTokenizer then encodes any text to exactly `encode`'s ids: no BOS/EOS
         added, SentencePiece's own whitespace handling, the chat markers matched as whole
-        tokens, and <s>, </s>, <pad>, <unk> written in a text spelled out as SentencePiece
-        does (split_special_tokens). ValueError naming the file for a model it cannot mirror.
+        tokens, and <s>, </s>, <unk> written in a text spelled out as SentencePiece does; one
+        exception: the pad_token (<pad>; <unk> for a model without one) is matched whole
+        (transformers registers its pad token as a special token). eos_token is the end-of-turn token (<|im_end|>), so a trainer that
+        appends eos_token ends turns as floe does; the chat markers are special tokens
+        (decode(skip_special_tokens=True) drops them). ValueError naming the file for a model it
+        cannot mirror.
         """
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "tokenizer.json").write_text(hf_tokenizer_json(self.path))
-        special = {f"{kind}_token": self.piece(i) for kind, i in (
-            ("bos", self.sp.bos_id()), ("eos", self.eos_id), ("unk", self.sp.unk_id()), ("pad", self.pad_id))
-            if i >= 0}
+        special = {"eos_token": self.piece(self.end_of_turn_id), "pad_token": self.piece(self.pad_id)}
+        markers = [self.piece(ids[0]) for ids in (self.im_start, self.im_end) if len(ids) == 1]
         config = special | {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "add_bos_token": False, "add_eos_token": False,
-            "split_special_tokens": True,  # <s> in a text is text, as in SentencePiece
+            "extra_special_tokens": [m for m in markers if m != special["eos_token"]],
             "clean_up_tokenization_spaces": False,
         }
         if model_max_length is not None:
@@ -138,12 +147,11 @@ def hf_tokenizer_json(path: str | Path) -> str:
     tok.normalizer = normalizers.Sequence(([normalizers.Prepend("\u2581")] if norm.add_dummy_prefix else []) + space)
     tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
                                     + ([decoders.Strip(" ", 1, 0)] if norm.add_dummy_prefix else []))
-    # User-defined pieces (the chat markers) are matched whole in any text, as SentencePiece does;
-    # control pieces are special tokens that split_special_tokens leaves to be spelled out.
-    tok.add_tokens([AddedToken(p.piece, special=False, normalized=False)
+    # User-defined pieces are matched whole in any text, as SentencePiece does; the chat markers among
+    # them are special (skipped by decode(skip_special_tokens=True)). Control pieces (<s>, </s>, <pad>)
+    # and <unk> are not added tokens: a text that spells them is spelled out, as in SentencePiece.
+    tok.add_tokens([AddedToken(p.piece, special=p.piece in CHAT_SYMBOLS, normalized=False)
                     for p in pieces if p.type == _USER_DEFINED])
-    tok.add_special_tokens([AddedToken(p.piece, special=True, normalized=False)
-                            for p in pieces if p.type in (_CONTROL, _UNKNOWN)])
     return tok.to_str(pretty=True)
 
 

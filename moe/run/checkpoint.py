@@ -301,6 +301,15 @@ def save(engine, ckpt_dir: str, step: int, client_state: dict, keep_last: int = 
 def _save(tensors: dict[str, torch.Tensor], path: str) -> None:
     if tensors:
         save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, path, metadata={"format": "pt"})
+        readable_as_umask(path)
+
+
+def readable_as_umask(path: str) -> None:
+    """Give a file the mode a plain open() would (0666 less the umask: 0644 by default). safetensors
+    writes 0600, which a serving user or a teammate in the group cannot read."""
+    mask = os.umask(0)
+    os.umask(mask)  # NOTE: reading the umask means setting it; set straight back (no threads write files here)
+    os.chmod(path, 0o666 & ~mask)
 
 
 def _write_json(path: str, obj) -> None:
