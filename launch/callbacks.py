@@ -1,7 +1,9 @@
 """Hydra callbacks of launch/train.py (registered in conf/config.yaml under hydra.callbacks).
 
 CompareAtSweepEnd: at the end of a `-m` sweep, the table of tools/compare.py over the sweep's runs
-is printed and written with its plots to <hydra.sweep.dir>/compare (compare.md, compare.csv, *.png).
+is printed (compact: the differing config keys and the headline metrics) and written with its plots
+to <hydra.sweep.dir>/compare (compare.md, compare.csv with every column, *.png). Each sweep has its
+own hydra.sweep.dir (runs/multirun/<its overrides>, launch/train.py sweep_name), so its own table.
 """
 from __future__ import annotations
 
@@ -47,4 +49,5 @@ class CompareAtSweepEnd(Callback):
         except ValueError as e:  # a broken metrics file must not hide the runs' own results
             print(f"sweep: no comparison table: {e}")
             return
-        print(f"\nsweep of {len(self.run_dirs)} run(s); table and plots in {out}\n{to_markdown(table)}", end="")
+        print(f"\nsweep of {len(self.run_dirs)} run(s); table and plots in {out} (every column: compare.csv)\n"
+              f"{to_markdown(table, full=False)}", end="")

@@ -72,7 +72,28 @@ def run_dir(mode, model: str, name: str, sweep_dir: str) -> str:
     return os.path.join(sweep_dir, name) if str(mode).endswith("MULTIRUN") else os.path.join("runs", model, name)
 
 
+HYDRA_FLAGS_WITH_VALUE = ("-cn", "--config-name", "-cp", "--config-path", "-cd", "--config-dir", "--info",
+                          "--experimental-rerun")
+
+
+def sweep_name(exclude_keys=(), argv: list[str] | None = None) -> str:
+    """The directory name of a -m sweep (under runs/multirun/): its overrides as typed on the command
+    line, named by run_name's rules (a readable prefix and a hash when long or holding paths), so a
+    second sweep never writes into the first's directory and the same sweep again resumes its runs.
+    Read from sys.argv, not Hydra's overrides: each job of a sweep sees only its own overrides, and
+    every job must agree on the sweep's directory. exclude_keys: as for run names (log.*, run.dir, ...)."""
+    args, skip = [], False
+    for a in sys.argv[1:] if argv is None else argv:
+        if skip or a.startswith("-"):
+            skip = not skip and a in HYDRA_FLAGS_WITH_VALUE
+            continue
+        if a.split("=", 1)[0].lstrip("+~") not in set(exclude_keys) | {"hydra.sweep.dir"}:
+            args.append(a)
+    return run_name(",".join(sorted(args)))
+
+
 OmegaConf.register_new_resolver("floe_run_name", run_name, replace=True)
+OmegaConf.register_new_resolver("floe_sweep_name", sweep_name, replace=True)
 OmegaConf.register_new_resolver("floe_run_dir", run_dir, replace=True)
 
 

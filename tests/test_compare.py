@@ -91,8 +91,11 @@ def test_table_values_equal_hand_computed(runs, tmp_path, caplog):
 
     # the files hold the same table
     out = tmp_path / "out"
-    assert (out / "compare.md").read_text() == compare.to_markdown(table)
-    assert (out / "compare.md").read_text().splitlines()[0].startswith("| run | model.capacity_factor | optim.lr |")
+    assert (out / "compare.md").read_text() == compare.to_markdown(table, full=False)
+    compact = (out / "compare.md").read_text().splitlines()[0]
+    assert compact == ("| run | model.capacity_factor | optim.lr | train.extra_key | steps | loss (final) | loss (best) | eval_loss (final) "
+                       "| eval_loss (best) | balance / uniform | dropped_frac (final) | tokens_per_s (final) | exact_match |")
+    assert compare.to_markdown(table).splitlines()[0].count("|") == len(a) + 1  # full: every column
     with open(out / "compare.csv") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == list(a) and len(rows) == 3
@@ -141,3 +144,36 @@ def test_cli_glob_and_bad_input(runs, tmp_path, capsys, caplog):
     (bad / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n{oops\n{"step": 3, "loss": 1.0}\n')
     with pytest.raises(ValueError, match=r"bad/metrics.jsonl:2: not a JSON object"):
         compare.compare_runs([bad], tmp_path / "o")
+
+
+def test_outputs_of_an_earlier_comparison_do_not_stay(runs, tmp_path):
+    _, dirs = runs
+    out = tmp_path / "cmp"
+    out.mkdir()
+    (out / "expert_load_old_run.png").write_bytes(PNG_MAGIC)  # a run of an earlier comparison
+    (out / "notes.txt").write_text("mine")                   # not compare's: kept
+    compare.compare_runs(dirs, out)
+    assert not (out / "expert_load_old_run.png").exists() and (out / "notes.txt").read_text() == "mine"
+
+
+def test_compact_names_drop_the_overrides_every_run_shares():
+    names = ["data.seq_len=64,optim.lr=0.1,train.max_steps=1", "data.seq_len=64,optim.lr=0.1,train.max_steps=2"]
+    assert compare.short_names(names) == ["train.max_steps=1", "train.max_steps=2"]
+    assert compare.short_names(["data.paths=[a,b],x=1", "data.paths=[a,b],x=2"]) == ["x=1", "x=2"]
+    assert compare.short_names(["a", "b"]) == ["a", "b"] and compare.short_names(["x=1"]) == ["x=1"]
+
+
+def test_loss_title_says_what_is_drawn_and_expert_load_shows_every_step(runs, tmp_path):
+    _, dirs = runs
+    two = [compare.Run(d) for d in dirs]
+    assert "dashed" in compare.plot_losses(two, tmp_path / "l.png")  # run a evaluated at two steps
+    for run in two:
+        run.metrics = [{k: v for k, v in r.items() if k != "eval_loss"} for r in run.metrics]
+    run = two[0]
+    run.metrics[-1]["eval_loss"] = 2.0
+    assert "evaluated once" in compare.plot_losses(two, tmp_path / "l1.png")
+    # the over-training panel: the same last step with another history draws another picture
+    compare.plot_expert_load(run, tmp_path / "full.png")
+    run.expert_load = run.expert_load[-1:]
+    compare.plot_expert_load(run, tmp_path / "last_only.png")
+    assert (tmp_path / "full.png").read_bytes() != (tmp_path / "last_only.png").read_bytes()

@@ -22,6 +22,34 @@ def launch(*args, timeout=300):
                           timeout=timeout, env=env)
 
 
+def test_sweep_names():
+    from launch.train import sweep_name
+
+    a = sweep_name(argv=["-m", "train.max_steps=1,2", "log.wandb=disabled", "--config-name", "config"],
+                   exclude_keys=["log.wandb"])
+    assert a == "train.max_steps=1,2"
+    assert sweep_name(argv=["--multirun", "optim.lr=1e-3,1e-4", "train.max_steps=1,2"]) == \
+        sweep_name(argv=["train.max_steps=1,2", "optim.lr=1e-3,1e-4", "-m"])  # the order does not matter
+    assert sweep_name(argv=["-m", "data.paths=[/a.jsonl],[/b.jsonl]"]).startswith("data.paths=")
+    assert "/" not in sweep_name(argv=["-m", "data.paths=[/a.jsonl],[/b.jsonl]"])
+    assert sweep_name(argv=["-m"]) == "default"
+
+
+@pytest.mark.slow
+def test_two_sweeps_write_two_directories_and_two_tables(tmp_path):
+    """Each -m sweep in its own runs/multirun/<overrides> with its own compare table (none mixes in)."""
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    for steps in ("1", "2"):
+        out = subprocess.run([sys.executable, os.path.join(REPO, "launch/train.py"), "-m", f"train.max_steps={steps}",
+                              *SMALL], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+        assert out.returncode == 0, out.stderr[-3000:]
+    sweeps = sorted(p.name for p in (tmp_path / "runs" / "multirun").iterdir())
+    assert len(sweeps) == 2 and all("train.max_steps=" in s for s in sweeps)
+    for sweep in sweeps:
+        rows = (tmp_path / "runs" / "multirun" / sweep / "compare" / "compare.csv").read_text().splitlines()
+        assert len(rows) == 2  # the header and this sweep's one run
+
+
 def test_run_names():
     assert run_name("") == "default"  # a default run is a sibling of the override runs
     assert run_name("model.capacity_factor=1.0,optim.lr=0.001") == "model.capacity_factor=1.0,optim.lr=0.001"
@@ -92,6 +120,8 @@ def test_sweep_prints_the_compare_table(tmp_path):
     runs = sorted(p.name for p in sweep.iterdir() if (p / "metrics.jsonl").is_file())
     assert len(runs) == 2
     table = out.stdout[out.stdout.index("| run |"):].splitlines()
-    assert "train.max_steps" in table[0] and "eval_loss (final)" in table[0] and "mfu (final)" in table[0]
-    assert len(table) == 4 and sorted(row.split(" | ")[0].strip("| ") for row in table[2:]) == runs
+    assert "train.max_steps" in table[0] and "eval_loss (final)" in table[0] and "mfu (final)" not in table[0]
+    assert len(table) == 4 and sorted(row.split(" | ")[0].strip("| ") for row in table[2:]) == \
+        ["train.max_steps=1", "train.max_steps=2"]  # the overrides every run shares are left out
+    assert "mfu (final)" in (sweep / "compare" / "compare.csv").read_text().splitlines()[0]
     assert (sweep / "compare" / "compare.md").is_file() and (sweep / "compare" / "loss.png").is_file()

@@ -15,16 +15,20 @@ Reads from each run dir
     exact_match.json   optional, from tools/evaluate.py: {"exact_match": x, "per_source": {s: x}}
                        (also accepted: "exact_match/<s>" keys, or "exact_match": {"overall": x, s: x})
     expert_load.jsonl  optional; lines {"step": N, "tokens_per_expert": [[layer 0 counts], ...]}
-Writes to OUT (default: <the runs' common parent>/compare)
-    compare.md, compare.csv   the table; "(final)" is the last logged value, "(best)" the lowest
+Writes to OUT (default: <the runs' common parent>/compare), after removing what an earlier
+comparison wrote there (so no stale plot of another run stays)
+    compare.csv               the full table; "(final)" is the last logged value, "(best)" the lowest
                               (highest for tokens_per_s, mfu, exact_match); "balance / uniform" is the
                               final balance loss over its value under uniform routing (num_layers)
-    loss.png                  loss (solid) and eval loss (dashed, dots) per run, overlaid
+    compare.md                the compact table (also printed): the config keys that differ between
+                              the runs and the headline metrics (HEADLINE); --full prints every column
+    loss.png                  loss (solid) and eval loss (dashed, a marker at each evaluation) per run
     balance.png               balance loss per run with its uniform-routing value (dotted)
-    expert_load_<run>.png     share of each layer's tokens per expert at the last logged step
+    expert_load_<run>.png     share of each layer's tokens per expert at the last logged step, and the
+                              busiest expert's share (x num_experts: 1 = uniform) per layer over the steps
 
 From Python (e.g. at the end of a -m sweep): table = compare_runs(run_dirs, out_dir);
-print(to_markdown(table)).
+print(to_markdown(table, full=False)).
 """
 from __future__ import annotations
 
@@ -46,6 +50,10 @@ LOWER_IS_BETTER = ("loss", "eval_loss", "balance_loss", "dropped_frac")
 HIGHER_IS_BETTER = ("tokens_per_s", "mfu")
 UNIFORM_KEYS = ("balance_uniform", "balance_floor")  # the value of balance_loss under uniform routing
 NOT_COMPARED = ("run.dir", "run.name")  # differ between any two runs by construction
+# The compact table's metric columns (compare.md and the printed table); the CSV has every column.
+HEADLINE = ("steps", "loss (final)", "loss (best)", "eval_loss (final)", "eval_loss (best)", "balance / uniform",
+            "dropped_frac (final)", "tokens_per_s (final)", "exact_match")
+OUTPUTS = ("compare.md", "compare.csv", "loss.png", "balance.png", "expert_load_*.png")  # what compare_runs writes
 
 
 # ---------------------------------------------------------------------------- reading
@@ -197,14 +205,31 @@ def _cell(v) -> str:
     return str(v)
 
 
-def to_markdown(table: list[dict]) -> str:
-    """The table as a GitHub markdown table."""
+def compact_columns(table: list[dict]) -> list[str]:
+    """run, the config columns (they differ between the runs by construction) and the HEADLINE metrics."""
+    cols = list(table[0])
+    config = cols[1:cols.index("steps")] if "steps" in cols else []
+    return ["run", *config, *[c for c in HEADLINE if c in cols]]
+
+
+def short_names(names: list[str]) -> list[str]:
+    """Run names (a sweep's: its overrides, "a=1,b=2") without the overrides every run shares."""
+    parts = [re.split(r",(?=[\w.+~]+=)", n) for n in names]  # split at the comma that starts an override
+    common = set.intersection(*(set(p) for p in parts)) if len(parts) > 1 else set()
+    short = [",".join(x for x in p if x not in common) or n for p, n in zip(parts, names, strict=True)]
+    return short if len(set(short)) == len(short) else names
+
+
+def to_markdown(table: list[dict], full: bool = True) -> str:
+    """The table as a GitHub markdown table; full=False: compact_columns only."""
     if not table:
         return ""
-    cols = list(table[0])
+    cols = list(table[0]) if full else compact_columns(table)
+    names = [row["run"] for row in table] if full else short_names([row["run"] for row in table])
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for row in table:
-        lines.append("| " + " | ".join(_cell(row[c]).replace("|", "\\|") for c in cols) + " |")
+    for row, name in zip(table, names, strict=True):
+        cells = [name if c == "run" else _cell(row[c]) for c in cols]
+        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -234,17 +259,37 @@ def _curve(ax, steps: list[int], values: list[float], style: str, **kw) -> None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps
 
 
-def plot_losses(runs: list[Run], path: Path) -> None:
+def plot_losses(runs: list[Run], path: Path) -> str:
+    """Training loss per run, and its eval loss: a dashed curve with a marker at each evaluation
+    (one marker when the run evaluated once, at the end). The title says which it drew."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
+    evals = 0
     for i, run in enumerate(runs):
         color = f"C{i % 10}"
         _curve(ax, *run.series("loss"), "-", color=color, label=f"{run.name} loss")
         steps, values = run.series("eval_loss")
         if values:
-            _curve(ax, steps, values, "--", marker="o", color=color, markersize=3, label=f"{run.name} eval loss")
-    ax.set(xlabel="step", ylabel="loss", title="loss (solid) and held-out eval loss (dashed)")
+            evals = max(evals, len(values))
+            _curve(ax, steps, values, "--", marker="o", color=color, markersize=5, label=f"{run.name} eval loss")
+    title = "training loss (solid)"
+    if evals > 1:
+        title += " and held-out eval loss (dashed, o = an evaluation)"
+    elif evals == 1:
+        title += " and held-out eval loss (o: evaluated once; train.eval_every=N for a curve)"
+    ax.set(xlabel="step", ylabel="loss")
+    _set_title(ax, title)
     _save_curves(plt, fig, ax, path)
+    return title
+
+
+def _set_title(ax, title: str, fontsize: int = 10) -> None:
+    """A title wrapped to the axes' width, so it is never clipped."""
+    import textwrap
+
+    width_px = ax.get_window_extent().width
+    chars = max(20, int(width_px / (0.6 * fontsize * ax.figure.dpi / 72)))
+    ax.set_title(textwrap.fill(title, chars), fontsize=fontsize)
 
 
 def _save_curves(plt, fig, ax, path: Path) -> None:
@@ -268,36 +313,55 @@ def plot_balance(runs: list[Run], path: Path) -> bool:
         uniform = run.uniform_balance()
         if uniform is not None:
             ax.axhline(uniform, color=color, linestyle=":", label=f"{run.name} uniform routing ({uniform:g})")
-    ax.set(xlabel="step", ylabel="balance loss (sum over layers)", title="balance loss and its uniform-routing value")
+    ax.set(xlabel="step", ylabel="balance loss (sum over layers)")
+    _set_title(ax, "balance loss (solid) and its value under uniform routing (dotted)")
     _save_curves(plt, fig, ax, path)
     return True
 
 
 def plot_expert_load(run: Run, path: Path) -> bool:
-    """Heatmap (layer x expert) of the share of each layer's tokens per expert at the last logged step."""
+    """Left: heatmap (layer x expert) of the share of each layer's tokens per expert at the last logged
+    step. Right: per layer, the busiest expert's share x num_experts over the logged steps (1 = uniform)."""
     if not run.expert_load:
         return False
-    last = run.expert_load[-1]
-    counts = last.get("tokens_per_expert")
-    if not counts or not all(isinstance(r, list) and len(r) == len(counts[0]) for r in counts):
-        raise ValueError(f"{run.path / 'expert_load.jsonl'}: last line needs tokens_per_expert as "
-                         "[[counts of layer 0], [counts of layer 1], ...] of equal lengths")
-    shares = [[c / max(sum(layer), 1) for c in layer] for layer in counts]
+    loads = [_shares(run, r) for r in run.expert_load]
+    shares, last = loads[-1], run.expert_load[-1]
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
     num_layers, num_experts = len(shares), len(shares[0])
-    fig, ax = plt.subplots(figsize=(max(5.5, 0.35 * num_experts + 3), max(3.5, 0.3 * num_layers + 2)))
+    fig, (ax, ax_t) = plt.subplots(1, 2, figsize=(max(5.5, 0.35 * num_experts + 3) + 5.5,
+                                                  max(4.0, 0.3 * num_layers + 2.5)),
+                                   gridspec_kw={"width_ratios": [max(5.5, 0.35 * num_experts + 3), 5.5]})
     im = ax.imshow(shares, aspect="auto", cmap="viridis", interpolation="nearest")
     fig.colorbar(im, ax=ax, label="share of the layer's tokens")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for a in (ax, ax_t):
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set(xlabel="expert", ylabel="layer",
-           title=f"{run.name}: expert load, step {last.get('step', '?')} (uniform = 1/{num_experts})")
+    ax.set(xlabel="expert", ylabel="layer")
+    steps = [r.get("step", i) for i, r in enumerate(run.expert_load)]
+    for layer in range(num_layers):
+        points = [(step, max(s[layer]) * len(s[layer])) for step, s in zip(steps, loads, strict=True) if layer < len(s)]
+        ax_t.plot(*zip(*points, strict=True), marker="o" if len(points) == 1 else None, label=f"layer {layer}")
+    ax_t.axhline(1.0, color="gray", linestyle=":", label="uniform")
+    ax_t.set(xlabel="step", ylabel="busiest expert's share x num_experts")
+    ax_t.grid(alpha=0.3)
+    ax_t.legend(fontsize=7, ncol=max(1, num_layers // 8))
+    fig.tight_layout()
+    _set_title(ax, f"{run.name}: tokens per expert at step {last.get('step', '?')} (uniform = 1/{num_experts})")
+    _set_title(ax_t, "imbalance over training (1 = uniform)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return True
+
+
+def _shares(run: Run, record: dict) -> list[list[float]]:
+    counts = record.get("tokens_per_expert")
+    if not counts or not all(isinstance(r, list) and r and len(r) == len(counts[0]) for r in counts):
+        raise ValueError(f"{run.path / 'expert_load.jsonl'}: step {record.get('step', '?')} needs tokens_per_expert "
+                         "as [[counts of layer 0], [counts of layer 1], ...] of equal lengths")
+    return [[c / max(sum(layer), 1) for c in layer] for layer in counts]
 
 
 # ---------------------------------------------------------------------------- entry points
@@ -352,8 +416,11 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path | None = None) 
         out_dir = Path(os.path.commonpath([str(r.path.resolve().parent) for r in runs])) / "compare"
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    for pattern in OUTPUTS:  # an earlier comparison's files (e.g. the heatmap of a run not compared now)
+        for old in out.glob(pattern):
+            old.unlink()
     table = build_table(runs)
-    (out / "compare.md").write_text(to_markdown(table))
+    (out / "compare.md").write_text(to_markdown(table, full=False))
     write_csv(table, out / "compare.csv")
     plot_losses(runs, out / "loss.png")
     plot_balance(runs, out / "balance.png")
@@ -368,6 +435,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", help="run dirs or globs (e.g. 'runs/multirun/*')")
     ap.add_argument("--out", default=None, help="output dir (default: <common parent of the runs>/compare)")
+    ap.add_argument("--full", action="store_true", help="print every column (compare.csv always has them)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
@@ -375,7 +443,7 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"compare: error: {e}", file=sys.stderr)
         return 2
-    print(to_markdown(table), end="")
+    print(to_markdown(table, full=args.full), end="")
     return 0
 
 
