@@ -103,3 +103,85 @@ def test_bad_lora_config_is_one_clean_error(tmp_path, override, key):
 def test_arctic_lora_recipe_requires_init_from(tmp_path):
     proc = launch(f"run.dir={tmp_path / 'run'}", "+experiment=arctic_lora", "log.wandb=disabled")
     assert proc.returncode == 2 and "train.init_from is required" in proc.stderr, proc.stderr[-2000:]
+
+
+# ---- 2 processes (expert parallelism 2, ZeRO-2) against 1 -------------------------------------------------------
+
+PARALLEL = ["model.capacity_factor=null", "lora=default", "lora.rank=4", "lora.dropout=0.0", "lora.alpha=16",
+            "optim.lr=1e-2", "train.global_batch_size=8", "train.micro_batch_size=2", "train.max_steps=3",
+            "train.save_every=1", "train.keep_last=0", "data.num_examples=400", "data.seq_len=64",
+            "log.wandb=disabled", "run.name=test"]
+
+
+def _checked_lora_worker(rank, world_size, run_dir, base_dir, overrides):
+    """Train; then, on this rank's engine: the frozen base still equals the files it was loaded from, bit for
+    bit, and DeepSpeed's optimizer holds (partitions of) the adapters only."""
+    from safetensors.torch import load_file
+
+    from floe.hf import from_hf
+    from floe.run import checkpoint, trainer
+    from tests.test_parallel_train import _compose
+
+    fit, seen = trainer.Trainer.fit, {}
+
+    def checked_fit(self):
+        record = fit(self)
+        model, ds = self.engine.model, self.engine.ds
+        files = from_hf(load_file(os.path.join(base_dir, "model.safetensors")), model.config)
+        experts = checkpoint.expert_tensors(model)
+        frozen = {n: p for n, p in model.named_parameters() if not p.requires_grad}
+        seen["base_equal"] = all(
+            torch.equal(p, files[n][experts[n][0]:experts[n][0] + p.shape[0]] if n in experts else files[n])
+            for n, p in frozen.items())
+        seen["frozen"] = len(frozen)
+        seen["frozen_with_grad"] = [n for n, p in frozen.items() if p.grad is not None]
+        seen["optimizer_numel"] = sum(p.numel() for g in ds.basic_optimizer.param_groups for p in g["params"])
+        seen["trainable_numel"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        seen["total_numel"] = sum(p.numel() for p in model.parameters())
+        return record
+
+    trainer.Trainer.fit = checked_fit
+    from launch.train import train as train_
+    train_(_compose(run_dir, [f"train.init_from={base_dir}", *overrides]))
+    return seen
+
+
+@pytest.fixture(scope="module")
+def lora_base_dir(tmp_path_factory):
+    base = tmp_path_factory.mktemp("base")
+    _hf_base(base, seed=5)
+    return str(base)
+
+
+@pytest.mark.slow
+def test_two_processes_ep2_zero2_equal_one_process(tmp_path, lora_base_dir):
+    from tests.distributed import run_distributed
+    from tests.test_parallel_train import metrics
+
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    [seen1] = run_distributed(_checked_lora_worker, 1, args=(one, lora_base_dir, PARALLEL), timeout=120)
+    seen2 = run_distributed(_checked_lora_worker, 2, args=(two, lora_base_dir, [
+        *PARALLEL, "parallel.ep_size=2", "parallel.zero_stage=2"]), timeout=180)
+    for seen in (seen1, *seen2):
+        assert seen["base_equal"] and seen["frozen"] > 0 and not seen["frozen_with_grad"], seen
+        assert seen["trainable_numel"] < 0.3 * seen["total_numel"], seen
+    assert seen1["optimizer_numel"] == seen1["trainable_numel"]  # ZeRO-0: the adapters themselves
+    for seen in seen2:  # ZeRO-2: this rank's partition of the adapters (dense halved, its 4 experts' whole)
+        assert 0 < seen["optimizer_numel"] < seen["trainable_numel"], seen
+    for step in (1, 2, 3):
+        got, ref = checkpoint_params(two, step), checkpoint_params(one, step)
+        assert set(got) == set(ref) and all(".lora." in n for n in ref)
+        assert any(n.endswith("experts.lora.w2_B") for n in ref)
+        # Adam's moments are the gradients' running statistics: equal within fp32 summation order
+        moments, moments_ref = checkpoint_params(two, step, "optim"), checkpoint_params(one, step, "optim")
+        assert set(moments) == set(moments_ref)
+        for name in moments_ref:
+            scale = moments_ref[name].abs().max().item()
+            torch.testing.assert_close(moments[name], moments_ref[name], rtol=0, atol=1e-4 * scale + 1e-12, msg=name)
+        # the weights within 1% of one step (Adam turns a gradient near its eps into a step of any sign:
+        # 1e-6 relative noise on a 1e-10 gradient moved one adapter entry by 1e-4)
+        for name in ref:
+            torch.testing.assert_close(got[name], ref[name], rtol=0, atol=2e-4, msg=f"step {step}: {name}")
+    for ma, mb in zip(metrics(two), metrics(one)):
+        assert ma["loss"] == pytest.approx(mb["loss"], rel=1e-5) and ma["grad_norm"] == pytest.approx(
+            mb["grad_norm"], rel=1e-4)
