@@ -147,8 +147,8 @@ def to_peft(adapter_state: dict[str, torch.Tensor], config: ModelConfig) -> dict
     names = {name: hf for hf, (name, e) in hf_names(config).items() if e is None}
     out = {}
     for name, t in adapter_state.items():
-        module, _, leaf = name.rpartition(".lora.")
-        if not leaf:  # a fully trained tensor (the router)
+        module, found, leaf = name.rpartition(".lora.")
+        if not found:  # a fully trained tensor (the router)
             if name not in names:
                 raise ValueError(f"to_peft: {name} has no Hugging Face name")
             out[PEFT_PREFIX + names[name]] = t

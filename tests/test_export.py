@@ -242,3 +242,111 @@ def test_balancing_bias_refused_on_export_unless_dropped(tmp_path):
     exported = from_hf(load_file(tmp_path / "out" / "model.safetensors"), model.config.replace(balance_bias_rate=0.0))
     assert set(trained) - set(exported) == {f"layers.{i}.moe.expert_bias" for i in range(model.config.num_layers)}
     assert all(torch.equal(exported[k], trained[k]) for k in exported)
+
+
+# ---- LoRA runs: merged export, PEFT adapter export, generate -------------------------------------------------
+
+LORA_RUN = ["lora=default", "lora.rank=4", "lora.dropout=0.0", "train.global_batch_size=8", "train.micro_batch_size=8",
+            "data.num_examples=200", "data.seq_len=64"]
+IDS = torch.tensor([[5, 17, 3, 88, 42, 9, 61, 2, 33, 70, 14, 7], [1, 90, 23, 23, 57, 8, 40, 11, 76, 5, 29, 64]])
+
+
+def _hf_base(out_dir, seed):
+    model = ArcticForCausalLM(PRESETS["tiny"])
+    model.reset_parameters(seed=seed)
+    save_hf(model.state_dict(), model.config, str(out_dir), Tokenizer())
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    """A LoRA run from an Arctic base, adapters on everything and the router trained, lr high enough
+    that every B has left zero after 3 steps."""
+    from launch.train import train
+
+    tmp = tmp_path_factory.mktemp("lora")
+    base = _hf_base(tmp / "base", seed=4)
+    run = tmp / "run"
+    train(make_cfg(run, *LORA_RUN, f"train.init_from={base}", "lora.train_router=true", "optim.lr=3e-2",
+                   "optim.warmup_ratio=0", "train.max_steps=3"))
+    return run, base
+
+
+def test_lora_merged_export_equals_the_unmerged_model(lora_run, tmp_path):
+    from floe.lora import adapters, disable_adapters
+    from tools.generate import load_model_for_inference, reply
+
+    run, base = lora_run
+    files = export(str(run), str(tmp_path / "out"))
+    assert "model.safetensors" in files
+    model, _ = load_checkpoint_model(*resolve_checkpoint(str(run)))
+    assert adapters(model) and all(torch.count_nonzero(p) for n, p in model.named_parameters() if n.endswith("B"))
+    merged = ArcticForCausalLM(model.config)
+    merged.load_state_dict(from_hf(load_file(tmp_path / "out" / "model.safetensors"), model.config), strict=True)
+    with torch.no_grad():
+        got = merged(IDS, dropless=True).logits
+        torch.testing.assert_close(got, model(IDS, dropless=True).logits, atol=1e-5, rtol=1e-5)
+        with disable_adapters(model):
+            assert (got - model(IDS, dropless=True).logits).abs().max() > 1e-3  # the adapters moved it
+    # generate and evaluate load a LoRA run through the same reader: the adapted model, in eval mode
+    inference, tokenizer = load_model_for_inference(str(run))
+    assert adapters(inference) and not inference.training
+    assert isinstance(reply(inference, tokenizer, ["What is 2+3?"], max_new_tokens=4)[0], str)
+
+
+def test_lora_adapter_export_loads_in_peft(lora_run, tmp_path):
+    """PeftModel.from_pretrained on the independent Arctic reference holding the base: floe's logits."""
+    from peft import LoraConfig, PeftModel
+
+    from tests.arctic_reference import ArcticReference
+
+    run, base = lora_run
+    files = export(str(run), str(tmp_path / "adapter"), adapter=True)
+    assert files == ["adapter_config.json", "adapter_model.safetensors"]
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert "base_model.model.model.layers.1.block_sparse_moe.experts.7.w2.lora_B.weight" in saved
+    assert "base_model.model.model.layers.0.block_sparse_moe.gate.weight" in saved  # lora.train_router
+    ref = ArcticReference(json.loads((base / "config.json").read_text()))
+    ref.load_state_dict(load_file(base / "model.safetensors"), strict=True)
+    with torch.no_grad():
+        before = ref(IDS)
+    # the file's config as PEFT reads it, minus the causal-LM wrapper (it needs a transformers model's
+    # generation methods, which the reference does not have)
+    config = LoraConfig.from_pretrained(str(tmp_path / "adapter"))
+    assert config.task_type == "CAUSAL_LM" and config.r == 4
+    config.task_type = None
+    peft_model = PeftModel.from_pretrained(ref, str(tmp_path / "adapter"), config=config)
+    model, _ = load_checkpoint_model(*resolve_checkpoint(str(run)))
+    with torch.no_grad():
+        got = peft_model.base_model.model(IDS)
+        torch.testing.assert_close(got, model(IDS, dropless=True).logits, atol=2e-5, rtol=1e-4)
+        assert (got - before).abs().max() > 1e-3
+
+
+def test_lr0_lora_export_is_the_base_bit_for_bit(tmp_path):
+    from launch.train import train
+
+    base = _hf_base(tmp_path / "base", seed=6)
+    run = tmp_path / "run"
+    train(make_cfg(run, *LORA_RUN, f"train.init_from={base}", "optim.lr=0", "train.max_steps=1"))
+    export(str(run), str(tmp_path / "out"))
+    got, expected = load_file(tmp_path / "out" / "model.safetensors"), load_file(base / "model.safetensors")
+    assert got.keys() == expected.keys()
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+def test_adapter_export_of_a_full_run_is_a_clean_error(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from launch.train import train
+
+    run = tmp_path / "run"
+    train(make_cfg(run, "train.max_steps=1", "train.global_batch_size=8", "train.micro_batch_size=8",
+                   "data.num_examples=200", "data.seq_len=64"))
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "tools/export.py", str(run), "--adapter", "--out", str(tmp_path / "a")],
+                          cwd=repo, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "not a LoRA run" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "a").exists()
