@@ -36,15 +36,21 @@ setup(
         "tokenizers>=0.20,<1",  # tokenizer.json in exports (AutoTokenizer gives floe's ids)
         "protobuf>=3.20",  # reading a SentencePiece model's spec (normaliser, pieces) for tokenizer.json
         "tqdm>=4.66",  # progress bars
+        # data.paths in Parquet / Arrow / save_to_disk form and data.hf_dataset (floe/data/readers.py); 5.2 tested,
+        # pyarrow comes with it
+        "datasets>=3,<6",
         "matplotlib>=3.7,<4",  # tools/compare.py plots (tested with 3.11)
         # lora.quantize_base: NF4 (QLoRA's to_nf4) and int8 affine quantization, pure PyTorch on CPU and CUDA;
         # tested with 0.18.0, whose public names (torchao.quantization.to_nf4, quant_primitives) floe uses
         "torchao>=0.18,<0.19",
     ],
-    extras_require={"dev": [
-        "pytest>=8", "pytest-timeout>=2.3",
-        # tests load exports with AutoTokenizer; 4.45.2 and 5.23.0 tested (4.40 ignores
-        # split_special_tokens, so "<s>" written in a text would become the BOS id)
-        "transformers>=4.45,<6",
-    ]},
+    extras_require={
+        "tensorboard": ["tensorboard>=2.17,<3"],  # log.tensorboard=true (torch.utils.tensorboard); 2.21 tested
+        "dev": [
+            "pytest>=8", "pytest-timeout>=2.3",
+            # tests load exports with AutoTokenizer and check CHAT_TEMPLATE with apply_chat_template; 5.25 tested
+            "transformers>=4.45,<6",
+            "tensorboard>=2.17,<3",  # the log.tensorboard test reads the events back
+        ],
+    },
 )

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import os
 import re
 import sys
@@ -146,7 +147,7 @@ def parse_config(cfg: DictConfig) -> Configs:
             errors.append(str(e))
     known = {"": ("model", "data", "optim", "parallel", "train", "dpo", "lora", "run", "log", "hydra"),
              "run": ("name", "dir"),
-             "log": ("wandb", "project", "every", "console_every", "expert_load_every")}
+             "log": ("wandb", "project", "every", "console_every", "expert_load_every", "tensorboard")}
     for section, keys in known.items():  # the dataclass sections name their own unknown keys
         node = cfg[section] if section else cfg
         if unknown := sorted(set(node) - set(keys)):
@@ -167,10 +168,16 @@ def parse_config(cfg: DictConfig) -> Configs:
         every = cfg.log.get(key, 10)
         if not isinstance(every, int) or isinstance(every, bool) or every < low:
             errors.append(f"log.{key} must be an integer >= {low}, got {every!r}")
+    tensorboard = cfg.log.get("tensorboard", False)
+    if not isinstance(tensorboard, bool):
+        errors.append(f"log.tensorboard must be true or false, got {tensorboard!r}")
+    elif tensorboard and importlib.util.find_spec("tensorboard") is None:
+        errors.append("log.tensorboard=true needs the tensorboard package: pip install 'tensorboard>=2.17,<3' "
+                      "(or floe[tensorboard])")
     if errors:
         raise ConfigError("invalid config:\n" + "\n".join(errors))
     return Configs(run_dir=str(cfg.run.dir), wandb=str(cfg.log.wandb), wandb_project=str(cfg.log.project),
-                   log_every=int(cfg.log.every),
+                   log_every=int(cfg.log.every), tensorboard=tensorboard,
                    expert_load_every=int(cfg.log.get("expert_load_every", 10)),
                    console_every=int(cfg.log.get("console_every", 10)), **built)
 

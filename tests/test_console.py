@@ -22,6 +22,55 @@ def launch(*args, timeout=300):
                           timeout=timeout, env=env)
 
 
+def run_in_terminal(args, cwd, timeout=300) -> tuple[int, str]:
+    """launch/train.py with stdin, stdout and stderr on a pseudo-terminal of 40 x 160 characters; all it wrote."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))  # a real terminal has a size
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    p = subprocess.Popen([sys.executable, os.path.join(REPO, "launch/train.py"), *args], cwd=cwd, stdin=slave,
+                         stdout=slave, stderr=slave, env=env, close_fds=True)
+    os.close(slave)
+    out = b""
+    while True:
+        ready, _, _ = select.select([master], [], [], 1.0)
+        try:
+            chunk = os.read(master, 1 << 16) if ready else b""
+        except OSError:  # the child closed the terminal
+            break
+        out += chunk
+        if not chunk and p.poll() is not None:
+            break
+    p.wait(timeout)
+    os.close(master)
+    return p.returncode, out.decode(errors="replace")
+
+
+@pytest.mark.slow
+def test_terminal_bar_lines_stay_intact(tmp_path):
+    """On a terminal every line the user finally sees is either a whole log line or a whole bar line:
+    the checkpoint and eval lines are written above the bar, never into it; the bar shows the numbers."""
+    import re
+
+    rc, out = run_in_terminal([f"run.dir={tmp_path / 'run'}", *SMALL, "train.max_steps=4", "train.save_every=2"],
+                              tmp_path)
+    assert rc == 0, out[-3000:]
+    bar = re.compile(r"train: +\d+%\|[^|]*\| \d+/4 \[[^\]]*loss=[\d.]+, gnorm=[\d.]+, tok/s=\d+, step=[\d.]+s, "
+                     r"mem=[\d.]+G\]")
+    shown = [line.split("\r")[-1] if line.split("\r")[-1].strip() else line.rstrip("\r") for line in out.split("\n")]
+    shown = [line.split("\r")[-1] for line in shown if line.strip()]
+    assert any(bar.fullmatch(line.strip()) for line in shown), shown
+    for line in shown:
+        assert re.match(r"\[\d\d:\d\d:\d\d floe\] ", line) or bar.fullmatch(line.strip()), line
+    assert sum("] saved " in line for line in shown) == 2 and any("eval at step 4" in line for line in shown)
+    assert not any("floe]" in seg and "train:" in seg for seg in out.replace("\n", "\r").split("\r"))
+
+
 def test_sweep_names():
     from launch.train import sweep_name
 
@@ -97,7 +146,9 @@ def test_log_file_console_data_stats_and_relaunch(tmp_path):
     console = out.stdout + out.stderr
     assert "\r" not in console  # no progress-bar redraws in a log file
     steps = [line.split("step ", 1)[1].split()[0] for line in console.splitlines() if "] step " in line]
-    assert steps == ["2/3", "3/3"]
+    assert steps == ["1/3", "2/3", "3/3"]  # step 1 (a sign of life), every 2nd and the last
+    first = next(line for line in console.splitlines() if "] step 1/3 " in line)
+    assert " step " in first.split("tokens/s", 1)[1] and " eta " in first and "grad_norm" in first
     assert "eval at step 3: loss" in console
     assert "Setting accelerator" not in console
     stats = json.loads((run_dir / "data_stats.json").read_text())

@@ -90,9 +90,10 @@ def test_wrong_types_and_ranges_are_named_together(tmp_path):
 
     with pytest.raises(ConfigError) as err:
         parse_config(make_cfg(tmp_path, "optim.lr=abc", "model.capacity_factor=abc", "train.global_batch_size=abc",
-                              "data.weights=[a,1]", "train.seed=abc", "train.max_steps=1.5", "log.every=0"))
+                              "data.weights=[a,1]", "train.seed=abc", "train.max_steps=1.5", "log.every=0",
+                              "log.tensorboard=maybe"))
     msg = str(err.value)
-    for expected in ("optim.lr must be a number, got 'abc'", "model.capacity_factor must be a number or null",
+    for expected in ("log.tensorboard must be true or false, got 'maybe'", "optim.lr must be a number, got 'abc'", "model.capacity_factor must be a number or null",
                      "train.global_batch_size must be an integer, got 'abc'", "data.weights must be a list of numbers",
                      "train.seed must be an integer", "train.max_steps must be an integer, got 1.5",
                      "log.every must be an integer >= 1"):
@@ -270,3 +271,29 @@ def test_triton_kernels_on_cpu_need_the_interpreter(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="train.kernels=triton"):
         train(make_cfg(tmp_path, "train.kernels=triton", "train.device=cpu"))
     assert not torch.distributed.is_initialized()
+
+
+def test_tensorboard_gets_metrics_jsonls_scalars_and_drops_them_past_a_resume(tmp_path):
+    """log.tensorboard=true: every numeric value of each metrics.jsonl record as a scalar at its step;
+    a resume from step 2 replaces the later events, as it truncates metrics.jsonl."""
+    from types import SimpleNamespace
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from floe.run.trainer import MetricsWriter
+
+    c = SimpleNamespace(run_dir=str(tmp_path), wandb="disabled", wandb_project="floe", tensorboard=True)
+    writer = MetricsWriter(c, {}, 0)
+    for step in (1, 2, 3):
+        writer.write({"step": step, "loss": 10.0 - step, "lr": 1e-3 * step, "note": "x", "skipped": False})
+    writer.close()
+    writer = MetricsWriter(c, {}, 2)  # resumed from the checkpoint at step 2
+    writer.write({"step": 3, "loss": 0.5, "lr": 5e-3})
+    writer.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert sorted(events.Tags()["scalars"]) == ["loss", "lr"]
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 9.0), (2, 8.0), (3, 0.5)]
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in logged] == [9.0, 8.0, 0.5]
+    assert [round(e.value, 6) for e in events.Scalars("lr")] == [r["lr"] for r in logged]

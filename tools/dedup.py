@@ -192,7 +192,7 @@ def _progress(f, path: str, enabled: bool) -> Iterable[bytes]:
         from tqdm import tqdm
     except ImportError:
         enabled = False
-    if not enabled:
+    if not enabled or not sys.stderr.isatty():  # no carriage-return redraws in a log file
         yield from f
         return
     with tqdm(total=os.path.getsize(path), unit="B", unit_scale=True, desc=os.path.basename(path),

@@ -34,6 +34,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -256,8 +257,9 @@ def _encode_source(cfg: DataConfig, tok: Tokenizer, src: ReadResult, name: str) 
 
     threads = cfg.num_workers or os.cpu_count() or 1
     parts = []
+    # a bar only on a terminal: in a log file its carriage-return redraws would be one long garbled line
     bar = tqdm(total=len(src.examples), desc=f"tokenising {Path(name).name}", unit="ex",
-               disable=len(src.examples) < 4 * CHUNK, leave=False)
+               disable=len(src.examples) < 4 * CHUNK or not sys.stderr.isatty(), leave=False)
     for i in range(0, len(src.examples), CHUNK):
         parts.append(encode_examples(tok, src.examples[i:i + CHUNK], threads, cfg.loss_on))
         bar.update(len(parts[-1].lengths))

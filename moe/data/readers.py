@@ -91,9 +91,20 @@ def iter_arrow(path: str) -> Iterator[tuple[int, dict]]:
     yield from iter_arrow_table_batches(batches)
 
 
+def _datasets():
+    """The datasets library, its progress bars off unless stderr is a terminal (no carriage returns in logs)."""
+    import sys
+
+    import datasets
+
+    if not sys.stderr.isatty():
+        datasets.disable_progress_bars()
+    return datasets
+
+
 def iter_saved_dataset(path: str) -> Iterator[tuple[int, dict]]:
     """Rows of a datasets.save_to_disk directory (a DatasetDict gives its train split)."""
-    import datasets
+    datasets = _datasets()
 
     try:
         ds = datasets.load_from_disk(path)
@@ -116,7 +127,7 @@ def iter_file(path: str, kind: str, jsonl_iter) -> Iterator[tuple[int, object]]:
 
 def iter_hub(name: str, split: str, config: str | None, streaming: bool) -> Iterator[tuple[int, dict]]:
     """Rows of a Hugging Face dataset (a Hub name or a local dataset directory), one split."""
-    import datasets
+    datasets = _datasets()
 
     try:
         ds = datasets.load_dataset(name, config, split=split, streaming=streaming)
@@ -130,7 +141,7 @@ def hub_fingerprint(name: str, split: str, config: str | None, streaming: bool) 
     loaded split, or (streamed: no local copy to hash) its name, config and split."""
     if streaming:
         return json.dumps([name, config, split])
-    import datasets
+    datasets = _datasets()
 
     try:
         return datasets.load_dataset(name, config, split=split)._fingerprint

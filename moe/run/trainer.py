@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -24,6 +23,7 @@ import torch.distributed as dist
 
 from floe import kernels
 from floe.run import checkpoint, host_allocator, run_dir
+from floe.run.console import Console
 from floe.config import ModelConfig
 from floe.errors import ConfigError
 from floe.data import DataConfig, StepLoader, build_dataset, build_eval_dataset, check_enough_rows, eval_micro_batches
@@ -125,6 +125,7 @@ class Configs:
     lora: LoRAConfig = field(default_factory=LoRAConfig)  # rank 0: no adapters
     expert_load_every: int = 10  # optimizer steps between lines of run_dir/expert_load.jsonl; 0 = last step only
     console_every: int = 10  # optimizer steps between console lines when stderr is not a terminal
+    tensorboard: bool = False  # log.tensorboard: metrics.jsonl's scalars also as TensorBoard events
     dpo: DPOConfig = field(default_factory=DPOConfig)  # train.objective=dpo
 
 
@@ -310,12 +311,9 @@ class Trainer:
         self.step = self._resume(resume_from)
         self.skipped_steps = self.consecutive_skips = 0
         self.writer = MetricsWriter(c, resolved, self.step) if self.rank == 0 else None
-        self.progress = None
-        if self.rank == 0 and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.progress = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step",
-                                 dynamic_ncols=True)
+        # rank 0: a bar on a terminal (log lines above it), plain lines in a log file (floe/run/console.py)
+        self.screen = Console(self.total_steps, self.step, c.console_every, self.console_extra) \
+            if self.rank == 0 else None
 
     def _log_model(self, allocator: str) -> None:
         groups, cfg = self.engine.groups, self.c.model
@@ -350,8 +348,8 @@ class Trainer:
                 self.stop_if_diverged()
                 self.maybe_save()
         finally:
-            if self.progress is not None:
-                self.progress.close()
+            if self.screen is not None:
+                self.screen.close()
             if self.writer is not None:
                 self.writer.close()
         if self.rank == 0 and record:
@@ -490,31 +488,7 @@ class Trainer:
             self.writer.write_expert_load(record["step"], load)
         if record["step"] % self.c.log_every == 0 or record["step"] == self.total_steps or "eval_loss" in record:
             self.writer.write(record)
-        self.console(record)
-
-    def console(self, record: dict) -> None:
-        """A progress bar on a terminal; in a log file (stderr not a terminal) one plain line every
-        log.console_every steps instead of carriage-return redraws. Eval results get a line either way."""
-        if self.progress is not None:
-            self.progress.update(1)
-            self.progress.set_postfix(loss=f"{record['loss']:.3f}", bal=f"{record['balance_loss']:.3f}",
-                                      drop=f"{record['dropped_frac']:.3f}", lr=f"{record['lr']:.1e}")
-        step, every = record["step"], self.c.console_every
-        if self.progress is None and (step % every == 0 or step == self.total_steps):
-            mfu = f" mfu {100 * record['mfu']:.2f}%" if "mfu" in record else ""
-            log.info("step %d/%d loss %.4f balance %.3f dropped %.3f lr %.2e grad_norm %.3f %.0f tokens/s%s%s",
-                     step, self.total_steps, record["loss"], record["balance_loss"], record["dropped_frac"],
-                     record["lr"], record["grad_norm"], record["tokens_per_s"], mfu,
-                     self.console_extra(record, evaluation=False))
-        if "eval_loss" in record:
-            per_source = ", ".join(f"{k.split('/', 1)[1]} {v:.4f}" for k, v in record.items()
-                                   if k.startswith("eval_loss/"))
-            line = (f"eval at step {step}: loss {record['eval_loss']:.4f}" + (f" ({per_source})" if per_source else "")
-                    + self.console_extra(record, evaluation=True))
-            if self.progress is not None:
-                self.progress.write(line)
-            else:
-                log.info(line)
+        self.screen.step(record)
 
     def console_extra(self, record: dict, evaluation: bool) -> str:
         """What an objective adds to a console line (train.objective=dpo: reward accuracy and margin)."""
@@ -565,7 +539,7 @@ def write_data_stats(run_dir: str, dataset, eval_dataset) -> str:
 
 
 class MetricsWriter:
-    """metrics.jsonl and expert_load.jsonl (rank 0), plus wandb when enabled."""
+    """metrics.jsonl and expert_load.jsonl (rank 0), plus wandb and TensorBoard when enabled."""
 
     def __init__(self, c: Configs, resolved: dict, resume_step: int):
         self.path = os.path.join(c.run_dir, "metrics.jsonl")
@@ -579,9 +553,17 @@ class MetricsWriter:
         if c.wandb != "disabled":
             import wandb
 
+            # quiet: no end-of-run summary block (~30 lines of history and summary) on the console
             self.wandb = wandb.init(project=c.wandb_project, dir=c.run_dir, mode=c.wandb, config=resolved,
                                     name=os.path.basename(os.path.normpath(c.run_dir)), resume="allow",
-                                    id=_wandb_id(c.run_dir))
+                                    id=_wandb_id(c.run_dir), settings=wandb.Settings(quiet=True))
+        self.tensorboard = None
+        if c.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step: events past the checkpoint we resume from are dropped, as metrics.jsonl's lines are
+            self.tensorboard = SummaryWriter(os.path.join(c.run_dir, "tensorboard"),
+                                             purge_step=resume_step + 1 if resume_step else None)
 
     def write(self, record: dict) -> None:
         # A skipped step's non-finite loss or norm is written as null (strict JSON has no NaN/inf).
@@ -590,6 +572,10 @@ class MetricsWriter:
             f.write(json.dumps(record) + "\n")
         if self.wandb is not None:
             self.wandb.log(record, step=record["step"])
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.tensorboard.add_scalar(key, value, record["step"])
 
     def write_expert_load(self, step: int, tokens_per_expert: list[list[int]]) -> None:
         """One compact line {"step", "tokens_per_expert": [[layer 0 counts], ...]}; to wandb as one
@@ -606,6 +592,8 @@ class MetricsWriter:
     def close(self):
         if self.wandb is not None:
             self.wandb.finish()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
 
 def _wandb_id(run_dir: str) -> str:
