@@ -22,8 +22,8 @@ setup(
     install_requires=[
         # A range, not a pin: GPU clusters keep their own CUDA build of torch.
         "torch>=2.5,<3",
-        # ZeRO-2 and the engine; floe touches a few of its internals (moe/parallel/engine.py), checked on
-        # this range only: keep in step with floe.parallel.engine.TESTED_DEEPSPEED.
+        # ZeRO-2 and the engine; floe touches a few of its internals (moe/parallel/, each touch commented), checked on
+        # this range only: keep in step with floe.parallel.lifecycle.TESTED_DEEPSPEED.
         "deepspeed>=0.19.8,<0.20",
         "triton>=3.9,<3.10",  # TMA tensor descriptors; check_sm90's register limits were measured on 3.9
         "sentencepiece>=0.2",

@@ -72,6 +72,7 @@ class GroupedExperts(nn.Module):
         self.num_experts = num_experts  # global E
         self.first_expert = 0  # global id of local row 0
         self.num_local_experts = num_experts
+        self.kernel_backend = "auto"  # floe.kernels backend of the grouped GEMMs (floe.model.apply_kernel_backend)
         self.w1 = nn.Parameter(torch.empty(num_experts, ffn, hidden_size))  # gate projection
         self.w3 = nn.Parameter(torch.empty(num_experts, ffn, hidden_size))  # up projection
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, ffn))  # down projection
@@ -117,7 +118,8 @@ class GroupedExperts(nn.Module):
     def forward(self, x_RD: torch.Tensor, tokens_per_local_expert: torch.Tensor) -> torch.Tensor:
         if self.lora is not None and self.lora.active:
             return self.lora(self, x_RD, tokens_per_local_expert)
-        return kernels.grouped_swiglu(x_RD, self.w1, self.w3, self.w2, tokens_per_local_expert)
+        return kernels.grouped_swiglu(x_RD, self.w1, self.w3, self.w2, tokens_per_local_expert,
+                                      backend=self.kernel_backend)
 
     def extra_repr(self) -> str:
         last = self.first_expert + self.num_local_experts - 1

@@ -178,9 +178,10 @@ class GroupedLoRA(nn.Module):
 
     def _project(self, experts: GroupedExperts, w: str, x_RI: torch.Tensor, sizes_L: torch.Tensor) -> torch.Tensor:
         """x W_g^T + scaling * x A_g^T B_g^T per expert group g (transposed views, never copies)."""
-        y_RO = kernels.grouped_mm(x_RI, getattr(experts, w).transpose(1, 2), sizes_L)
-        xa_Rr = kernels.grouped_mm(self.dropout(x_RI), getattr(self, f"{w}_A").transpose(1, 2), sizes_L)
-        return y_RO + kernels.grouped_mm(xa_Rr, getattr(self, f"{w}_B").transpose(1, 2), sizes_L) * self.scaling
+        backend = experts.kernel_backend  # the experts' own (train.kernels, floe.model.apply_kernel_backend)
+        y_RO = kernels.grouped_mm(x_RI, getattr(experts, w).transpose(1, 2), sizes_L, backend)
+        xa_Rr = kernels.grouped_mm(self.dropout(x_RI), getattr(self, f"{w}_A").transpose(1, 2), sizes_L, backend)
+        return y_RO + kernels.grouped_mm(xa_Rr, getattr(self, f"{w}_B").transpose(1, 2), sizes_L, backend) * self.scaling
 
     def delta(self, w: str) -> torch.Tensor:
         """scaling * B_e A_e for every local expert e: what merging adds to experts.{w} [L, out, in]."""

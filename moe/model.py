@@ -20,7 +20,8 @@ from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from floe.config import ModelConfig
 from floe.weight_init import draw_seed, init_stds, seeded_normal_
-from floe.layer import MoELayer, MoEStats, TokenInfo
+from floe import kernels
+from floe.layer import GroupedExperts, MoELayer, MoEStats, TokenInfo
 
 IGNORE_INDEX = -100
 
@@ -193,6 +194,17 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> nn.Module:
         if isinstance(block, ArcticBlock):
             block.checkpointing = mode
             block.moe.checkpoint_experts = mode != "none"
+    return model
+
+
+def apply_kernel_backend(model: nn.Module, backend: str) -> nn.Module:
+    """Make every experts module of `model` run its grouped GEMMs on floe.kernels backend `backend`
+    (train.kernels: auto | reference | triton); in place. The choice travels with the model, not in
+    a module global, so two models in one process (a test's reference beside it) keep their own."""
+    kernels.check_backend(backend, "train.kernels")
+    for m in model.modules():
+        if isinstance(m, GroupedExperts):
+            m.kernel_backend = backend
     return model
 
 

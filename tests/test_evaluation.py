@@ -97,7 +97,7 @@ def _train_worker(rank, world_size, run_dir, overrides, check_train_mode=False):
         step = trainer.Trainer.train_step
 
         def checked(self):
-            assert self.engine.model.training and self.engine.ds.training, f"eval mode at step {self.step + 1}"
+            assert self.engine.model.training and self.engine.training, f"eval mode at step {self.step + 1}"
             return step(self)
 
         trainer.Trainer.train_step = checked

@@ -121,9 +121,8 @@ def launches(monkeypatch):
 
     # kernels/__init__ reaches the reference through its module attribute `reference`.
     monkeypatch.setattr(kernels, "reference", types.SimpleNamespace(grouped_mm=no_fallback, grouped_swiglu=no_fallback))
-    kernels.set_backend("triton")
+    monkeypatch.setenv("FLOE_KERNELS", "triton")  # what a backend="auto" call (the default) then uses
     yield counts
-    kernels.set_backend(None)
 
 
 @pytest.fixture(autouse=True)
@@ -135,7 +134,6 @@ def _interpreter_and_backend(request, monkeypatch):
     if not ON_GPU:
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     yield
-    kernels.set_backend(None)
 
 
 def test_kernels_in_fresh_interpreter_process():
@@ -431,14 +429,12 @@ def test_backend_switch(monkeypatch, launches):
     x_NK, w_GKM, sizes_G = torch.randn(6, 16, device=DEVICE), torch.randn(2, 16, 16, device=DEVICE), torch.tensor([2, 4])
     monkeypatch.setattr(kernels, "reference", reference)  # this test wants both paths
 
-    kernels.set_backend("reference")
-    monkeypatch.setenv("FLOE_KERNELS", "triton")  # set_backend wins over the environment
-    assert kernels.resolve_backend(x_NK) == "reference"
-    kernels.grouped_mm(x_NK, w_GKM, sizes_G.to(DEVICE))
+    monkeypatch.setenv("FLOE_KERNELS", "triton")
+    assert kernels.resolve_backend(x_NK, "reference") == "reference"  # the argument wins over the environment
+    kernels.grouped_mm(x_NK, w_GKM, sizes_G.to(DEVICE), backend="reference")
     assert sum(launches.values()) == 0
 
-    kernels.set_backend(None)  # now the environment decides
-    assert kernels.resolve_backend(x_NK) == "triton"
+    assert kernels.resolve_backend(x_NK) == "triton"  # backend="auto": the environment decides
     kernels.grouped_mm(x_NK, w_GKM, sizes_G.to(DEVICE))
     assert launches["_grouped_mm_kernel"] == 1
 
@@ -453,7 +449,7 @@ def test_backend_switch(monkeypatch, launches):
     with pytest.raises(ValueError, match="FLOE_KERNELS"):
         kernels.resolve_backend(x_NK)
     with pytest.raises(ValueError, match="backend must be one of"):
-        kernels.set_backend("cutlass")
+        kernels.grouped_mm(x_NK, w_GKM, sizes_G.to(DEVICE), backend="cutlass")
 
 
 @pytest.mark.skipif(not ON_GPU, reason="bf16 needs a GPU (the Triton interpreter has no bf16 dot)")
@@ -507,3 +503,29 @@ def test_moe_layer_through_triton_matches_naive_loop(capacity_factor, launches):
     assert launches["_swiglu_gate_up_kernel"] == 2  # the experts really ran on the Triton path
     if capacity_factor is not None:
         assert stats.dropped > 0
+
+
+def test_backend_travels_with_the_model(monkeypatch, launches):
+    """train.kernels reaches the experts through floe.model.apply_kernel_backend, not a module global:
+    two models in one process keep their own backend, and the argument beats FLOE_KERNELS."""
+    from floe.config import PRESETS
+    from floe.model import ArcticForCausalLM, apply_kernel_backend
+
+    monkeypatch.setattr(kernels, "reference", reference)  # this test wants both paths
+    monkeypatch.delenv("FLOE_KERNELS")
+    torch.manual_seed(0)
+    cfg = PRESETS["tiny"].replace(num_layers=1)
+    on_triton, on_reference = (ArcticForCausalLM(cfg).to(DEVICE) for _ in range(2))
+    on_reference.load_state_dict(on_triton.state_dict())
+    apply_kernel_backend(on_triton, "triton")
+    apply_kernel_backend(on_reference, "reference")
+    ids = torch.randint(0, cfg.vocab_size, (1, 12), device=DEVICE)
+
+    ref_logits = on_reference(ids).logits
+    assert sum(launches.values()) == 0
+    monkeypatch.setenv("FLOE_KERNELS", "reference")  # the model's own choice wins over the environment
+    tri_logits = on_triton(ids).logits
+    assert launches["_swiglu_gate_up_kernel"] == 1
+    assert _rel_err(tri_logits.float().cpu(), ref_logits.float().cpu()) < 1e-5
+    with pytest.raises(ValueError, match="train.kernels must be one of"):
+        apply_kernel_backend(on_triton, "cutlass")

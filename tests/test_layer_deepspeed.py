@@ -18,7 +18,7 @@ def single_process_group():
     dist.init_process_group("gloo")
     import deepspeed
 
-    from floe.parallel.engine import skip_shm_comm_build
+    from floe.parallel.lifecycle import skip_shm_comm_build
 
     skip_shm_comm_build()
     deepspeed.init_distributed(dist_backend="gloo")

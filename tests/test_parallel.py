@@ -500,7 +500,7 @@ def test_fix_engine_refuses_experts_without_deepspeed_markers():
 
 _STALE_LOCK_SCRIPT = """
 import torch
-from floe.parallel.engine import fake_process_group, init_distributed, teardown
+from floe.parallel.lifecycle import fake_process_group, init_distributed, teardown
 with fake_process_group(4, 1):
     pass
 init_distributed(torch.device("cpu"))

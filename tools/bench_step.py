@@ -212,25 +212,10 @@ class PhaseTimer:
 
 
 def instrument(trainer, timer: PhaseTimer) -> None:
-    engine, ds = trainer.engine, trainer.engine.ds
     timer.wrap(trainer.loader, "next_step", "data")
     timer.wrap(trainer.loader, "global_loss_tokens", "data")
-    timer.wrap(ds.module, "forward", "forward")
-    timer.wrap(ds, "forward", "engine")
-    timer.wrap(ds, "backward", "backward")  # autograd runs inside it: exclusive time = backward
-    timer.wrap(ds, "allreduce_gradients", "reduce")
-    for name in ("reduce_ipg_grads", "overlapping_partition_gradients_reduce_epilogue", "reduce_gradients"):
-        timer.wrap(ds.optimizer, name, "reduce")
-    timer.wrap(engine, "_clip", "norm/clip")
-    for name in ("scaled_global_norm", "unscale_and_clip_grads", "get_grad_norm_direct", "complete_grad_norm_calculation_for_cpu_offload"):
-        timer.wrap(ds.optimizer, name, "norm/clip")
-    base = getattr(ds.optimizer, "optimizer", ds.optimizer)  # the torch optimizer inside ZeRO's wrapper
-    timer.wrap(base, "step", "optimizer")
-    if base is not ds.optimizer:
-        timer.wrap(ds.optimizer, "step", "engine")
-    timer.wrap(ds, "step", "engine")
-    timer.wrap(engine, "step", "engine")
-    timer.wrap(engine, "micro_step", "engine")
+    for obj, attr, phase in trainer.engine.timing_points():
+        timer.wrap(obj, attr, phase)
     timer.wrap(trainer, "_sums", "metrics")
     timer.wrap(trainer, "_record", "logging")
     timer.wrap(trainer, "log", "logging")
@@ -244,7 +229,6 @@ def build_trainer(args, experts: int, zero: int, procs: int, run_dir: str):
     """Trainer exactly as floe.run.trainer.train builds it from the composed config (process group first)."""
     from hydra import compose, initialize_config_dir
 
-    from floe import kernels
     from launch.train import CONF_DIR, parse_config
     from floe.data import build_dataset
     from floe.parallel import init_distributed
@@ -257,7 +241,6 @@ def build_trainer(args, experts: int, zero: int, procs: int, run_dir: str):
     c = parse_config(cfg)
     tokenizer, dataset = build_dataset(c.data, seed=c.train.seed)
     check_launch(c, procs, tokenizer.vocab_size)
-    kernels.set_backend(c.train.kernels)
     device = torch.device(pick_device(c.train.device), int(os.environ.get("LOCAL_RANK", 0))
                           if pick_device(c.train.device) == "cuda" else None)
     init_distributed(device)

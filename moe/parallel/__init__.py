@@ -27,25 +27,21 @@ from floe.parallel.dispatch import (
     expert_parallel_layers,
     full_state_dict,
 )
-from floe.parallel.engine import (
+from floe.parallel.deepspeed_setup import (
     PRECISIONS,
-    TESTED_DEEPSPEED,
-    Engine,
     apply_deepspeed_moe,
     build_deepspeed_config,
-    build_engine,
-    build_parallel_groups,
-    check_deepspeed_version,
     check_engine,
-    fake_process_group,
-    init_distributed,
     resolve_precision,
     split_moe_param_groups,
-    teardown,
 )
+from floe.parallel.engine import Engine, build_engine
+from floe.parallel.optimizer_state import ADAM_STATE
+from floe.parallel.lifecycle import TESTED_DEEPSPEED, check_deepspeed_version, fake_process_group, init_distributed, teardown
 from floe.parallel.grad_norm import clip_grad_norm_, global_grad_norm, is_expert_param
 from floe.parallel.groups import (
     LaunchEnv,
+    build_parallel_groups,
     ParallelConfig,
     ParallelGroups,
     default_backend,
@@ -57,7 +53,7 @@ from floe.parallel.groups import (
 
 __all__ = [
     "AllToAllDispatcher", "all_to_all", "apply_expert_parallel", "expert_parallel_layers", "full_state_dict",
-    "PRECISIONS", "TESTED_DEEPSPEED", "Engine", "apply_deepspeed_moe", "build_deepspeed_config", "build_engine",
+    "ADAM_STATE", "PRECISIONS", "TESTED_DEEPSPEED", "Engine", "apply_deepspeed_moe", "build_deepspeed_config", "build_engine",
     "build_parallel_groups", "check_deepspeed_version", "check_engine", "fake_process_group", "init_distributed",
     "resolve_precision", "split_moe_param_groups", "teardown",
     "clip_grad_norm_", "global_grad_norm", "is_expert_param",

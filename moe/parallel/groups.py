@@ -1,6 +1,7 @@
 """Launch environment, parallel config, its validation and the expert-parallel layout.
 
-Pure arithmetic: no process group, no DeepSpeed (moe/parallel/engine.py creates the groups).
+Everything here is arithmetic on the launch's numbers, but build_parallel_groups, which creates the
+groups (collective, through DeepSpeed's groups module).
 
 Layout (DeepSpeed's `deepspeed.utils.groups`, "E + D"): with world size W and ep_size P,
   expert-parallel groups      = blocks of P consecutive ranks  [0..P-1], [P..2P-1], ...
@@ -12,7 +13,7 @@ name (f"ep_size_{P}") and reduces each expert's gradient over exactly these rank
 
 Order at start-up, on every rank: read the environment -> validate_parallel (raises
 ValueError; no process group exists yet, so a bad launch fails fast everywhere and
-nothing hangs) -> engine.init_distributed -> engine.build_parallel_groups.
+nothing hangs) -> lifecycle.init_distributed -> build_parallel_groups.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from floe.config import ModelConfig
 from floe.errors import batch_errors
@@ -142,3 +144,28 @@ def expected_layout(world_size: int, ep_size: int, rank: int) -> tuple[tuple[int
     """(expert-parallel ranks, expert-data-parallel ranks) of `rank`: consecutive and strided."""
     start = rank // ep_size * ep_size
     return tuple(range(start, start + ep_size)), tuple(range(rank % ep_size, world_size, ep_size))
+
+
+def build_parallel_groups(ep_size: int) -> ParallelGroups:
+    """Create (once) the expert and expert-data-parallel groups for ep_size; collective.
+
+    Created THROUGH DeepSpeed's groups module, so ZeRO finds them under its own name
+    (f"ep_size_{ep_size}") and reduces each expert's gradient over exactly these ranks.
+    """
+    # Private DeepSpeed API (checked on 0.19.8): deepspeed.utils.groups has no public way to
+    # create or look up expert groups by name outside its own MoE layer; these are the calls
+    # its MoE layer makes (set_deepspeed_parallelism).
+    from deepspeed.utils import groups as ds_groups
+
+    group_name = f"ep_size_{ep_size}"
+    if group_name not in ds_groups._get_expert_parallel_group_dict():
+        # Every rank creates every group in the same order (new_group is collective).
+        ds_groups._create_expert_and_data_parallel(ep_size)
+    ep_ranks = tuple(ds_groups._get_expert_parallel_group_ranks(group_name))
+    edp_ranks = tuple(ds_groups._get_expert_data_parallel_group_ranks(group_name))
+    expected = expected_layout(dist.get_world_size(), ep_size, dist.get_rank())
+    assert (ep_ranks, edp_ranks) == expected, f"DeepSpeed's layout {ep_ranks, edp_ranks} != expected {expected}"
+    ep_group = ds_groups._get_expert_parallel_group(group_name)
+    return ParallelGroups(ep_size=ep_size, ep_rank=dist.get_rank(group=ep_group), ep_group=ep_group,
+                          edp_group=ds_groups._get_expert_data_parallel_group(group_name), group_name=group_name,
+                          ep_ranks=ep_ranks, edp_ranks=edp_ranks)

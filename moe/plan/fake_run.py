@@ -204,7 +204,11 @@ def expert_kernel_footprint(name: str):
         yield
         return
     original = kernels.grouped_swiglu
-    kernels.grouped_swiglu = SavedInputsSwiGLU.apply
+
+    def saved_inputs_swiglu(x, w1, w3, w2, group_sizes, backend="auto"):
+        return SavedInputsSwiGLU.apply(x, w1, w3, w2, group_sizes)
+
+    kernels.grouped_swiglu = saved_inputs_swiglu
     try:
         yield
     finally:

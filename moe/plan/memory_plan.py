@@ -198,7 +198,7 @@ def state_bytes(spec: EstimateSpec, model: nn.Module, groups: list[GroupState]) 
     part = sum(g.partition for g in groups)
     out = {"weights": (aligned + frozen) * p_bytes, "grads": 0, "master": 0, "adam": 8 * part, "buckets": 0}
     if spec.zero_stage == 0:
-        out["grads"] = p_bytes * numel  # bf16 at ZeRO-0 accumulates in bf16 (moe/parallel/engine.py)
+        out["grads"] = p_bytes * numel  # bf16 at ZeRO-0 accumulates in bf16 (moe/parallel/deepspeed_setup.py)
         if spec.precision == "bf16":
             out["master"] = 4 * numel  # FP16_Optimizer in bf16 mode: one fp32 flat copy per group
         return out

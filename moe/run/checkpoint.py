@@ -21,7 +21,7 @@ Who writes what, in parallel, with no gather of the model on one rank:
   - expert e is written once, by one of the ranks that hold it: local expert i by the rank whose
     expert-data-parallel rank is i % (expert-data-parallel size);
   - under ZeRO-1/2 the optimizer state is rebuilt one parameter at a time (an all-reduce over that
-    parameter's data-parallel group, floe.parallel.engine.full_optimizer_state) and kept only by its writer.
+    parameter's data-parallel group, Engine.full_optimizer_state) and kept only by its writer.
 Loading needs nothing of the layout that wrote it: every rank reads every dense tensor and the files of
 the experts it holds, and under ZeRO-1/2 keeps its own partition of their optimizer state. So a
 checkpoint resumes at any process count, parallel.ep_size and parallel.zero_stage the config allows.
@@ -51,7 +51,7 @@ from safetensors.torch import save_file
 
 from floe.layer import EXPERT_BIAS, MoELayer
 from floe.lora import adapters, trainable_parameters
-from floe.parallel import engine as ds_engine
+from floe.parallel import ADAM_STATE
 
 LATEST = "latest"
 FORMAT, VERSION = "floe-checkpoint", 1
@@ -217,7 +217,7 @@ def set_rng_state(state: dict) -> None:
 def check_finite(engine, step: int, ckpt_dir: str) -> None:
     """Raise FloatingPointError on every rank if any rank holds a non-finite weight or optimizer
     state (collective: one verdict for all ranks, before anything is written)."""
-    bad = ds_engine.nonfinite_state(engine.ds, engine.model)
+    bad = engine.nonfinite_state()
     count = torch.tensor([len(bad)], dtype=torch.int64, device=next(engine.model.parameters()).device)
     dist.all_reduce(count)
     if int(count.item()):  # NOTE: host sync, once per checkpoint
@@ -243,9 +243,8 @@ def save(engine, ckpt_dir: str, step: int, client_state: dict, keep_last: int = 
             os.makedirs(os.path.join(tmp_path, sub))
     dist.barrier()
 
-    ds, model = engine.ds, engine.model
-    adam_step = ds_engine.optimizer_step_count(ds)
-    ds_engine.link_optimizer_state(ds)
+    model = engine.model
+    adam_step = engine.optimizer_step_count()
     experts = expert_tensors(model)
     params = saved_parameters(model)
     buffers = state_buffers(model)
@@ -255,7 +254,7 @@ def save(engine, ckpt_dir: str, step: int, client_state: dict, keep_last: int = 
     # Buffers of the model's state (the balancing bias): replicated on every rank, no optimizer state.
     dense_model.update({n: b.detach() for n, b in buffers.items() if writer[n] == rank})
     for name, p in params.items():  # the same order on every rank: the gathers below are collective
-        state = ds_engine.full_optimizer_state(ds, p) if adam_step is not None and ds_engine.optimizes(ds, p) else {}
+        state = engine.full_optimizer_state(p) if adam_step is not None and engine.optimizes(p) else {}
         if p.dtype == torch.float32:
             state.pop("fp32", None)  # the weights are the master weights
         if name in experts:
@@ -278,11 +277,11 @@ def save(engine, ckpt_dir: str, step: int, client_state: dict, keep_last: int = 
     _write_json(os.path.join(tmp_path, "rng", f"rank_{rank:05d}.json"), rng_state())
     if rank == 0:
         _write_json(os.path.join(tmp_path, "state.json"), {
-            "step": step, "client": client_state, "adam_step": adam_step, **ds_engine.schedule_state(ds)})
+            "step": step, "client": client_state, "adam_step": adam_step, **engine.schedule_state()})
         _write_json(os.path.join(tmp_path, "floe.json"), {
             "format": FORMAT, "version": VERSION, "step": step, "world_size": world,
             "ep_size": engine.groups.ep_size if engine.groups is not None else 1,
-            "zero_stage": int(ds.zero_optimization_stage()), "adapters_only": bool(adapters(model))})
+            "zero_stage": engine.zero_stage, "adapters_only": bool(adapters(model))})
     dist.barrier()  # every rank's files are on disk
     if rank == 0:
         shutil.rmtree(final_path, ignore_errors=True)
@@ -375,18 +374,18 @@ def _copy(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:
 def load(engine, path: str) -> dict:
     """Restore weights, optimizer state, schedule and this rank's RNG from checkpoint `path` into a
     floe.parallel.Engine of any layout; returns the client state given to save()."""
-    ds, model = engine.ds, engine.model
+    model = engine.model
     state = _read_json(os.path.join(path, "state.json"))
     load_weights(model, path)
     if state["adam_step"] is not None:
-        ds_engine.init_optimizer_state(ds, int(state["adam_step"]))
+        engine.init_optimizer_state(int(state["adam_step"]))
         experts = expert_tensors(model)
         dense = _Tensors(_dense_files(path, "optim"))
         cache: dict[int, _Tensors] = {}
         for name, p in model.named_parameters():
-            if not ds_engine.optimizes(ds, p):
+            if not engine.optimizes(p):
                 continue
-            keys = ("fp32", *ds_engine.ADAM_STATE)
+            keys = ("fp32", *ADAM_STATE)
             if name in experts:
                 first = experts[name][0]
                 rows = {k: [] for k in keys}
@@ -399,8 +398,8 @@ def load(engine, path: str) -> dict:
                 full = {k: torch.stack(v) for k, v in rows.items()}
             else:
                 full = {k: _optim_tensor(dense, name, k, p, path) for k in keys}
-            ds_engine.set_full_optimizer_state(ds, p, full)
-    ds_engine.load_schedule_state(ds, state)
+            engine.set_full_optimizer_state(p, full)
+    engine.load_schedule_state(state)
     rng_file = os.path.join(path, "rng", f"rank_{dist.get_rank():05d}.json")
     if os.path.isfile(rng_file):  # a rank the writing run did not have keeps its seeded state
         set_rng_state(_read_json(rng_file))

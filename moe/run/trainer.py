@@ -34,7 +34,7 @@ from floe.run.host_allocator import HOST_ALLOCATORS
 from floe.run.init_from import base_identity, base_problem, weight_loader
 from floe.run.metrics import device_peak_flops, load_cv, mem_peak_gb, train_flops_per_token
 from floe.lora import LoRAConfig, apply_lora, lora_model_errors
-from floe.model import CHECKPOINTING, ArcticForCausalLM, apply_activation_checkpointing
+from floe.model import CHECKPOINTING, ArcticForCausalLM, apply_activation_checkpointing, apply_kernel_backend
 from floe.optim import OptimConfig
 from floe.parallel import (PRECISIONS, ParallelConfig, build_engine, check_deepspeed_version, init_distributed,
                           parallel_errors, read_launch_env, resolve_precision, teardown)
@@ -87,9 +87,8 @@ class TrainConfig:
                 errors.append(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if self.resume not in ("auto", "never"):
             errors.append(f"train.resume must be 'auto' or 'never', got {self.resume!r}")
-        if self.kernels not in ("auto", *kernels.BACKENDS):
-            errors.append(f"train.kernels must be one of ('auto', {', '.join(map(repr, kernels.BACKENDS))}), "
-                          f"got {self.kernels!r}")
+        if self.kernels not in kernels.CHOICES:
+            errors.append(f"train.kernels must be one of {kernels.CHOICES}, got {self.kernels!r}")
         if self.require_init_from and not self.init_from:
             errors.append("train.init_from is required here (train.require_init_from is true, e.g. by "
                           "+experiment=arctic_sft): set train.init_from=<a Hugging Face Arctic directory, "
@@ -219,7 +218,6 @@ def _train_claimed(c: Configs, resolved: dict, launch, device_kind: str) -> dict
     done = completed_run(c, dataset, launch.rank)
     if done is not None:
         return done
-    kernels.set_backend(c.train.kernels)
     device = torch.device(device_kind, launch.local_rank if device_kind == "cuda" else None)
     env_before = dict(os.environ)
     created_group = init_distributed(device)
@@ -227,7 +225,6 @@ def _train_claimed(c: Configs, resolved: dict, launch, device_kind: str) -> dict
         trainer_class = DPOTrainer if c.train.objective == "dpo" else Trainer
         return trainer_class(c, resolved, dataset, device, eval_dataset).fit()
     finally:
-        kernels.set_backend(None)
         if created_group:
             teardown()
             for key in set(os.environ) - set(env_before):  # the 1-process rendezvous init_distributed made up
@@ -285,6 +282,7 @@ class Trainer:
             model = ArcticForCausalLM(c.model)
         apply_activation_checkpointing(model, c.train.activation_checkpointing)
         model.neftune_alpha = c.train.neftune_alpha
+        apply_kernel_backend(model, c.train.kernels)
         self.loader = StepLoader(dataset, global_batch_size=c.train.global_batch_size,
                                  micro_batch_size=c.train.micro_batch_size, dp_rank=self.rank,
                                  dp_size=self.world_size, seed=c.train.seed,
