@@ -43,8 +43,8 @@ import torch.nn as nn
 
 from floe.config import ModelConfig
 from floe.data.template import CHAT_TEMPLATE
-from floe.layer import EXPERT_BIAS, EXPERT_WEIGHTS
-from floe.run.checkpoint import expert_tensors, readable_as_umask
+from floe.files import readable_as_umask
+from floe.layer import EXPERT_BIAS, EXPERT_WEIGHTS, expert_tensors
 
 log = logging.getLogger(__name__)
 

@@ -302,3 +302,15 @@ class MoELayer(nn.Module):
     def forward(self, x_TD: torch.Tensor, dropless: bool = False,
                 tokens: TokenInfo | None = None) -> tuple[torch.Tensor, MoEStats]:
         return self.finish(self.start(x_TD, dropless, tokens=tokens))
+
+
+def expert_tensors(model: nn.Module) -> dict[str, tuple[int, torch.Tensor]]:
+    """{parameter name: (global id of row 0, tensor [experts held here, ...])} for every tensor whose dim 0
+    is the local expert (the weights and any adapters), expert-parallel or not."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, MoELayer):
+            prefix = f"{name}.experts." if name else "experts."
+            for w, p in m.experts.expert_tensors().items():  # the weights and any adapters
+                out[prefix + w] = (m.experts.first_expert, p)
+    return out

@@ -15,7 +15,8 @@ import os
 
 import torch
 
-from floe.kernels import reference
+import floe.kernels.reference as reference
+from floe.kernels.environment import interpreter_enabled
 
 BACKENDS = ("reference", "triton")
 CHOICES = ("auto", *BACKENDS)  # what a config or FLOE_KERNELS may say
@@ -38,12 +39,6 @@ def resolve_backend(x: torch.Tensor, backend: str = "auto") -> str:
     if name not in BACKENDS:
         raise ValueError(f"FLOE_KERNELS must be one of {BACKENDS} or 'auto', got {name!r}")
     return name
-
-
-def interpreter_enabled() -> bool:
-    """Whether TRITON_INTERPRET is set (Triton then runs kernels on CPU tensors); reads the
-    environment only, so callers need not import Triton to ask."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _triton_available() -> bool:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from floe.kernels import triton_grouped_mm as tgm
+import floe.kernels.triton_grouped_mm as tgm
 
 # The kernel launches of one forward and backward of each op, in order: the call sites that
 # tools/check_sm90.py compiles and tools/bench_grouped_gemm.py reports configs for.

@@ -40,7 +40,7 @@ import functools
 import torch
 import triton
 import triton.language as tl
-from floe.kernels import interpreter_enabled
+from floe.kernels.environment import interpreter_enabled
 from floe.kernels.triton_host import _check_tile_offsets, _fits, _keep, _set_weight_blocks, weight_operands
 
 

@@ -42,7 +42,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from floe.data import cache, formats, preference, readers, synthetic
+import floe.data.cache as cache
+import floe.data.formats as formats
+import floe.data.preference as preference
+import floe.data.readers as readers
+import floe.data.synthetic as synthetic
 from floe.data.config import DEFAULT_EMBEDDED_EXAMPLES, EMBEDDED, DataConfig
 from floe.data.formats import BadRecord, ReadResult
 from floe.data.packing import best_fit_pack

@@ -36,7 +36,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from floe.optim import OptimConfig, build_optimizer, lr_lambda, param_groups
-from floe.parallel import optimizer_state
+import floe.parallel.optimizer_state as optimizer_state
 from floe.parallel.deepspeed_setup import (_gate_optimizer_step, apply_deepspeed_moe, build_deepspeed_config,
                                            check_engine, floe_clips, resolve_precision, single_rank_parallel,
                                            skip_single_rank_allreduce, skip_single_rank_expert_allreduce,

@@ -49,7 +49,8 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from floe.layer import EXPERT_BIAS, MoELayer
+from floe.files import readable_as_umask
+from floe.layer import EXPERT_BIAS, expert_tensors
 from floe.lora import adapters, trainable_parameters
 from floe.parallel import ADAM_STATE
 
@@ -63,18 +64,6 @@ def _tag(step: int) -> str:
 
 
 # ---- which tensor lives where ----------------------------------------------------------------------
-
-def expert_tensors(model: nn.Module) -> dict[str, tuple[int, torch.Tensor]]:
-    """{parameter name: (global id of row 0, tensor [experts held here, ...])} for every expert weight,
-    expert-parallel or not."""
-    out = {}
-    for name, m in model.named_modules():
-        if isinstance(m, MoELayer):
-            prefix = f"{name}.experts." if name else "experts."
-            for w, p in m.experts.expert_tensors().items():  # the weights and any adapters
-                out[prefix + w] = (m.experts.first_expert, p)
-    return out
-
 
 def saved_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """What a checkpoint of `model` holds: every parameter, or for a model with LoRA adapters only what
@@ -301,14 +290,6 @@ def _save(tensors: dict[str, torch.Tensor], path: str) -> None:
     if tensors:
         save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, path, metadata={"format": "pt"})
         readable_as_umask(path)
-
-
-def readable_as_umask(path: str) -> None:
-    """Give a file the mode a plain open() would (0666 less the umask: 0644 by default). safetensors
-    writes 0600, which a serving user or a teammate in the group cannot read."""
-    mask = os.umask(0)
-    os.umask(mask)  # NOTE: reading the umask means setting it; set straight back (no threads write files here)
-    os.chmod(path, 0o666 & ~mask)
 
 
 def _write_json(path: str, obj) -> None:
