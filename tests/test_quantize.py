@@ -164,14 +164,14 @@ def test_refusals_name_the_key():
 
 TRITON_SCRIPT = """
 import torch
-from floe import kernels
+from floe.model import apply_kernel_backend
 from tests.test_quantize import batch, quantized_and_reference
 q, ref = quantized_and_reference("nf4")
 ids, pos = batch()
 out = {}
 for backend in ("triton", "reference"):
-    kernels.set_backend(backend)
     for name, m in (("q", q), ("ref", ref)):
+        apply_kernel_backend(m, backend)
         m.zero_grad(set_to_none=True)
         o = m(ids, position_ids=pos, labels=ids)
         o.loss.backward()

@@ -12,7 +12,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from floe.data import readers
+import floe.data.readers as readers
 from floe.data.layouts import (AUTO, BAD_TYPE, EMPTY_ASSISTANT, EMPTY_TEXT, NO_ASSISTANT, NO_FIELDS,  # noqa: F401
                                NOT_OBJECT, ROLES, TEXT, UNKNOWN_ROLE, UNSUPPORTED_CONTENT, BadRecord, Example,
                                Layout, parse_record)

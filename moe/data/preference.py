@@ -23,7 +23,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from floe.data import cache, formats, readers
+import floe.data.cache as cache
+import floe.data.formats as formats
+import floe.data.readers as readers
 from floe.data.formats import BAD_TYPE, EMPTY_ASSISTANT, NO_FIELDS, NOT_OBJECT, ROLES, UNKNOWN_ROLE, BadRecord
 from floe.data.packing import best_fit_pack
 from floe.data.template import encode_examples
