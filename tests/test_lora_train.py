@@ -119,23 +119,24 @@ def _checked_lora_worker(rank, world_size, run_dir, base_dir, overrides):
     from safetensors.torch import load_file
 
     from floe.hf import from_hf
-    from floe.run import checkpoint, trainer
+    from floe.layer import expert_tensors
+    from floe.run import trainer
     from tests.test_parallel_train import _compose
 
     fit, seen = trainer.Trainer.fit, {}
 
     def checked_fit(self):
         record = fit(self)
-        model, ds = self.engine.model, self.engine.ds
+        model = self.engine.model
         files = from_hf(load_file(os.path.join(base_dir, "model.safetensors")), model.config)
-        experts = checkpoint.expert_tensors(model)
+        experts = expert_tensors(model)
         frozen = {n: p for n, p in model.named_parameters() if not p.requires_grad}
         seen["base_equal"] = all(
             torch.equal(p, files[n][experts[n][0]:experts[n][0] + p.shape[0]] if n in experts else files[n])
             for n, p in frozen.items())
         seen["frozen"] = len(frozen)
         seen["frozen_with_grad"] = [n for n, p in frozen.items() if p.grad is not None]
-        seen["optimizer_numel"] = sum(p.numel() for g in ds.basic_optimizer.param_groups for p in g["params"])
+        seen["optimizer_numel"] = self.engine.optimizer_numel()
         seen["trainable_numel"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
         seen["total_numel"] = sum(p.numel() for p in model.parameters())
         return record

@@ -150,6 +150,10 @@ class Engine:
         """Give `param` its full fp32 master weights and Adam moments (this rank keeps its partition)."""
         optimizer_state.set_full_optimizer_state(self._ds, param, state)
 
+    def optimizer_numel(self) -> int:
+        """Elements of the tensors this rank's optimizer updates (its partitions under ZeRO-1/2)."""
+        return optimizer_state.optimized_numel(self._ds)
+
     def nonfinite_state(self) -> list[str]:
         """Names of this rank's non-finite weights, master partitions and optimizer state tensors."""
         return optimizer_state.nonfinite_state(self._ds, self.model)

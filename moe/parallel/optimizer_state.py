@@ -61,6 +61,11 @@ def optimizes(ds, param: nn.Parameter) -> bool:
     return any(param is p for g in _base_optimizer(ds).param_groups for p in g["params"])
 
 
+def optimized_numel(ds) -> int:
+    """Elements of the tensors the torch optimizer steps on this rank (flat partitions under ZeRO-1/2)."""
+    return sum(p.numel() for g in _base_optimizer(ds).param_groups for p in g["params"])
+
+
 def optimizer_step_count(ds) -> int | None:
     """Adam's step count (the same for every state entry), or None before the first update."""
     steps = {int(s["step"]) for s in _base_optimizer(ds).state.values() if "step" in s}
