@@ -416,7 +416,8 @@ def load_hf_weights(model: nn.Module, hf_dir: str, device: torch.device | str | 
 # ----------------------------------------------------------------------------- export
 
 def save_hf(state: dict[str, torch.Tensor], config: ModelConfig, out_dir: str, tokenizer,
-            dtype: str = "float32", max_shard_bytes: int = 5 * 2**30, drop_expert_bias: bool = False) -> list[str]:
+            dtype: str = "float32", max_shard_bytes: int = 5 * 2**30, drop_expert_bias: bool = False,
+            chat_template: str = CHAT_TEMPLATE) -> list[str]:
     """Write a full floe state dict (all experts) as a Hugging Face Arctic directory: weights,
     config.json, generation_config.json and the tokenizer files. Refuses (ValueError) before
     writing anything when Arctic cannot express the model or the tokenizer cannot be mirrored.
@@ -434,7 +435,7 @@ def save_hf(state: dict[str, torch.Tensor], config: ModelConfig, out_dir: str, t
 
     hf_tokenizer_json(tokenizer.path)  # refuses an unmirrorable tokenizer before anything is written
     os.makedirs(out_dir, exist_ok=True)
-    files = tokenizer.save_hf(out_dir, CHAT_TEMPLATE, config.max_seq_len)
+    files = tokenizer.save_hf(out_dir, chat_template, config.max_seq_len)
     files += _save_shards(to_hf(state, config), out_dir, getattr(torch, dtype), max_shard_bytes)
     generation = {"bos_token_id": hf_cfg["bos_token_id"], "eos_token_id": end_of_turn,
                   "pad_token_id": tokenizer.pad_id, "do_sample": False}

@@ -32,6 +32,7 @@ import torch
 from omegaconf import OmegaConf
 
 from floe.run import checkpoint
+from floe.run.checkpoint import readable_as_umask
 from floe.config import ModelConfig
 from floe.data.tokenizer import Tokenizer
 from floe.hf import hf_config_from, load_hf_weights, peft_target_modules, save_hf, to_peft
@@ -111,7 +112,21 @@ def export(path: str, out_dir: str, dtype: str = "float32", max_shard_gb: float 
     if adapter:
         return save_peft_adapter(model, run_cfg, out_dir, getattr(torch, dtype))
     return save_hf(merged_state_dict(model), model.config, out_dir, tokenizer, dtype, int(max_shard_gb * 2**30),
-                   drop_expert_bias=drop_expert_bias)
+                   drop_expert_bias=drop_expert_bias, chat_template=run_chat_template(run_cfg))
+
+
+def run_chat_template(run_cfg: dict) -> str:
+    """The template the run trained with: data.chat_template's (e.g. train.init_from's own), else floe's ChatML."""
+    from floe.data.chat_template import ChatTemplate
+    from floe.data.template import CHAT_TEMPLATE
+
+    path = run_cfg.get("data", {}).get("chat_template")
+    if not path:
+        return CHAT_TEMPLATE
+    if not os.path.isfile(path):
+        raise ValueError(f"the run trained with data.chat_template={path}, which is gone: the export would carry "
+                         "another template than the one the model learned")
+    return ChatTemplate(path).source
 
 
 def save_peft_adapter(model: ArcticForCausalLM, run_cfg: dict, out_dir: str, dtype: torch.dtype) -> list[str]:
@@ -132,6 +147,7 @@ def save_peft_adapter(model: ArcticForCausalLM, run_cfg: dict, out_dir: str, dty
     os.makedirs(out_dir, exist_ok=True)
     save_file({k: v.to(dtype).contiguous() for k, v in tensors.items()},
               os.path.join(out_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
+    readable_as_umask(os.path.join(out_dir, "adapter_model.safetensors"))  # safetensors writes 0600
     with open(os.path.join(out_dir, "adapter_config.json"), "w") as f:
         json.dump(config, f, indent=2)
     return ["adapter_config.json", "adapter_model.safetensors"]

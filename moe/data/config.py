@@ -1,6 +1,7 @@
 """DataConfig: the `data` config group (conf/data/*.yaml), validated on construction."""
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 
@@ -25,6 +26,9 @@ class DataConfig:
     strict: bool = True                # stop at the first unusable line (else skip and count)
     overlong: str = "truncate"         # truncate | drop examples longer than seq_len
     tokenizer: str | None = None       # SentencePiece .model; None: floe's embedded tokenizer
+    # A model's own Jinja chat template: a tokenizer_config.json (its chat_template) or a template file; None:
+    # floe's ChatML. train.init_from sets it to the directory's when that is not floe's (floe/data/chat_template.py).
+    chat_template: str | None = None
     cache_dir: str | None = None       # None: $FLOE_CACHE or ~/.cache/floe
     num_workers: int = 0               # tokenizer threads; 0: all cores
     # The held-out evaluation set (floe.data.build_eval_dataset), at most one of the two. eval_fraction:
@@ -110,8 +114,23 @@ class DataConfig:
         elif self.name == "preference" and self.loss_on != "assistant":
             problems.append("data.loss_on=all does not apply to data=preference: a pair trains its two answers "
                             "only (set data.loss_on=assistant)")
+        if self.chat_template is not None:
+            problems += self._chat_template_problems()
         if problems:
             raise ValueError("invalid data config:\n  " + "\n  ".join(problems))
+
+    def _chat_template_problems(self) -> list[str]:
+        from floe.data.chat_template import ChatTemplate
+
+        if not os.path.isfile(self.chat_template):
+            return [f"data.chat_template: no file {self.chat_template}"]
+        if self.name == "preference":
+            return ["data.chat_template is for data=jsonl and the embedded sources; data=preference renders floe's ChatML"]
+        try:
+            ChatTemplate(self.chat_template)
+        except Exception as e:  # a Jinja syntax error, a file without a template
+            return [f"data.chat_template: {self.chat_template}: {e}"]
+        return []
 
     def _layout_problems(self) -> list[str]:
         """Turn the mapping keys into plain dicts (Hydra hands over DictConfig) and check them."""
@@ -159,7 +178,7 @@ class DataConfig:
     def cache_fields(self) -> dict:
         """The fields that change the built rows (the cache key); not where or how fast."""
         # tokenizer enters by content hash; eval_paths by file content, and only in the eval set's key
-        skip = {"cache_dir", "num_workers", "tokenizer", "eval_paths"}
+        skip = {"cache_dir", "num_workers", "tokenizer", "eval_paths", "chat_template"}  # the last: by content
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
         if self.name not in EMBEDDED:
             out.pop("sources")

@@ -47,6 +47,7 @@ import floe.data.formats as formats
 import floe.data.preference as preference
 import floe.data.readers as readers
 import floe.data.synthetic as synthetic
+from floe.data.chat_template import ChatTemplate, encode_with_template
 from floe.data.config import DEFAULT_EMBEDDED_EXAMPLES, EMBEDDED, DataConfig
 from floe.data.formats import BadRecord, ReadResult
 from floe.data.packing import best_fit_pack
@@ -260,12 +261,15 @@ def _encode_source(cfg: DataConfig, tok: Tokenizer, src: ReadResult, name: str) 
     from tqdm import tqdm
 
     threads = cfg.num_workers or os.cpu_count() or 1
+    template = ChatTemplate(cfg.chat_template) if cfg.chat_template else None
     parts = []
     # a bar only on a terminal: in a log file its carriage-return redraws would be one long garbled line
     bar = tqdm(total=len(src.examples), desc=f"tokenising {Path(name).name}", unit="ex",
                disable=len(src.examples) < 4 * CHUNK or not sys.stderr.isatty(), leave=False)
     for i in range(0, len(src.examples), CHUNK):
-        parts.append(encode_examples(tok, src.examples[i:i + CHUNK], threads, cfg.loss_on))
+        chunk = src.examples[i:i + CHUNK]
+        parts.append(encode_examples(tok, chunk, threads, cfg.loss_on) if template is None else
+                     encode_with_template(tok, chunk, template, threads, cfg.loss_on))
         bar.update(len(parts[-1].lengths))
     bar.close()
     enc = Encoded.concat(parts)
@@ -398,8 +402,9 @@ def _cache_key(cfg: DataConfig, seed: int, tok: Tokenizer, files: list[list[str]
     fields = cfg.cache_fields()
     if split == "eval":
         fields["eval_paths"] = cfg.eval_paths
+    template = ChatTemplate(cfg.chat_template).fingerprint if cfg.chat_template else None  # by content, not path
     h.update(json.dumps({"format": CACHE_FORMAT, "cfg": fields, "seed": seed, "tokenizer": tok.fingerprint,
-                         "split": split}, sort_keys=True).encode())
+                         "split": split, "chat_template": template}, sort_keys=True).encode())
     for py in sorted(Path(__file__).parent.glob("*.py")):  # the code that makes the rows
         h.update(py.read_bytes())
     for group in files:

@@ -47,7 +47,28 @@ def init_data_config(data: DataConfig, init_from: str) -> DataConfig:
     if data.tokenizer is not None and os.path.isfile(data.tokenizer) and not filecmp.cmp(data.tokenizer, carried, shallow=False):
         raise ValueError(f"data.tokenizer={data.tokenizer} differs from train.init_from's {carried} (the "
                          "tokenizer the model was trained with); drop data.tokenizer to use the directory's")
-    return dataclasses.replace(data, tokenizer=carried)
+    return dataclasses.replace(data, tokenizer=carried, chat_template=own_chat_template(init_from, data.chat_template))
+
+
+def own_chat_template(init_from: str, configured: str | None) -> str | None:
+    """The directory's tokenizer_config.json when its chat template is not floe's ChatML (so training renders
+    conversations as the model was trained to read them); `configured` (data.chat_template) wins."""
+    path = os.path.join(init_from, "tokenizer_config.json")
+    if configured is not None or not os.path.isfile(path):
+        return configured
+    from floe.data.chat_template import ChatTemplate
+    from floe.data.template import CHAT_TEMPLATE
+
+    try:
+        template = ChatTemplate(path)
+    except ValueError:
+        return None  # no chat_template in it: floe's ChatML
+    except Exception as e:  # jinja2's TemplateSyntaxError
+        raise ValueError(f"train.init_from: the chat template of {path} does not compile: {e}") from None
+    if template.source == CHAT_TEMPLATE:
+        return None
+    log.info("train.init_from=%s: conversations rendered with its own chat template (%s)", init_from, path)
+    return path
 
 
 def weight_loader(init_from: str, device: torch.device):
