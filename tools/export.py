@@ -32,7 +32,7 @@ import torch
 from omegaconf import OmegaConf
 
 from floe.run import checkpoint
-from floe.run.checkpoint import readable_as_umask
+from floe.files import readable_as_umask
 from floe.config import ModelConfig
 from floe.data.tokenizer import Tokenizer
 from floe.hf import hf_config_from, load_hf_weights, peft_target_modules, save_hf, to_peft
