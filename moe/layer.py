@@ -42,6 +42,7 @@ class MoEStats:
     dropped: torch.Tensor  # scalar long: assignments dropped by capacity
     num_assignments: int  # T * k
     routed_per_expert: torch.Tensor  # [E] long: assignments per expert before capacity (the router's choice)
+    expert_ids: torch.Tensor  # [T, k] long: each token's chosen experts (kept or not), for per-source loads
     dropped_loss: torch.Tensor  # scalar long: dropped assignments of tokens with a loss
     loss_assignments: torch.Tensor  # scalar long: assignments of tokens with a loss
 
@@ -250,6 +251,7 @@ class MoELayer(nn.Module):
             dropped=dropped_TK.sum(),
             num_assignments=plan.kept.numel(),
             routed_per_expert=torch.bincount(plan.expert_ids.reshape(-1), minlength=cfg.num_experts),
+            expert_ids=plan.expert_ids.detach(),
             dropped_loss=dropped_loss,
             loss_assignments=loss_assignments,
         )

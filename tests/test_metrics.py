@@ -100,16 +100,18 @@ def _jsonl(path):
         return [json.loads(line) for line in f]
 
 
-def naive_step_load(run_dir, step):
+def naive_step_load(run_dir, step, source=None):
     """Tokens per expert per layer of optimizer step `step`, counted from the router logits of the
-    model in checkpoint step-1 on that step's micro-batches: every real token's top-2 experts."""
+    model in checkpoint step-1 on that step's micro-batches: every real token's top-2 experts
+    (source: only the tokens of that data source, by index)."""
     from floe.data import DataConfig, StepLoader, build_dataset
     from tools.export import load_checkpoint_model
 
     model, _ = load_checkpoint_model(os.path.join(run_dir, "checkpoints", f"step_{step - 1:08d}"), run_dir)
     cfg = model.config
     _, ds = build_dataset(DataConfig(num_examples=200, seq_len=64, eval_fraction=0.0), seed=0)
-    loader = StepLoader(ds, global_batch_size=4, micro_batch_size=2, dp_rank=0, dp_size=1, seed=0)
+    loader = StepLoader(ds, global_batch_size=4, micro_batch_size=2, dp_rank=0, dp_size=1, seed=0,
+                        with_source_ids=True)
     for _ in range(step - 1):  # the batches of the earlier steps
         loader.next_step()
     logits = []  # the router logits of each layer, recomputed from the MoE's input tokens
@@ -130,9 +132,12 @@ def naive_step_load(run_dir, step):
             logits.clear()
             model(input_ids=mb["input_ids"], position_ids=mb["position_ids"], attention_mask=mb["attention_mask"])
             assert len(logits) == cfg.num_layers
+            sources = mb["source_ids"].reshape(-1)[mb["attention_mask"].reshape(-1).bool()].tolist()
             for layer, lg in enumerate(logits):
                 assert lg.shape[0] == int(mb["attention_mask"].sum())  # real tokens only
-                for row in lg.float().tolist():
+                for src, row in zip(sources, lg.float().tolist()):
+                    if source is not None and src != source:
+                        continue
                     best = sorted(range(cfg.num_experts), key=lambda e: -row[e])[:cfg.top_k]
                     for e in best:
                         counts[layer][e] += 1
@@ -156,6 +161,21 @@ def test_step_metrics_and_expert_load(tmp_path, monkeypatch):
         assert len(counts) == 2 and all(len(c) == 8 for c in counts)
         assert all(sum(c) == sum(counts[0]) for c in counts)  # dropless: every layer routes each token twice
     assert loads[1]["tokens_per_expert"] == naive_step_load(run_dir, 2)
+    # The guardrails: routed counts (dropless: the kept ones), per layer statistics, per data source.
+    from floe.run.router_watch import layer_load_stats
+
+    for m, load in zip(lines, loads):
+        assert load["routed_per_expert"] == load["tokens_per_expert"]
+        cv, peak = layer_load_stats(torch.tensor(load["routed_per_expert"]))
+        assert load["load_cv"] == pytest.approx(cv) and load["max_over_mean"] == pytest.approx(peak)
+        assert m["router_load_cv_max"] == pytest.approx(max(cv)) and m["router_max_over_mean"] == pytest.approx(max(peak))
+        assert m["dead_experts"] == sum(map(len, load["dead_experts"]))
+        per_source = load["routed_per_source"]
+        assert list(per_source) == ["math", "identity", "code", "general"]  # the embedded mix, in order
+        summed = [[sum(per_source[s][layer][e] for s in per_source) for e in range(8)] for layer in range(2)]
+        assert summed == load["routed_per_expert"]
+    for index, name in enumerate(loads[1]["routed_per_source"]):
+        assert loads[1]["routed_per_source"][name] == naive_step_load(run_dir, 2, source=index), name
 
 
 def test_wandb_gets_every_metrics_line_and_one_expert_histogram_per_layer(tmp_path, monkeypatch):

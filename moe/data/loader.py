@@ -79,8 +79,10 @@ class StepLoader:
     """Deterministic, world-size-invariant step batches over a PackedDataset."""
 
     def __init__(self, dataset: PackedDataset, global_batch_size: int, micro_batch_size: int,
-                 dp_rank: int = 0, dp_size: int = 1, seed: int = 0, with_example_ids: bool = False):
-        """with_example_ids: each micro-batch also holds "example_ids" (PackedDataset.example_ids)."""
+                 dp_rank: int = 0, dp_size: int = 1, seed: int = 0, with_example_ids: bool = False,
+                 with_source_ids: bool = False):
+        """with_example_ids: each micro-batch also holds "example_ids" (PackedDataset.example_ids);
+        with_source_ids: and "source_ids" [B, L] (PackedDataset.source_ids; -1 on padding)."""
         problems = batch_errors(global_batch_size, micro_batch_size, dp_size)
         if problems:
             raise ValueError("\n".join(problems))
@@ -89,7 +91,7 @@ class StepLoader:
         self.dataset, self.seed = dataset, int(seed)
         self.global_batch_size, self.micro_batch_size = global_batch_size, micro_batch_size
         self.dp_rank, self.dp_size = dp_rank, dp_size
-        self.with_example_ids = with_example_ids
+        self.with_example_ids, self.with_source_ids = with_example_ids, with_source_ids
         self.steps_per_epoch = dataset.num_rows // global_batch_size
         self.rows_left_out_per_epoch = dataset.num_rows % global_batch_size
         self.epoch, self.step = 0, 0  # position of the NEXT step to serve
@@ -137,9 +139,11 @@ class StepLoader:
             self.epoch, self.step = self.epoch + 1, 0
         m = self.micro_batch_size
         batches = [self.dataset.batch(rows[i:i + m]) for i in range(0, len(rows), m)]
-        if self.with_example_ids:
-            for i, b in enumerate(batches):
+        for i, b in enumerate(batches):
+            if self.with_example_ids:
                 b["example_ids"] = self.dataset.example_ids(rows[i * m:(i + 1) * m])
+            if self.with_source_ids:
+                b["source_ids"] = self.dataset.source_ids(rows[i * m:(i + 1) * m])
         return batches
 
     def state_dict(self) -> dict[str, int]:

@@ -33,6 +33,7 @@ from floe.run.evaluation import eval_loss_record, eval_loss_sums
 from floe.run.host_allocator import HOST_ALLOCATORS
 from floe.run.init_from import base_identity, base_problem, weight_loader
 from floe.run.metrics import device_peak_flops, load_cv, mem_peak_gb, train_flops_per_token
+from floe.run.router_watch import RouterWatch
 from floe.lora import LoRAConfig, apply_lora, lora_model_errors
 from floe.model import CHECKPOINTING, ArcticForCausalLM, apply_activation_checkpointing, apply_kernel_backend
 from floe.optim import OptimConfig
@@ -286,7 +287,9 @@ class Trainer:
         self.loader = StepLoader(dataset, global_batch_size=c.train.global_batch_size,
                                  micro_batch_size=c.train.micro_batch_size, dp_rank=self.rank,
                                  dp_size=self.world_size, seed=c.train.seed,
-                                 with_example_ids=c.train.objective == "dpo")
+                                 with_example_ids=c.train.objective == "dpo",
+                                 with_source_ids=c.train.objective == "sft")  # expert load per data source
+        self.source_labels = dataset.source_labels
         self.total_steps = total_steps(c.train, self.loader.steps_per_epoch)
         self.ckpt_dir = os.path.join(c.run_dir, "checkpoints")
         resume_from = checkpoint.latest_checkpoint(self.ckpt_dir) if c.train.resume == "auto" else None
@@ -308,6 +311,8 @@ class Trainer:
                         torch.cuda.get_device_name(device))
         self.step = self._resume(resume_from)
         self.skipped_steps = self.consecutive_skips = 0
+        # Every rank watches the same global counts (records agree); only rank 0 warns.
+        self.router_watch = RouterWatch(c.model.num_experts, c.model.top_k, warn=self.rank == 0)
         self.writer = MetricsWriter(c, resolved, self.step) if self.rank == 0 else None
         # rank 0: a bar on a terminal (log lines above it), plain lines in a log file (floe/run/console.py)
         self.screen = Console(self.total_steps, self.step, c.console_every, self.console_extra) \
@@ -414,8 +419,10 @@ class Trainer:
                 f"model.init_std, then relaunch (it resumes from that checkpoint) or start a new run.dir")
 
     def num_summed(self) -> int:
-        """Length of _sums' vector: SUMMED, then kept and routed assignments per expert of every layer."""
-        return len(SUMMED) + 2 * self.c.model.num_layers * self.c.model.num_experts
+        """Length of _sums' vector: SUMMED, then kept and routed assignments per expert of every layer,
+        then routed assignments per (layer, data source, expert)."""
+        cfg = self.c.model
+        return len(SUMMED) + (2 + len(self.source_labels)) * cfg.num_layers * cfg.num_experts
 
     def _update_expert_bias(self, routed_per_expert: list[list[int]]) -> None:
         """After an applied step: each layer's balancing bias against the global batch's routed counts."""
@@ -437,7 +444,18 @@ class Trainer:
             mb["attention_mask"].sum().double(),
             sum(st.dropped_loss for st in stats).double(), sum(st.loss_assignments for st in stats).double()]),
             torch.stack([st.tokens_per_expert for st in stats]).reshape(-1).double(),
-            torch.stack([st.routed_per_expert for st in stats]).reshape(-1).double()])
+            torch.stack([st.routed_per_expert for st in stats]).reshape(-1).double(),
+            self._routed_per_source(stats, mb).reshape(-1).double()])
+
+    def _routed_per_source(self, stats, mb) -> torch.Tensor:
+        """[L, S, E] routed assignments per layer, data source and expert (zeros without source_ids)."""
+        num_sources, num_experts = len(self.source_labels), self.c.model.num_experts
+        if "source_ids" not in mb:
+            return torch.zeros(len(stats), num_sources, num_experts, device=self.device)
+        source_T = mb["source_ids"].reshape(-1)[mb["attention_mask"].reshape(-1).bool()]  # the routed tokens
+        return torch.stack([torch.bincount((source_T[:, None] * num_experts + st.expert_ids).reshape(-1),
+                                           minlength=num_sources * num_experts).view(num_sources, num_experts)
+                            for st in stats])
 
     def _totals(self, values: list[float]) -> dict:
         """The summed values by name; "tokens_per_expert" and "routed_per_expert": [layer][expert]
@@ -446,7 +464,11 @@ class Trainer:
         num_layers, num_experts = self.c.model.num_layers, self.c.model.num_experts
         load = values[len(SUMMED):]
         rows = [[int(v) for v in load[i:i + num_experts]] for i in range(0, len(load), num_experts)]
-        totals["tokens_per_expert"], totals["routed_per_expert"] = rows[:num_layers], rows[num_layers:]
+        totals["tokens_per_expert"], totals["routed_per_expert"] = rows[:num_layers], rows[num_layers:2 * num_layers]
+        per_source = rows[2 * num_layers:]  # layer-major: [L][S] rows of E
+        num_sources = len(self.source_labels)
+        totals["routed_per_source"] = {name: [per_source[layer * num_sources + s] for layer in range(num_layers)]
+                                       for s, name in enumerate(self.source_labels)}
         return totals
 
     def _step_metrics(self, totals: dict, elapsed: float) -> dict:
@@ -455,7 +477,11 @@ class Trainer:
         if self.peak_flops:
             tokens_per_s = totals["input_tokens"] / elapsed  # every rank's tokens
             out["mfu"] = self.flops_per_token * tokens_per_s / (self.peak_flops * self.world_size)
+        router = self.router_watch.observe(self.step, totals["routed_per_expert"])  # guardrails (router_watch.py)
+        out.update(router.summary)
         out["tokens_per_expert"] = totals["tokens_per_expert"]  # to expert_load.jsonl, not to metrics.jsonl
+        out["expert_load_layers"] = {"routed_per_expert": totals["routed_per_expert"], **router.per_layer,
+                                     "routed_per_source": totals["routed_per_source"]}  # likewise
         return out
 
     def _record(self, totals: dict, loss: float, num_loss_tokens: int, grad_norm: float, elapsed: float) -> dict:
@@ -480,10 +506,10 @@ class Trainer:
     def log(self, record: dict) -> None:
         if self.rank != 0:
             return
-        load = record.pop("tokens_per_expert", None)
+        load, per_layer = record.pop("tokens_per_expert", None), record.pop("expert_load_layers", None)
         every = self.c.expert_load_every
         if load is not None and ((every and record["step"] % every == 0) or record["step"] == self.total_steps):
-            self.writer.write_expert_load(record["step"], load)
+            self.writer.write_expert_load(record["step"], load, per_layer)
         if record["step"] % self.c.log_every == 0 or record["step"] == self.total_steps or "eval_loss" in record:
             self.writer.write(record)
         self.screen.step(record)
@@ -575,11 +601,13 @@ class MetricsWriter:
                 if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
                     self.tensorboard.add_scalar(key, value, record["step"])
 
-    def write_expert_load(self, step: int, tokens_per_expert: list[list[int]]) -> None:
-        """One compact line {"step", "tokens_per_expert": [[layer 0 counts], ...]}; to wandb as one
+    def write_expert_load(self, step: int, tokens_per_expert: list[list[int]], per_layer: dict | None = None) -> None:
+        """One compact line {"step", "tokens_per_expert": [[layer 0 counts], ...], then per_layer's lists
+        (routed_per_expert, load_cv, max_over_mean, dead_experts: one entry per layer)}; to wandb as one
         histogram per layer whose bins are the experts (bin e holds expert e's tokens)."""
+        line = {"step": step, "tokens_per_expert": tokens_per_expert, **(per_layer or {})}
         with open(self.load_path, "a") as f:
-            f.write(json.dumps({"step": step, "tokens_per_expert": tokens_per_expert}, separators=(",", ":")) + "\n")
+            f.write(json.dumps(line, separators=(",", ":")) + "\n")
         if self.wandb is not None:
             import wandb
 
