@@ -125,6 +125,18 @@ PRESETS: dict[str, ModelConfig] = {
         dense_ffn=1024, expert_ffn=512, num_experts=32, top_k=2, capacity_factor=1.25,
         max_seq_len=4096,
     ),
+    # Arctic-shaped proxies for data-mix ablations (the cookbook pretrained 2B- then 7B-active MoEs to
+    # choose Arctic's mix): dense residual, 128 experts top-2, head_dim 128, 8 kv heads, the residual
+    # MLP hidden_size wide and experts about 2/3 of it as in Arctic. ~49.6B total, ~2.03B active.
+    "arctic_2b": ModelConfig(
+        vocab_size=32000, hidden_size=3072, num_layers=20, num_heads=24, num_kv_heads=8,
+        dense_ffn=3072, expert_ffn=2048, num_experts=128, top_k=2, capacity_factor=1.25,
+    ),
+    # ~195B total, ~7.3B active.
+    "arctic_7b": ModelConfig(
+        vocab_size=32000, hidden_size=5120, num_layers=28, num_heads=40, num_kv_heads=8,
+        dense_ffn=5120, expert_ffn=3456, num_experts=128, top_k=2, capacity_factor=1.25,
+    ),
     # Snowflake Arctic's published shape: ~480B total, ~17B active.
     "arctic_480b": ModelConfig(),
 }

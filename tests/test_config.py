@@ -53,3 +53,16 @@ def test_router_keys_are_checked_with_their_names():
         ModelConfig(balance_bias_rate=float("nan"))
     ok = ModelConfig(balance_bias_rate=0.001, balance_scope="sequence", drop_policy="loss_aware", freeze_router=True)
     assert (ok.balance_bias_rate, ok.balance_scope, ok.drop_policy) == (0.001, "sequence", "loss_aware")
+
+
+@pytest.mark.parametrize("name,active_range", [("arctic_2b", (1.8e9, 2.2e9)), ("arctic_7b", (6.8e9, 7.6e9))])
+def test_arctic_proxy_presets(name, active_range):
+    # Arctic-shaped (dense residual hidden_size wide, 128 experts top-2, head_dim 128), counted on the meta device.
+    cfg = PRESETS[name]
+    assert (cfg.num_experts, cfg.top_k, cfg.dense_ffn, cfg.head_dim) == (128, 2, cfg.hidden_size, 128)
+    total, active = cfg.num_params()
+    assert (total, active) == built_counts(cfg)
+    assert active_range[0] < active < active_range[1]
+    from floe.hf import hf_config_from
+
+    hf_config_from(cfg)  # expressible as Hugging Face Arctic, like the full model
