@@ -177,3 +177,17 @@ def test_loss_title_says_what_is_drawn_and_expert_load_shows_every_step(runs, tm
     run.expert_load = run.expert_load[-1:]
     compare.plot_expert_load(run, tmp_path / "last_only.png")
     assert (tmp_path / "full.png").read_bytes() != (tmp_path / "last_only.png").read_bytes()
+
+
+def test_routing_columns_are_lower_is_better(tmp_path):
+    metrics = [{"step": 1, "loss": 3.0, "dropped_loss_frac": 0.2, "expert_load_cv": 0.5, "router_load_cv_max": 0.9,
+                "dead_experts": 2},
+               {"step": 2, "loss": 2.0, "dropped_loss_frac": 0.05, "expert_load_cv": 0.1, "router_load_cv_max": 0.3,
+                "dead_experts": 0},
+               {"step": 3, "loss": 2.5, "dropped_loss_frac": 0.1, "expert_load_cv": 0.2, "router_load_cv_max": 0.4,
+                "dead_experts": 1}]
+    d = make_run(tmp_path / "runs", "a", metrics, config(1e-3, 1.0, "a"))
+    row, = compare.compare_runs([d], tmp_path / "out")
+    for key, final, best in (("dropped_loss_frac", 0.1, 0.05), ("expert_load_cv", 0.2, 0.1),
+                             ("router_load_cv_max", 0.4, 0.3), ("dead_experts", 1, 0)):
+        assert (row[f"{key} (final)"], row[f"{key} (best)"]) == (final, best), key

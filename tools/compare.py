@@ -9,6 +9,7 @@ Reads from each run dir
                        mid-write) is dropped with a warning; a bad line elsewhere is an error.
                        Keys used when present: loss, eval_loss, eval_loss/<source>, balance_loss,
                        balance_uniform (or its older name balance_floor), dropped_frac,
+                       dropped_loss_frac, expert_load_cv, router_load_cv_max, dead_experts,
                        tokens_per_s, mfu
     config.yaml        the resolved config the trainer wrote; its keys that differ between the
                        runs (flattened, e.g. optim.lr) become columns (run.dir/run.name excepted)
@@ -46,7 +47,8 @@ from pathlib import Path
 import yaml
 
 log = logging.getLogger("floe.compare")
-LOWER_IS_BETTER = ("loss", "eval_loss", "balance_loss", "dropped_frac")
+LOWER_IS_BETTER = ("loss", "eval_loss", "balance_loss", "dropped_frac", "dropped_loss_frac", "expert_load_cv",
+                   "router_load_cv_max", "router_max_over_mean", "dead_experts")
 HIGHER_IS_BETTER = ("tokens_per_s", "mfu")
 UNIFORM_KEYS = ("balance_uniform", "balance_floor")  # the value of balance_loss under uniform routing
 NOT_COMPARED = ("run.dir", "run.name")  # differ between any two runs by construction
@@ -157,7 +159,8 @@ def metric_keys(runs: list[Run]) -> list[str]:
     """The compared metrics present in any run, in a fixed order (eval sources sorted)."""
     present = {k for run in runs for r in run.metrics for k in r}
     sources = sorted(k for k in present if k.startswith("eval_loss/"))
-    order = ["loss", "eval_loss", *sources, "balance_loss", "dropped_frac", "tokens_per_s", "mfu"]
+    order = ["loss", "eval_loss", *sources, "balance_loss", "dropped_frac", "dropped_loss_frac", "expert_load_cv",
+             "router_load_cv_max", "dead_experts", "tokens_per_s", "mfu"]
     return [k for k in order if k in present]
 
 
