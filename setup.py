@@ -51,6 +51,9 @@ setup(
             # tests load exports with AutoTokenizer and check CHAT_TEMPLATE with apply_chat_template; 5.25 tested
             "transformers>=4.45,<6",
             "tensorboard>=2.17,<3",  # the log.tensorboard test reads the events back
+            # tests compare floe's DPO/SimPO losses with TRL's (private DPOTrainer._compute_loss and
+            # CPOTrainer.cpo_loss, so the version tested: 1.16.0)
+            "trl>=1.16,<1.17",
         ],
     },
 )
