@@ -160,3 +160,39 @@ def test_two_processes_match_one(tmp_path, pairs, ep_size, zero_stage):
     with np.load(os.path.join(one, dpo_trainer.REFERENCE_FILE)) as f1, \
             np.load(os.path.join(two, dpo_trainer.REFERENCE_FILE)) as f2:
         np.testing.assert_allclose(f1["train"], f2["train"], rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_sft_then_dpo_prefers_right_answers_on_held_out_questions(tmp_path):
+    """The tiny model SFT'd on the embedded identity questions, exported, then DPO'd on right-vs-wrong
+    identity pairs (tools/synthetic_pairs.py: the answer to another question about the model is the wrong
+    one): reward accuracy on held-out paraphrases > 0.9, and the balance loss stays near its uniform value
+    (2 layers: 2.0). Held-out arithmetic pairs do not reach it at this size (BENCHMARKS.md "DPO")."""
+    import subprocess
+    import sys
+
+    from launch.train import train
+    from tools.synthetic_pairs import main as make_pairs
+    from tests.test_train import REPO
+
+    cache = f"data.cache_dir={tmp_path}/cache"
+    sft, hf, dpo = tmp_path / "sft", tmp_path / "sft_hf", tmp_path / "dpo"
+    train(make_cfg(sft, "data.sources=[identity]", "data.num_examples=2000", "data.seq_len=128",
+                   "train.max_steps=100", "train.global_batch_size=16", "train.micro_batch_size=16",
+                   "optim.lr=3e-3", "data.eval_fraction=0", cache))
+    proc = subprocess.run([sys.executable, "tools/export.py", str(sft), "--out", str(hf)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    make_pairs(["--num", "300", "--sources", "identity", "--out", str(tmp_path / "pairs.jsonl")])
+    make_pairs(["--num", "60", "--sources", "identity", "--split", "eval", "--out", str(tmp_path / "eval.jsonl")])
+    train(make_cfg(dpo, f"train.init_from={hf}", "data=preference", f"data.paths=[{tmp_path}/pairs.jsonl]",
+                   f"data.eval_paths=[{tmp_path}/eval.jsonl]", "data.seq_len=256", "train.objective=dpo",
+                   "train.max_steps=60", "train.global_batch_size=8", "train.micro_batch_size=8",
+                   "train.eval_every=20", "optim.lr=1e-3", cache))
+    m = read_metrics(dpo)
+    evals = [r for r in m if "eval_rewards/accuracies" in r]
+    assert [r["step"] for r in evals] == [20, 40, 60]
+    print("held-out reward accuracy at steps 20, 40, 60:", [r["eval_rewards/accuracies"] for r in evals])
+    assert evals[-1]["eval_rewards/accuracies"] > 0.9, evals
+    assert evals[-1]["eval_rewards/margins"] > 0
+    assert all(abs(r["balance_loss"] - r["balance_uniform"]) < 0.05 * r["balance_uniform"] for r in m)
