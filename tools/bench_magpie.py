@@ -7,8 +7,9 @@ and reports its generated tokens per second (questions and answers; every sample
 rejected ones too) and its filter counts. Then sorts the questions of the largest batch's file by
 the embedded source they resemble: the source whose training questions (moe/data/synthetic.py,
 --reference-examples per source) hold the question's nearest neighbour by word-set Jaccard, when that
-similarity reaches --threshold; below it the question is "other". The share of questions of the
-mix's kinds is 1 - other.
+similarity reaches --threshold; below it the question is "other". Reported: the share of the kept
+questions that are of the mix's kinds, and the share of all sampled questions (kept or rejected by a
+question filter) that were kept and are of the mix's kinds.
 """
 from __future__ import annotations
 
@@ -89,9 +90,16 @@ def main(argv=None) -> int:
                 dst.write(src.read())
     refs = reference_questions(args.reference_examples)
     kinds = Counter(kind_of(q, refs, args.threshold) for q in questions)
-    results["questions"] = len(questions)
+    last = results[f"batch_{args.batch_sizes.split(',')[-1]}"]
+    # every sampled question: the kept ones and those the question filters rejected (answer rejects count
+    # as kept questions: the question itself passed)
+    sampled = len(questions) + sum(n for reason, n in last["rejected"].items() if not reason.startswith("answer"))
+    on_topic = len(questions) - kinds["other"]
+    results["questions_kept"] = len(questions)
+    results["questions_sampled"] = sampled
     results["kinds"] = dict(kinds)
-    results["share_of_mix_kinds"] = round(1 - kinds["other"] / max(len(questions), 1), 3)
+    results["share_of_kept_of_mix_kinds"] = round(on_topic / len(questions), 3) if questions else None
+    results["share_of_sampled_kept_and_of_mix_kinds"] = round(on_topic / sampled, 3) if sampled else None
     print(json.dumps(results, indent=1))
     return 0
 

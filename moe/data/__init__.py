@@ -13,6 +13,9 @@ Each micro-batch is a dict of [micro, seq_len] tensors:
     position_ids    long  restart at 0 at every packed example and at the padding tail, so the
                           model can find the example boundaries from the restarts
     attention_mask  bool  False on padding (kept out of the loss, attention and router statistics)
+    example_ids     long  only with StepLoader(..., with_example_ids=True): the mixture index of each
+                          token's example, -1 on padding (data=preference: 2p chosen, 2p + 1 rejected
+                          of pair p, side by side in one row; moe/data/preference.py)
 
 Held-out evaluation (data.eval_fraction or data.eval_paths) and the resume/size checks:
     eval_ds = build_eval_dataset(DataConfig(**cfg.data), seed)      # None when no eval is configured
