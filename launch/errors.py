@@ -37,6 +37,10 @@ def config_errors():
         report(str(e))
         sys.exit(EXIT_CODE)
     except (HydraException, OmegaConfBaseException) as e:
-        # Hydra's messages span lines (an indented key, a hint about HYDRA_FULL_ERROR): one line here.
-        report(" ".join(line.strip() for line in str(e).splitlines() if line.strip()))
+        report(one_line(e))
         sys.exit(EXIT_CODE)
+
+
+def one_line(e: BaseException) -> str:
+    """Hydra's messages span lines (an indented key, a hint about HYDRA_FULL_ERROR): one line here."""
+    return " ".join(line.strip() for line in str(e).splitlines() if line.strip())

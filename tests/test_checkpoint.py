@@ -263,3 +263,104 @@ def test_resume_under_another_layout(tmp_path, uninterrupted, source, procs, ove
         assert set(got) == set(ref) and ref
         for name in ref:
             torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=2e-5, msg=lambda m: f"{name}: {m}")
+
+
+# ---- every file of a checkpoint is checked before use (issue 24's tampered checkpoints) ----------------
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A run dir with a 2-step checkpoint (trained once for the tests below, which copy it)."""
+    from launch.train import train
+
+    run_dir = tmp_path_factory.mktemp("saved") / "run"
+    train(_compose(run_dir, ["train.max_steps=2"]))
+    return run_dir
+
+
+def _tampered(saved, tmp_path, edit_state=None):
+    run_dir = tmp_path / "run"
+    shutil.copytree(saved, run_dir)
+    path = run_dir / "checkpoints" / "step_00000002"
+    if edit_state is not None:
+        state = json.loads((path / "state.json").read_text())
+        edit_state(state)
+        (path / "state.json").write_text(json.dumps(state))
+    return run_dir, path
+
+
+@pytest.mark.parametrize("edit,named", [
+    (lambda s: s["client"].update(step=-7), "field client.step must be a non-negative integer, got -7"),
+    (lambda s: s.update(step=99), "field step is 99, but the checkpoint directory is step_00000002"),
+    (lambda s: s["client"].update(step=99), "field client.step is 99, but the checkpoint directory is step_00000002"),
+    (lambda s: s.update(adam_step=2.5), "field adam_step must be a non-negative integer, got 2.5"),
+    (lambda s: s.update(global_steps="2"), "field global_steps must be a non-negative integer, got '2'"),
+    (lambda s: s["client"]["loader"].update(step=True), "field client.loader.step must be a non-negative integer"),
+    (lambda s: s["client"].pop("loader"), "field client.loader must be a non-negative integer, got None"),
+    (lambda s: s.pop("client"), "not a floe checkpoint state"),
+])
+def test_malformed_state_is_one_message_naming_file_and_field(saved, tmp_path, edit, named):
+    _, path = _tampered(saved, tmp_path, edit)
+    with pytest.raises(ValueError) as err:
+        checkpoint.read_state(str(path))
+    assert str(err.value).startswith(f"{path / 'state.json'}: ") and named in str(err.value), str(err.value)
+
+
+def test_a_tampered_counter_refuses_the_resume_before_the_data_is_built(saved, tmp_path, monkeypatch):
+    """client.step=-7 trained steps -6..4 and wrote checkpoints/step_-0000002; now a ConfigError (exit 2)."""
+    import floe.run.trainer
+    from floe.run.context import CheckpointError
+    from launch.train import train
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the data was built before the checkpoint was checked")
+
+    run_dir, path = _tampered(saved, tmp_path, lambda s: s["client"].update(step=-7))
+    monkeypatch.setattr(floe.run.trainer, "build_dataset", no_data)
+    with pytest.raises(CheckpointError, match=r"cannot resume: .*state.json: field client.step"):
+        train(_compose(run_dir, ["train.max_steps=4", "train.allow_schedule_change=true"]))
+
+
+def test_state_files_that_are_not_objects(saved, tmp_path):
+    _, path = _tampered(saved, tmp_path)
+    (path / "state.json").write_text("[]")
+    with pytest.raises(ValueError, match="state.json: not a floe checkpoint state"):
+        checkpoint.read_state(str(path))
+    (path / "floe.json").write_text('"floe"')
+    with pytest.raises(ValueError, match="floe.json: not a floe checkpoint"):
+        checkpoint.read_meta(str(path))
+
+
+def _tiny_model(run_dir):
+    from floe.model import ArcticForCausalLM
+    from launch.train import parse_config
+
+    return ArcticForCausalLM(parse_config(_compose(run_dir, [])).model)
+
+
+def test_a_changed_dtype_is_refused_not_cast(saved, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    run_dir, path = _tampered(saved, tmp_path)
+    file = path / "model" / "dense_rank_00000.safetensors"
+    tensors = load_file(file)
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name].to(torch.int32)  # F32 -> I32: was cast silently and moved the loss
+    save_file(tensors, file)
+    with pytest.raises(ValueError, match=rf"{name}: dtype torch.int32 in the checkpoint"):
+        checkpoint.load_weights(_tiny_model(run_dir), str(path))
+
+
+def test_symlinks_are_refused(saved, tmp_path):
+    run_dir, path = _tampered(saved, tmp_path)
+    outside = tmp_path / "outside"
+    shutil.copytree(run_dir / "checkpoints", outside)
+    latest = run_dir / "checkpoints" / "latest"
+    latest.unlink()
+    latest.symlink_to(outside / "latest")  # `latest` itself a link out of checkpoints/
+    with pytest.raises(ValueError, match="latest is a symlink"):
+        checkpoint.latest_checkpoint(str(run_dir / "checkpoints"))
+    tensor = path / "model" / "dense_rank_00000.safetensors"
+    tensor.unlink()
+    tensor.symlink_to(outside / "step_00000002" / "model" / "dense_rank_00000.safetensors")  # a tensor file
+    with pytest.raises(ValueError, match="a link leading to .*outside the checkpoint; refusing to read it"):
+        checkpoint.load_weights(_tiny_model(run_dir), str(path))

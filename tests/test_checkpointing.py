@@ -169,7 +169,7 @@ def test_training_run_equals_no_checkpointing(tmp_path, procs, layout):
 def test_bad_mode_names_the_key():
     with pytest.raises(ValueError, match="train.activation_checkpointing"):
         apply_activation_checkpointing(build("none"), "attention")
-    from floe.run.trainer import TrainConfig
+    from floe.run.config import TrainConfig
 
     with pytest.raises(ValueError, match="train.activation_checkpointing"):
         TrainConfig(activation_checkpointing="everything")

@@ -176,3 +176,19 @@ def test_sweep_prints_the_compare_table(tmp_path):
         ["train.max_steps=1", "train.max_steps=2"]  # the overrides every run shares are left out
     assert "mfu (final)" in (sweep / "compare" / "compare.csv").read_text().splitlines()[0]
     assert (sweep / "compare" / "compare.md").is_file() and (sweep / "compare" / "loss.png").is_file()
+
+
+@pytest.mark.slow
+def test_a_failing_sweep_job_does_not_stop_the_sweep(tmp_path):
+    """A -m sweep stopped at its first failing job and never ran the valid ones after it."""
+    sweep = tmp_path / "sweep"
+    out = launch("-m", "train.max_steps=1,-1,2", *SMALL, f"hydra.sweep.dir={sweep}")
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr and "floe: sweep job" in out.stderr and "train.max_steps must be >= 0" \
+        in out.stderr, out.stderr[-3000:]
+    runs = sorted(p.name for p in sweep.iterdir() if (p / "metrics.jsonl").is_file())
+    assert [r for r in runs if "max_steps=1," in r] and [r for r in runs if "max_steps=2," in r] and len(runs) == 2
+    table = out.stdout[out.stdout.index("| run |"):].splitlines()
+    assert sorted(row.split(" | ")[0].strip("| ") for row in table[2:4]) == runs
+    failed = out.stdout[out.stdout.index("sweep: 1 run(s) failed"):]
+    assert "train.max_steps=-1," in failed and "(invalid config:" in failed, out.stdout[-2000:]

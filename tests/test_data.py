@@ -520,3 +520,29 @@ def test_packed_row_logits_equal_each_example_alone(synth):
         for a, z in zip(starts, starts[1:], strict=False):
             alone = model(b["input_ids"][:, a:z]).logits
             torch.testing.assert_close(packed[:, a:z], alone, rtol=1e-4, atol=1e-4)
+
+
+# Lines that ended in a traceback or were read as something else (issue 24): raw bytes, the reason.
+HOSTILE_LINES = [
+    (b"null\n", formats.NOT_OBJECT),  # was skipped as a "blank line" even with data.strict=true
+    (b'\xef\xbb\xbf{"prompt": "a", "completion": "b"}\n', formats.BOM),  # was "invalid JSON" at column 1
+    (b'{"prompt": "a\\ud800b", "completion": "c"}\n', formats.SURROGATE),  # was SentencePiece's TypeError
+    (b'{"prompt": "a", "completion": "\\udfffz"}\n', formats.SURROGATE),
+    (b"[" * 200_000 + b"\n", formats.INVALID_JSON),  # was a RecursionError
+]
+
+
+def test_hostile_lines_are_bad_lines_with_path_and_line(tmp_path):
+    good = json.dumps({"prompt": "Say hi", "completion": "hi"}).encode() + b"\n"
+    paired = json.dumps({"prompt": "a \U0001F600 pair", "completion": "ok"}).encode() + b"\n"  # \ud83d\ude00: fine
+    for i, (line, reason) in enumerate(HOSTILE_LINES):
+        path = tmp_path / f"h{i}.jsonl"
+        path.write_bytes((line if reason == formats.BOM else good) + paired + line)
+        bad_line = 1 if reason == formats.BOM else 3
+        with pytest.raises(ValueError, match=rf"^{path}:{bad_line}: {reason}"):
+            build_dataset(DataConfig(name="jsonl", paths=[str(path)], cache_dir=str(tmp_path)), 0)
+    lenient = tmp_path / "all.jsonl"
+    lenient.write_bytes(good * 3 + paired + b"".join(line for line, _ in HOSTILE_LINES))
+    _, ds = build_dataset(DataConfig(name="jsonl", paths=[str(lenient)], strict=False, cache_dir=str(tmp_path)), 0)
+    assert ds.stats["skipped"] == {formats.BOM: 1, formats.INVALID_JSON: 1, formats.NOT_OBJECT: 1, formats.SURROGATE: 2}
+    assert ds.stats["examples"] == 4

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from floe.run.host_allocator import resolve
-from floe.run.trainer import TrainConfig
+from floe.run.config import TrainConfig
 from tests.test_console import SMALL, launch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,5 +1,6 @@
 """One run per run.dir (lock, workers that lose their torchrun agent stop) and resume checks."""
 import json
+import logging
 import os
 import signal
 import socket
@@ -201,3 +202,56 @@ def test_refused_resume_fails_alike_on_every_rank_before_any_group(tmp_path):
         assert res["error"] is not None and "model.num_layers: 2 -> 3" in res["error"], res
         assert not res["group_created"]
     assert _snapshot(run_dir) == before
+
+
+def _procs_naming(text: str) -> list[int]:
+    """Live pids whose command line contains `text` (from /proc, independent of floe)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    cmdline = f.read().decode(errors="replace")
+            except OSError:
+                continue
+            if text in cmdline and _alive(int(entry)):
+                out.append(int(entry))
+    return out
+
+
+@pytest.mark.slow  # starts torchrun four times
+def test_workers_never_outlive_their_agent_whatever_the_timing(tmp_path):
+    """Killed within the first 1.5-3 s (workers still importing), the workers lived on with parent 1,
+    holding the lock; now they die with the agent at any delay, and the run dir is free again."""
+    run_dir = tmp_path / "run"
+    for delay in (0.0, 0.7, 1.5, 3.0):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "launch/train.py",
+               f"run.dir={run_dir}", "log.wandb=disabled", "train.max_steps=100000", *SMALL]
+        agent = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        workers = _children(agent.pid)
+        agent.kill()
+        agent.wait()
+        try:
+            _wait(lambda: not _procs_naming(f"run.dir={run_dir}"), 15,
+                  f"the workers to stop (agent killed at {delay} s)")
+        finally:
+            for pid in _procs_naming(f"run.dir={run_dir}") + workers:
+                if _alive(pid):
+                    os.kill(pid, signal.SIGKILL)
+    last = train(make_cfg(run_dir, "train.max_steps=1", *SMALL))
+    assert last["step"] == 1
+
+
+def test_a_lock_whose_holder_is_gone_is_taken_over_with_a_note(tmp_path, caplog):
+    from floe.run.run_dir import LOCK_FILE, RunLock
+
+    (tmp_path / LOCK_FILE).write_text("host=gone pid=123 since=2026-01-01T00:00:00\n")  # killed, never released
+    with caplog.at_level(logging.WARNING, logger="floe"):
+        lock = RunLock(str(tmp_path))
+    assert "took over the lock of a run that is gone (host=gone pid=123" in caplog.text
+    lock.release()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="floe"):
+        RunLock(str(tmp_path)).release()  # released cleanly: nothing to say
+    assert "took over" not in caplog.text

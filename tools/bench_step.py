@@ -231,16 +231,17 @@ def build_trainer(args, experts: int, zero: int, procs: int, run_dir: str):
 
     from launch.train import CONF_DIR, parse_config
     from floe.data import build_dataset
-    from floe.parallel import init_distributed
-    from floe.run.trainer import Trainer, check_launch, pick_device
+    from floe.parallel import init_distributed, read_launch_env
+    from floe.run.config import check_config, pick_device
+    from floe.run.trainer import Trainer
     from omegaconf import OmegaConf
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
         cfg = compose("config", overrides=[f"run.dir={run_dir}", "run.name=bench",
                                            *overrides(args, experts, zero, procs)])
     c = parse_config(cfg)
-    tokenizer, dataset = build_dataset(c.data, seed=c.train.seed)
-    check_launch(c, procs, tokenizer.vocab_size)
+    check_config(c, read_launch_env())
+    _, dataset = build_dataset(c.data, seed=c.train.seed)
     device = torch.device(pick_device(c.train.device), int(os.environ.get("LOCAL_RANK", 0))
                           if pick_device(c.train.device) == "cuda" else None)
     init_distributed(device)

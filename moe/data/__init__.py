@@ -26,9 +26,9 @@ Held-out evaluation (data.eval_fraction or data.eval_paths) and the resume/size 
     dataset.fingerprint                             # sha256 of the packed arrays, for resume checks
 """
 from floe.data.config import DataConfig
-from floe.data.dataset import PackedDataset, build_dataset, build_eval_dataset
+from floe.data.dataset import PackedDataset, build_dataset, build_eval_dataset, path_errors
 from floe.data.loader import StepLoader, check_enough_rows, eval_micro_batches
 from floe.data.tokenizer import Tokenizer
 
 __all__ = ["DataConfig", "PackedDataset", "StepLoader", "Tokenizer", "build_dataset", "build_eval_dataset",
-           "check_enough_rows", "eval_micro_batches"]
+           "check_enough_rows", "eval_micro_batches", "path_errors"]

@@ -199,6 +199,18 @@ def _read_hub(cfg: DataConfig) -> ReadResult:
     return out
 
 
+def path_errors(cfg: DataConfig) -> list[str]:
+    """Every data.paths / data.eval_paths entry that names no readable file (no data is read)."""
+    errors = []
+    for key, paths in (("data.paths", cfg.paths if cfg.name not in EMBEDDED else []),
+                       ("data.eval_paths", cfg.eval_paths)):
+        try:
+            _resolve_paths(paths, key)
+        except ValueError as e:
+            errors += str(e).splitlines()
+    return errors
+
+
 def _read_sources(cfg: DataConfig, seed: int, files: list[list[str]], split: str) -> list[ReadResult]:
     """The examples of each source on the `split` side of the held-out split (module docstring);
     for data=preference the "examples" are preference pairs (moe/data/preference.py)."""

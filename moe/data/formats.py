@@ -8,6 +8,7 @@ are kept (which file kinds) is floe.data.readers.
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ from floe.data.layouts import (AUTO, BAD_TYPE, EMPTY_ASSISTANT, EMPTY_TEXT, NO_A
 # ones live with the layouts (floe.data.layouts) and are re-exported here.
 INVALID_UTF8 = "invalid UTF-8"
 INVALID_JSON = "invalid JSON"
+BOM = "UTF-8 byte-order mark"
+SURROGATE = "lone UTF-16 surrogate"
 NOTHING_TO_TRAIN = "nothing to train"
 # Policy outcomes, counted but never fatal: they follow from the config, not from a bad line.
 BLANK = "blank line"
@@ -60,18 +63,36 @@ def iter_jsonl(path: str) -> Iterator[tuple[int, dict | BadRecord | None]]:
     """Yield (1-based line number, decoded value | BadRecord | None for a blank line), streaming."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield lineno, BadRecord(INVALID_UTF8, f"byte {e.start}")
-                continue
-            if not line.strip():
-                yield lineno, None
-                continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as e:  # one line, so pos is the column
-                yield lineno, BadRecord(INVALID_JSON, f"{e.msg} at column {e.pos + 1}")
+            yield lineno, _decode_line(raw)
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # a \\uD800-\\uDFFF escape: paired, or not
+
+
+def _decode_line(raw: bytes) -> dict | BadRecord | None:
+    """One JSONL line -> its value, a BadRecord naming why it is unusable, or None when blank."""
+    if raw.startswith(b"\xef\xbb\xbf"):
+        return BadRecord(BOM, "the line starts with a byte-order mark; save the file as UTF-8 without BOM")
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return BadRecord(INVALID_UTF8, f"byte {e.start}")
+    if not line.strip():
+        return None
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError as e:  # one line, so pos is the column
+        return BadRecord(INVALID_JSON, f"{e.msg} at column {e.pos + 1}")
+    except RecursionError:
+        return BadRecord(INVALID_JSON, "nested too deeply")
+    if value is None:  # the JSON value null: not a blank line
+        return BadRecord(NOT_OBJECT, "got null")
+    if _SURROGATE_ESCAPE.search(raw):  # json.loads joins a valid pair; a lone half cannot be encoded
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as e:
+            return BadRecord(SURROGATE, f"an escaped \\u{ord(e.object[e.start]):04x} with no pair")
+    return value
 
 
 def where(path: str, unit: str, position: int) -> str:

@@ -49,6 +49,7 @@ class ParallelConfig:
             for name in ("reduce_bucket_size", "allgather_bucket_size"):
                 if getattr(self, name) < 1:
                     errors.append(f"parallel.{name} must be >= 1, got {getattr(self, name)!r}")
+            errors += zero_stage_errors(self.zero_stage)
             if self.zero_stage == 2 and not self.contiguous_gradients:  # DeepSpeed asserts it for MoE models
                 errors.append("parallel.contiguous_gradients=false is not supported at parallel.zero_stage=2: "
                               "DeepSpeed's ZeRO-2 needs contiguous gradients with MoE experts")
@@ -97,9 +98,21 @@ def validate_parallel(
         raise ValueError("invalid parallel config:\n  " + "\n  ".join(errors))
 
 
-def parallel_errors(model_cfg: ModelConfig, world_size: int, ep_size, zero_stage,
+def zero_stage_errors(zero_stage) -> list[str]:
+    """parallel.zero_stage: 0, 1 or 2 (the one place this rule lives)."""
+    if zero_stage == 3:
+        return ["parallel.zero_stage=3 is not supported: ZeRO-3 shards every parameter over all ranks, "
+                "but floe's expert shards are already split by expert parallelism and must stay whole on "
+                "their rank (DeepSpeed rejects MoE with stage 3 too); use 0, 1 or 2"]
+    if zero_stage not in ZERO_STAGES or isinstance(zero_stage, bool):
+        return [f"parallel.zero_stage must be one of {ZERO_STAGES}, got {zero_stage!r}"]
+    return []
+
+
+def parallel_errors(model_cfg: ModelConfig | None, world_size: int, ep_size, zero_stage,
                     global_batch_size: int | None = None, micro_batch_size: int | None = None) -> list[str]:
-    """The messages validate_parallel would raise (for a caller that collects all problems)."""
+    """The messages validate_parallel would raise (for a caller that collects all problems); without
+    `model_cfg` (it did not build) the rules that need it are skipped."""
     errors = []
     ep_ok = isinstance(ep_size, int) and not isinstance(ep_size, bool) and ep_size >= 1
     if not ep_ok:
@@ -108,15 +121,10 @@ def parallel_errors(model_cfg: ModelConfig, world_size: int, ep_size, zero_stage
         if world_size % ep_size:
             errors.append(f"parallel.ep_size ({ep_size}) must divide the world size ({world_size} processes): "
                           "expert-parallel groups are blocks of ep_size consecutive ranks")
-        if model_cfg.num_experts % ep_size:
+        if model_cfg is not None and model_cfg.num_experts % ep_size:
             errors.append(f"parallel.ep_size ({ep_size}) must divide model.num_experts ({model_cfg.num_experts}): "
                           "every rank of an expert-parallel group owns the same number of experts")
-    if zero_stage == 3:
-        errors.append("parallel.zero_stage=3 is not supported: ZeRO-3 shards every parameter over all ranks, "
-                      "but floe's expert shards are already split by expert parallelism and must stay whole on "
-                      "their rank (DeepSpeed rejects MoE with stage 3 too); use 0, 1 or 2")
-    elif zero_stage not in ZERO_STAGES or isinstance(zero_stage, bool):
-        errors.append(f"parallel.zero_stage must be one of {ZERO_STAGES}, got {zero_stage!r}")
+    errors += zero_stage_errors(zero_stage)
     if global_batch_size is not None and micro_batch_size is not None and ep_ok and world_size % ep_size == 0:
         errors += batch_errors(global_batch_size, micro_batch_size, world_size)
     return errors

@@ -103,7 +103,19 @@ def _edp_slot(engine) -> tuple[int, int]:
 
 # ---- reading files safely ---------------------------------------------------------------------------
 
+def _check_inside(path: str) -> None:
+    """Refuse a file of a checkpoint that is a symlink or resolves outside its step directory (the
+    README's promise: nothing a checkpoint names is read from elsewhere)."""
+    step_dir = path
+    while not TAG_RE.fullmatch(os.path.basename(step_dir)) and os.path.dirname(step_dir) != step_dir:
+        step_dir = os.path.dirname(step_dir)
+    real = os.path.realpath(path)
+    if os.path.islink(path) or os.path.commonpath([real, os.path.realpath(step_dir)]) != os.path.realpath(step_dir):
+        raise ValueError(f"{path}: a link leading to {real}, outside the checkpoint; refusing to read it")
+
+
 def _read_json(path: str) -> dict:
+    _check_inside(path)
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
@@ -135,6 +147,7 @@ class _Tensors:
 
 
 def _open_safetensors(path: str):
+    _check_inside(path)
     if not os.path.isfile(path):
         raise ValueError(f"{path}: missing; is {os.path.dirname(os.path.dirname(path))} a complete checkpoint?")
     try:
@@ -147,6 +160,8 @@ def _open_safetensors(path: str):
 def read_meta(path: str) -> dict:
     """floe.json of checkpoint `path`, checked to be floe's format in a version this code reads."""
     meta = _read_json(os.path.join(path, "floe.json"))
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}/floe.json: not a floe checkpoint (a JSON object with format and version)")
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise ValueError(f"{path}/floe.json: format {meta.get('format')!r} version {meta.get('version')!r}; this "
                          f"floe reads {FORMAT!r} version {VERSION} (checkpoints of older floe versions, written "
@@ -163,6 +178,9 @@ def latest_checkpoint(ckpt_dir: str) -> str | None:
     """Path of the newest complete checkpoint under ckpt_dir, or None. `latest` must name a
     step_<N> directory directly inside ckpt_dir, which must not be a symlink leading elsewhere."""
     pointer = os.path.join(ckpt_dir, LATEST)
+    if os.path.islink(pointer):
+        raise ValueError(f"{pointer} is a symlink (to {os.path.realpath(pointer)}); floe writes it as a file "
+                         "naming step_<N>: replace it with one, or delete it")
     if not os.path.isfile(pointer):
         return None
     with open(pointer, encoding="utf-8", errors="replace") as f:
@@ -176,6 +194,40 @@ def latest_checkpoint(ckpt_dir: str) -> str | None:
     if not os.path.isdir(path):
         raise ValueError(f"{pointer} names checkpoint {tag!r}, but {path} does not exist")
     return path
+
+
+def read_state(path: str) -> dict:
+    """state.json of checkpoint `path`, every field checked: the counters are non-negative integers,
+    the step is the one in the directory's name (and floe.json's), the client state holds the data
+    loader's position. One ValueError naming the file and the field."""
+    file, step = os.path.join(path, "state.json"), int(os.path.basename(path).rsplit("_", 1)[1])
+    state = _read_json(file)
+    if not isinstance(state, dict) or not isinstance(state.get("client"), dict):
+        raise ValueError(f"{file}: not a floe checkpoint state (a JSON object with a 'client' object)")
+    client = state["client"]
+    loader = client.get("loader")
+    fields = {"step": state.get("step"), "adam_step": state.get("adam_step", 0), "client.step": client.get("step"),
+              **{k: state.get(k) for k in SCHEDULE_COUNTERS}}
+    if isinstance(loader, dict):
+        fields.update({f"client.loader.{k}": loader.get(k) for k in LOADER_COUNTERS})
+    else:
+        fields["client.loader"] = loader
+    for name, value in fields.items():
+        if name == "adam_step" and value is None:
+            continue  # saved before the first update
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{file}: field {name} must be a non-negative integer, got {value!r}")
+    for name in ("step", "client.step"):
+        if fields[name] != step:
+            raise ValueError(f"{file}: field {name} is {fields[name]}, but the checkpoint directory is "
+                             f"{os.path.basename(path)} (step {step})")
+    if (meta_step := read_meta(path).get("step")) != step:
+        raise ValueError(f"{path}/floe.json: field step is {meta_step!r}, the directory's name says {step}")
+    return state
+
+
+SCHEDULE_COUNTERS = ("scheduler_last_epoch", "global_steps", "global_samples")  # engine.schedule_state's keys
+LOADER_COUNTERS = ("epoch", "step", "seed", "num_rows", "global_batch_size")  # StepLoader.state_dict's keys
 
 
 # ---- RNG state as JSON ------------------------------------------------------------------------------
@@ -344,7 +396,17 @@ def load_weights(model: nn.Module, path: str) -> None:
             _copy(p[local], cache[gid].get(name), f"{path}: expert {gid} {name}")
 
 
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what floe writes (train.precision may change)
+
+
+def _check_dtype(src: torch.Tensor, what: str) -> None:
+    if src.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{what}: dtype {src.dtype} in the checkpoint; floe writes weights and optimizer state "
+                         f"as {', '.join(str(d) for d in FLOAT_DTYPES)} (a changed or foreign file?)")
+
+
 def _copy(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:
+    _check_dtype(src, what)
     if tuple(src.shape) != tuple(dst.shape):
         raise ValueError(f"{what}: shape {tuple(src.shape)} in the checkpoint, {tuple(dst.shape)} in the model "
                          "(was model.* changed?)")
@@ -356,7 +418,7 @@ def load(engine, path: str) -> dict:
     """Restore weights, optimizer state, schedule and this rank's RNG from checkpoint `path` into a
     floe.parallel.Engine of any layout; returns the client state given to save()."""
     model = engine.model
-    state = _read_json(os.path.join(path, "state.json"))
+    state = read_state(path)
     load_weights(model, path)
     if state["adam_step"] is not None:
         engine.init_optimizer_state(int(state["adam_step"]))
@@ -383,7 +445,10 @@ def load(engine, path: str) -> dict:
     engine.load_schedule_state(state)
     rng_file = os.path.join(path, "rng", f"rank_{dist.get_rank():05d}.json")
     if os.path.isfile(rng_file):  # a rank the writing run did not have keeps its seeded state
-        set_rng_state(_read_json(rng_file))
+        try:
+            set_rng_state(_read_json(rng_file))
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
+            raise ValueError(f"{rng_file}: not a floe RNG state ({type(e).__name__}: {e})") from None
     return state["client"]
 
 
@@ -396,6 +461,7 @@ def _optim_tensor(tensors: _Tensors, name: str, key: str, weight: torch.Tensor, 
     else:
         raise ValueError(f"checkpoint {path} has no optimizer state {full!r} for a trained parameter (was "
                          "model.freeze_moe changed?)")
+    _check_dtype(value, f"checkpoint {path}: {full}")
     if tuple(value.shape) != tuple(weight.shape):
         raise ValueError(f"checkpoint {path}: {full} has shape {tuple(value.shape)}, the model {tuple(weight.shape)}")
     return value

@@ -77,8 +77,8 @@ def check_resumed_reference(c, dataset, eval_dataset) -> None:
 class DPOTrainer(Trainer):
     """Trainer whose step optimises a preference loss (floe.run.dpo) instead of the LM loss."""
 
-    def __init__(self, c, resolved: dict, dataset, device: torch.device, eval_dataset=None):
-        super().__init__(c, resolved, dataset, device, eval_dataset)
+    def __init__(self, c, resolved: dict, dataset, device: torch.device, eval_dataset=None, run=None):
+        super().__init__(c, resolved, dataset, device, eval_dataset, run=run)
         # With LoRA the reference is the frozen base itself (adapters disabled), computed on the fly.
         cached = c.dpo.needs_reference and not c.lora.enabled
         self.reference = self._reference(dataset, eval_dataset) if cached else None

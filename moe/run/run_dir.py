@@ -73,6 +73,9 @@ class RunLock:
                              "Two runs in one run.dir would interleave metrics.jsonl and overwrite each "
                              "other's checkpoints: wait for it to finish or stop it, or set another "
                              "run.dir") from None
+        previous = os.pread(self.fd, 4096, 0).decode(errors="replace").strip()
+        if previous:  # release() empties the file: its holder ended without releasing it (killed)
+            log.warning("run.dir %s: took over the lock of a run that is gone (%s)", run_dir, previous)
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, f"host={socket.gethostname()} pid={os.getpid()} since="
                            f"{time.strftime('%Y-%m-%dT%H:%M:%S')}\n".encode(), 0)
@@ -119,7 +122,7 @@ class AgentWatch:
     def _run(self) -> None:
         while not self.stopped.wait(self.interval):
             if os.getppid() != self.parent:
-                _say(f"floe: the torchrun agent (pid {self.parent}) is gone; stopping this worker "
+                say(f"floe: the torchrun agent (pid {self.parent}) is gone; stopping this worker "
                      f"(pid {os.getpid()}) so that it does not keep writing to run.dir\n")
                 os._exit(1)
 
@@ -127,7 +130,7 @@ class AgentWatch:
         self.stopped.set()
 
 
-def _say(message: str) -> None:
+def say(message: str) -> None:
     try:  # stderr may be a pipe the dead agent no longer reads
         os.write(sys.stderr.fileno(), message.encode())
     except (OSError, ValueError):

@@ -11,145 +11,40 @@ One optimizer step, on every rank:
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
 import os
+import re
+import shutil
 import time
-from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 
-from floe import kernels
-from floe.run import checkpoint, host_allocator, run_dir
-from floe.run.console import Console
-from floe.config import ModelConfig
+from floe.data import StepLoader, build_dataset, build_eval_dataset, check_enough_rows, eval_micro_batches
 from floe.errors import ConfigError
-from floe.data import DataConfig, StepLoader, build_dataset, build_eval_dataset, check_enough_rows, eval_micro_batches
-from floe.errors import batch_errors
-from floe.run.dpo import OBJECTIVES, DPOConfig
+from floe.lora import apply_lora
+from floe.model import ArcticForCausalLM, apply_activation_checkpointing, apply_kernel_backend
+from floe.parallel import build_engine, check_deepspeed_version, resolve_precision
+from floe.run import checkpoint, host_allocator, run_dir
+from floe.run.config import Configs, TrainConfig, pick_device
+from floe.run.console import Console
+from floe.run.context import CheckpointError, RunContext, RunStopped
 from floe.run.evaluation import eval_loss_record, eval_loss_sums
-from floe.run.host_allocator import HOST_ALLOCATORS
 from floe.run.init_from import base_identity, base_problem, weight_loader
 from floe.run.metrics import device_peak_flops, load_cv, mem_peak_gb, train_flops_per_token
 from floe.run.router_watch import RouterWatch
-from floe.lora import LoRAConfig, apply_lora, lora_model_errors
-from floe.model import CHECKPOINTING, ArcticForCausalLM, apply_activation_checkpointing, apply_kernel_backend
-from floe.optim import OptimConfig
-from floe.parallel import (PRECISIONS, ParallelConfig, build_engine, check_deepspeed_version, init_distributed,
-                          parallel_errors, read_launch_env, resolve_precision, teardown)
 
 log = logging.getLogger("floe")
 
 # What each step sums over micro-batches and ranks (one all-reduce): the logged quantities,
 # followed by the kept assignments per expert of every layer (num_layers x num_experts counts), then
 # the assignments per expert before capacity (the router's choice: the balancing bias moves against it).
-SUMMED = ("lm_sum", "balance", "aux", "dropped", "assigned", "input_tokens", "dropped_loss", "loss_assigned")
-
-
-@dataclass
-class TrainConfig:
-    max_steps: int = 60
-    epochs: int = 1
-    global_batch_size: int = 16
-    micro_batch_size: int = 8
-    seed: int = 0
-    save_every: int = 0
-    eval_every: int = 0  # optimizer steps between held-out evaluations; 0 = only at the end
-    keep_last: int = 2
-    resume: str = "auto"
-    allow_schedule_change: bool = False  # resume may change max_steps, epochs, optim.* (moe/run/run_dir.py)
-    kernels: str = "auto"
-    device: str = "auto"
-    init_from: str | None = None  # a Hugging Face Arctic directory to start from (moe/run/init_from.py)
-    require_init_from: bool = False  # set by recipes that fine-tune a pretrained model (+experiment=arctic_sft)
-    max_skipped_steps: int = 3  # consecutive non-finite (skipped) steps before the run stops with an error
-    precision: str = "auto"  # auto (bf16 on cuda, fp32 on cpu) | fp32 | bf16 (fp32 master weights), on any device
-    activation_checkpointing: str = "none"  # none | moe | selective | full (moe/model.py CHECKPOINTING)
-    host_allocator: str = "auto"  # auto (retain on cpu) | retain | system (moe/run/host_allocator.py)
-    objective: str = "sft"  # sft (LM loss on the trained tokens) | dpo (preference pairs; moe/run/dpo.py)
-    neftune_alpha: float = 0.0  # NEFTune noise on the input embeddings in training (0 = off; moe/model.py)
-
-    def __post_init__(self):
-        from floe.errors import field_type_errors
-
-        if errors := field_type_errors(self, "train"):
-            raise ValueError("invalid train config:\n  " + "\n  ".join(errors))
-        errors = batch_errors(self.global_batch_size, self.micro_batch_size, dp_size=1)
-        if self.epochs <= 0:
-            errors.append(f"train.epochs must be > 0, got {self.epochs}")
-        if not self.neftune_alpha >= 0:
-            errors.append(f"train.neftune_alpha must be >= 0 (0 = off), got {self.neftune_alpha!r}")
-        if self.max_skipped_steps < 1:
-            errors.append(f"train.max_skipped_steps must be >= 1, got {self.max_skipped_steps}")
-        for name in ("max_steps", "save_every", "eval_every", "keep_last"):
-            if getattr(self, name) < 0:
-                errors.append(f"train.{name} must be >= 0, got {getattr(self, name)}")
-        if self.resume not in ("auto", "never"):
-            errors.append(f"train.resume must be 'auto' or 'never', got {self.resume!r}")
-        if self.kernels not in kernels.CHOICES:
-            errors.append(f"train.kernels must be one of {kernels.CHOICES}, got {self.kernels!r}")
-        if self.require_init_from and not self.init_from:
-            errors.append("train.init_from is required here (train.require_init_from is true, e.g. by "
-                          "+experiment=arctic_sft): set train.init_from=<a Hugging Face Arctic directory, "
-                          "e.g. tools/export.py's output>")
-        if self.precision not in ("auto", *PRECISIONS):
-            errors.append(f"train.precision must be one of ('auto', {', '.join(map(repr, PRECISIONS))}), "
-                          f"got {self.precision!r}")
-        if self.activation_checkpointing not in CHECKPOINTING:
-            errors.append(f"train.activation_checkpointing must be one of {', '.join(CHECKPOINTING)}, "
-                          f"got {self.activation_checkpointing!r}")
-        if self.host_allocator not in HOST_ALLOCATORS:
-            errors.append(f"train.host_allocator must be one of {', '.join(HOST_ALLOCATORS)}, "
-                          f"got {self.host_allocator!r}")
-        if self.objective not in OBJECTIVES:
-            errors.append(f"train.objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            errors.append(f"train.device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
-        if errors:
-            raise ValueError("invalid train config:\n  " + "\n  ".join(errors))
-
-
-@dataclass
-class Configs:
-    model: ModelConfig
-    data: DataConfig
-    optim: OptimConfig
-    parallel: ParallelConfig
-    train: TrainConfig
-    run_dir: str
-    wandb: str
-    wandb_project: str
-    log_every: int
-    lora: LoRAConfig = field(default_factory=LoRAConfig)  # rank 0: no adapters
-    expert_load_every: int = 10  # optimizer steps between lines of run_dir/expert_load.jsonl; 0 = last step only
-    console_every: int = 10  # optimizer steps between console lines when stderr is not a terminal
-    tensorboard: bool = False  # log.tensorboard: metrics.jsonl's scalars also as TensorBoard events
-    dpo: DPOConfig = field(default_factory=DPOConfig)  # train.objective=dpo
-
-
-def pick_device(choice: str) -> str:
-    if choice == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device=cuda but no CUDA device is available")
-    return choice
-
-
-def check_launch(c: Configs, world_size: int, vocab_size: int) -> None:
-    """Config rules that depend on the launch or the data; raised before any collective."""
-    errors = parallel_errors(c.model, world_size, c.parallel.ep_size, c.parallel.zero_stage,
-                             c.train.global_batch_size, c.train.micro_batch_size)
-    errors += lora_model_errors(c.lora, c.model)
-    if c.train.kernels == "triton" and pick_device(c.train.device) == "cpu" and not kernels.interpreter_enabled():
-        errors.append("train.kernels=triton on a CPU needs TRITON_INTERPRET=1 in the environment (slow: for "
-                      "checking the kernels); use train.kernels=auto or reference to train on a CPU")
-    if vocab_size > c.model.vocab_size:
-        errors.append(f"model.vocab_size ({c.model.vocab_size}) is smaller than the tokenizer's vocabulary "
-                      f"({vocab_size}); set model.vocab_size >= {vocab_size}")
-    if errors:
-        raise ConfigError("invalid launch:\n  " + "\n  ".join(errors))
+# "stop": micro-batches run while a stop signal was pending, so every rank stops after the same step.
+SUMMED = ("lm_sum", "balance", "aux", "dropped", "assigned", "input_tokens", "dropped_loss", "loss_assigned", "stop")
 
 
 def total_steps(t: TrainConfig, steps_per_epoch: int) -> int:
@@ -157,17 +52,17 @@ def total_steps(t: TrainConfig, steps_per_epoch: int) -> int:
     return t.max_steps or t.epochs * steps_per_epoch
 
 
-def completed_run(c: Configs, dataset, rank: int) -> dict | None:
-    """For a relaunch of a run whose latest checkpoint is its last step (train.resume=auto): say so
-    and return its last metrics line (or {"step": N}); None when there is training left to do.
-    Reads only files, so every rank decides the same before any process group exists."""
-    latest = checkpoint.latest_checkpoint(os.path.join(c.run_dir, "checkpoints")) if c.train.resume == "auto" else None
-    if latest is None:
-        return None
-    step = int(os.path.basename(latest).rsplit("_", 1)[1])
+def completed_run(c: Configs, dataset, run, rank: int) -> dict | None:
+    """For a relaunch of a run whose checkpoint is its last step (train.resume=auto): say so and
+    return its last metrics line (or {"step": N}); None when there is training left to do. A
+    checkpoint past the schedule's end is refused. Reads only files (every rank decides alike)."""
+    step = run.resumed_step()
     last = total_steps(c.train, dataset.num_rows // c.train.global_batch_size)
-    if step < last:
+    if not run.resume_from or step < last:
         return None
+    if step > last:
+        raise ConfigError(f"cannot resume {run.resume_from}: its step {step} is past this run's last step {last} "
+                          "(train.max_steps / train.epochs); set them back, or start over with train.resume=never")
     if rank == 0:
         log.info("%s is already complete (checkpoint at step %d of %d): nothing to train. Use another run.dir, "
                  "or train.resume=never to train it again from scratch", c.run_dir, step, last)
@@ -181,55 +76,45 @@ def completed_run(c: Configs, dataset, rank: int) -> dict | None:
     return record
 
 
-def train(c: Configs, resolved: dict) -> dict:
-    """Run training as configured; returns the last step's metrics (on every rank).
-    `resolved` is the whole config as plain data, written to run_dir/config.yaml."""
-    device_kind = pick_device(c.train.device)
-    launch = read_launch_env()  # torchrun's RANK / WORLD_SIZE, checked before any collective
+def train(c: Configs, resolved: dict, launch) -> dict:
+    """Run training as configured (launch/train.py checked the whole config first: config_errors);
+    returns the last step's metrics (on every rank). `resolved` is the whole config as plain data,
+    written to run_dir/config.yaml and into every checkpoint."""
     logging.basicConfig(level=logging.INFO if launch.rank == 0 else logging.WARNING,
                         format="[%(asctime)s floe] %(message)s", datefmt="%H:%M:%S", force=True)
     quiet_repeated_reports(launch.rank)
-    with run_dir.claim(c.run_dir, launch.rank):  # one run per run.dir, before anything is written there
-        return _train_claimed(c, resolved, launch, device_kind)
+    check_deepspeed_version()
+    if launch.rank == 0 and c.train.keep_last == 0:
+        log.info("train.keep_last=0: every checkpoint is kept")
+    with RunContext(c, resolved, launch) as run:  # one run per run.dir; resume decided once
+        return _train_claimed(c, resolved, launch, run)
 
 
-def _train_claimed(c: Configs, resolved: dict, launch, device_kind: str) -> dict:
-    # Every rank checks a resume (files only, no collective), so all fail alike before any group exists;
-    # rank 0 rewrites config.yaml and data.json atomically, and only with values that pass these checks.
-    resuming = _is_resume(c)
-    if resuming:  # before the data is built, and before config.yaml is rewritten
-        run_dir.check_resumed_config(c.run_dir, resolved, c.train.allow_schedule_change)
-    # Everything that can be checked without talking to other ranks is checked first.
+def _train_claimed(c: Configs, resolved: dict, launch, run: RunContext) -> dict:
+    if run.resume_from:  # files only, before the data is built
+        check_resumed_base(c, run.resume_from)
     try:
         tokenizer, dataset = build_dataset(c.data, seed=c.train.seed)
         check_enough_rows(dataset, c.train.global_batch_size)  # before the model and any collective
         eval_dataset = build_eval_dataset(c.data, seed=c.train.seed)  # None without data.eval_*
     except (ValueError, FileNotFoundError) as e:  # a data file, line or key: bad input, not a crash
         raise ConfigError(str(e)) from e
-    check_launch(c, launch.world_size, tokenizer.vocab_size)
-    if resuming:
+    if run.resume_from:
         run_dir.check_resumed_data(c.run_dir, dataset.fingerprint)
-        check_resumed_base(c)
+    trainer_class = Trainer
     if c.train.objective == "dpo":  # dpo_trainer subclasses Trainer: imported where it is chosen
         from floe.run.dpo_trainer import DPOTrainer, check_resumed_reference
 
-        if resuming:
+        trainer_class = DPOTrainer
+        if run.resume_from:
             check_resumed_reference(c, dataset, eval_dataset)
-    check_deepspeed_version()
-    done = completed_run(c, dataset, launch.rank)
+    done = completed_run(c, dataset, run, launch.rank)
     if done is not None:
         return done
+    device_kind = pick_device(c.train.device)
     device = torch.device(device_kind, launch.local_rank if device_kind == "cuda" else None)
-    env_before = dict(os.environ)
-    created_group = init_distributed(device)
-    try:
-        trainer_class = DPOTrainer if c.train.objective == "dpo" else Trainer
-        return trainer_class(c, resolved, dataset, device, eval_dataset).fit()
-    finally:
-        if created_group:
-            teardown()
-            for key in set(os.environ) - set(env_before):  # the 1-process rendezvous init_distributed made up
-                del os.environ[key]
+    with run.process_group(device):
+        return trainer_class(c, resolved, dataset, device, eval_dataset, run=run).fit()
 
 
 # Every rank reads the same files with the same config (run_dir checks the data fingerprint), so
@@ -252,26 +137,23 @@ def lora_base(c: Configs) -> dict | None:
     return base_identity(c.train.init_from, c.train.seed) if c.lora.enabled else None
 
 
-def check_resumed_base(c: Configs) -> None:
+def check_resumed_base(c: Configs, latest: str) -> None:
     """Refuse to resume LoRA adapters onto another base than the one they were trained on."""
-    latest = checkpoint.latest_checkpoint(os.path.join(c.run_dir, "checkpoints"))
     saved = checkpoint.read_client_state(latest).get("base")
     if c.lora.enabled and (problem := base_problem(saved, lora_base(c))):
         raise ConfigError(f"cannot resume {latest}: {problem}. Relaunch with the base it was trained on, or set "
                           "another run.dir to start over")
 
 
-def _is_resume(c: Configs) -> bool:
-    """Whether this launch continues a checkpoint in run.dir (what Trainer._resume will load)."""
-    return (c.train.resume == "auto"
-            and checkpoint.latest_checkpoint(os.path.join(c.run_dir, "checkpoints")) is not None)
-
-
 class Trainer:
     """Build once, then `fit`: train_step, log, save until the last step."""
 
-    def __init__(self, c: Configs, resolved: dict, dataset, device: torch.device, eval_dataset=None):
-        self.c, self.device, self.eval_dataset = c, device, eval_dataset
+    def __init__(self, c: Configs, resolved: dict, dataset, device: torch.device, eval_dataset=None,
+                 run: RunContext | None = None):
+        """`run` (floe.run.context) says what to resume from and whether a stop was requested; without
+        it (benchmarks) the run starts fresh and stops at its last step."""
+        self.c, self.device, self.eval_dataset, self.run, self.resolved = c, device, eval_dataset, run, resolved
+        self.stop_agreed = False
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         allocator = host_allocator.configure(c.train.host_allocator, device.type)  # before the model's first tensor
         if self.rank == 0:
@@ -292,7 +174,7 @@ class Trainer:
         self.source_labels = dataset.source_labels
         self.total_steps = total_steps(c.train, self.loader.steps_per_epoch)
         self.ckpt_dir = os.path.join(c.run_dir, "checkpoints")
-        resume_from = checkpoint.latest_checkpoint(self.ckpt_dir) if c.train.resume == "auto" else None
+        resume_from = run.resume_from if run is not None else None
         # A run's own checkpoint wins over init_from: its weights would be overwritten anyway. A LoRA
         # run's checkpoint holds only its adapters: the frozen base is loaded (or initialised) again.
         load_base = c.train.init_from and (not resume_from or c.lora.enabled)
@@ -336,8 +218,11 @@ class Trainer:
     def _resume(self, path: str | None) -> int:
         if path is None:
             return 0
-        client = checkpoint.load(self.engine, path)
-        self.loader.load_state_dict(client["loader"])
+        try:
+            client = checkpoint.load(self.engine, path)
+            self.loader.load_state_dict(client["loader"])
+        except (KeyError, TypeError, ValueError) as e:  # read_state checked the counters; this is the rest
+            raise CheckpointError(f"cannot resume {path}: {e}") from None
         log.info("resumed from %s at step %d", path, client["step"])
         return client["step"]
 
@@ -349,7 +234,9 @@ class Trainer:
                 record.update(self.maybe_evaluate())
                 self.log(record)
                 self.stop_if_diverged()
-                self.maybe_save()
+                saved = self.maybe_save()
+                if self.stop_agreed:
+                    self.stop(saved)
         finally:
             if self.screen is not None:
                 self.screen.close()
@@ -360,6 +247,12 @@ class Trainer:
                      record["loss"], record["balance_loss"], record["balance_uniform"],
                      f"; {self.skipped_steps} non-finite step(s) skipped" if self.skipped_steps else "")
         return record
+
+    def stop(self, saved: str | None) -> None:
+        """Every rank agreed on a stop signal this step: write a checkpoint (unless this step just did)
+        and raise RunStopped. A skipped (non-finite) step is not saved; `latest` stays the last good one."""
+        path = saved or (self.save() if not self.consecutive_skips else checkpoint.latest_checkpoint(self.ckpt_dir))
+        raise RunStopped(self.run.signum, self.step, path, self.c.run_dir)
 
     def train_step(self) -> dict:
         """One optimizer step over the loader's next global batch; returns its metrics."""
@@ -442,7 +335,9 @@ class Trainer:
             sum(st.dropped for st in stats).double(),
             torch.tensor(assigned, device=self.device, dtype=torch.float64),
             mb["attention_mask"].sum().double(),
-            sum(st.dropped_loss for st in stats).double(), sum(st.loss_assignments for st in stats).double()]),
+            sum(st.dropped_loss for st in stats).double(), sum(st.loss_assignments for st in stats).double(),
+            torch.tensor(float(self.run is not None and self.run.stop_requested), device=self.device,
+                         dtype=torch.float64)]),
             torch.stack([st.tokens_per_expert for st in stats]).reshape(-1).double(),
             torch.stack([st.routed_per_expert for st in stats]).reshape(-1).double(),
             self._routed_per_source(stats, mb).reshape(-1).double()])
@@ -461,6 +356,7 @@ class Trainer:
         """The summed values by name; "tokens_per_expert" and "routed_per_expert": [layer][expert]
         kept assignments and assignments before capacity (ints)."""
         totals = dict(zip(SUMMED, values))
+        self.stop_agreed = totals["stop"] > 0  # all-reduced: the same on every rank
         num_layers, num_experts = self.c.model.num_layers, self.c.model.num_experts
         load = values[len(SUMMED):]
         rows = [[int(v) for v in load[i:i + num_experts]] for i in range(0, len(load), num_experts)]
@@ -538,16 +434,36 @@ class Trainer:
         record["eval_time_s"] = time.perf_counter() - t0
         return record
 
-    def maybe_save(self) -> None:
+    def maybe_save(self) -> str | None:
+        """Save at every train.save_every steps and at the last step; returns the path, or None."""
         save_every = self.c.train.save_every
         if self.consecutive_skips and self.step != self.total_steps:
-            return  # a skipped step changed nothing worth a checkpoint; `latest` stays the last applied step
+            return None  # a skipped step changed nothing worth a checkpoint; `latest` stays the last applied step
         if (save_every and self.step % save_every == 0) or self.step == self.total_steps:
-            client = {"step": self.step, "loader": self.loader.state_dict()}
-            if self.base is not None:
-                client["base"] = self.base
+            return self.save()
+        return None
+
+    def save(self) -> str:
+        """Write checkpoint self.step. A write that fails (disk full, read-only) leaves no partial
+        .tmp-step_N behind and raises OSError naming the path; `latest` stays the last complete one."""
+        # The config goes with the checkpoint: a resume compares it with its own (floe.run.context).
+        client = {"step": self.step, "loader": self.loader.state_dict(), "config": self.resolved}
+        if self.base is not None:
+            client["base"] = self.base
+        try:
             path = checkpoint.save(self.engine, self.ckpt_dir, self.step, client, keep_last=self.c.train.keep_last)
-            log.info("saved %s", path)
+        except (OSError, SafetensorError) as e:
+            tmp = os.path.join(self.ckpt_dir, f".tmp-step_{self.step:08d}")
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            found = re.search(r"os error (\d+)", str(e))  # safetensors' errors carry the OS's in their text
+            errno_ = getattr(e, "errno", None) or (int(found.group(1)) if found else errno.EIO)
+            raise OSError(errno_, f"{getattr(e, 'strerror', None) or e} (checkpoint step {self.step} not written, "
+                                  f"its partial {tmp} removed; latest stays "
+                                  f"{checkpoint.latest_checkpoint(self.ckpt_dir) or 'none'})",
+                          getattr(e, "filename", None) or self.ckpt_dir) from e
+        log.info("saved %s", path)
+        return path
 
 
 def write_data_stats(run_dir: str, dataset, eval_dataset) -> str:
