@@ -546,3 +546,13 @@ def test_hostile_lines_are_bad_lines_with_path_and_line(tmp_path):
     _, ds = build_dataset(DataConfig(name="jsonl", paths=[str(lenient)], strict=False, cache_dir=str(tmp_path)), 0)
     assert ds.stats["skipped"] == {formats.BOM: 1, formats.INVALID_JSON: 1, formats.NOT_OBJECT: 1, formats.SURROGATE: 2}
     assert ds.stats["examples"] == 4
+
+
+def test_no_carriage_returns_from_the_tokenising_bar_in_a_log_file(tmp_path, capfd):
+    """A source big enough for the tokenising bar (4 chunks) writes no carriage-return redraws when
+    stderr is not a terminal (a log file): they garble it into one long line."""
+    from floe.data.dataset import CHUNK
+
+    cfg = DataConfig(sources=["math"], num_examples=4 * CHUNK + 1, seq_len=256, cache_dir=str(tmp_path))
+    build_dataset(cfg, 0)
+    assert "\r" not in capfd.readouterr().err

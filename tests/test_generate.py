@@ -111,6 +111,18 @@ def test_eval_records_split_and_bad_lines_named(tmp_path):
     bad.write_text('{"text": "plain"}\n{"prompt": "p", "completion": "q"}\nnot json\n')
     with pytest.raises(ValueError, match=r"(?s)bad.jsonl:1: no assistant turn.*bad.jsonl:3: invalid JSON"):
         read_eval_records(str(bad))
+    # the layouts and file kinds training reads: ShareGPT in Parquet, Alpaca in a JSON array
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist([{"conversations": [{"from": "human", "value": "a"}, {"from": "gpt",
+                                                                                            "value": "b"}]}]),
+                   tmp_path / "share.parquet")
+    (tmp_path / "alpaca.json").write_text('[{"instruction": "a", "input": "", "output": "b"}, {"instruction": "x"}]')
+    assert [(it["turns"], it["reference"]) for it in read_eval_records(str(tmp_path / "share.parquet"))] == \
+        [((("user", "a"),), "b")]
+    with pytest.raises(ValueError, match=r"alpaca.json: record 2: no known fields"):
+        read_eval_records(str(tmp_path / "alpaca.json"))
 
 
 @pytest.fixture(scope="module")

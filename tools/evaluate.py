@@ -24,7 +24,9 @@ from collections import defaultdict
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from floe.data import synthetic
+import floe.data.readers as readers
 from floe.data.formats import BadRecord, iter_jsonl, parse_record
+from floe.data.formats import where as where_in
 from tools.generate import load_model_for_inference, reply
 
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
@@ -61,10 +63,11 @@ def read_eval_records(path: str) -> list[dict]:
     """[{prompt turns, reference, source}] from a JSONL file; every bad line named in one ValueError."""
     default_source = os.path.splitext(os.path.basename(path))[0]
     items, errors = [], []
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise ValueError(f"--data: {path} does not exist")
-    for line_no, obj in iter_jsonl(path):
-        where = f"{path}:{line_no}"
+    kind = readers.kind_of(path)  # any file kind and record layout training reads
+    for line_no, obj in readers.iter_file(path, kind, iter_jsonl):
+        where = where_in(path, readers.unit(kind), line_no)
         if obj is None:
             continue  # blank line
         try:
@@ -116,7 +119,8 @@ def evaluate(model, tokenizer, items: list[dict], batch_size: int = 16, max_new_
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", help="a run dir (its latest checkpoint) or an HF export dir")
-    p.add_argument("--data", help="JSONL of chat or prompt/completion records (default: embedded held-out)")
+    p.add_argument("--data", help="records with an assistant reply to check, in any layout and file kind training "
+                   "reads (JSONL, JSON array, Parquet, ...; default: the embedded held-out questions)")
     p.add_argument("--out", help="per-example JSONL (default: RUN_DIR/eval_predictions.jsonl)")
     p.add_argument("--num-per-source", type=int, default=HELDOUT_PER_SOURCE, help="embedded questions per source")
     p.add_argument("--seed", type=int, default=0, help="which embedded held-out questions")
