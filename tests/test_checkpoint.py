@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from floe.run import checkpoint
-from tests.distributed import run_distributed
+from floe.testing.distributed import run_distributed
 from tests.test_parallel_train import checkpoint_params
 
 TINY = ["model=tiny", "model.capacity_factor=null", "train.global_batch_size=8", "train.micro_batch_size=2",

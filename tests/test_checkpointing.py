@@ -9,7 +9,7 @@ import floe.layer
 from floe.config import PRESETS
 from floe.plan.tensor_memory import PeakMemoryTracker
 from floe.model import CHECKPOINTING, ArcticForCausalLM, apply_activation_checkpointing
-from tests.distributed import run_distributed
+from floe.testing.distributed import run_distributed
 
 MODES = [m for m in CHECKPOINTING if m != "none"]
 # Capacity dropping on (1.0): the routing decides which rows survive, so re-routing would show.

@@ -126,7 +126,7 @@ def test_deepspeed_and_gloo_warnings_are_silenced():
     code = ("import os, torch, floe.parallel, deepspeed, torch.distributed as dist\n"
             "from deepspeed.accelerator import get_accelerator\n"
             "assert get_accelerator()._name == 'cpu'\n"
-            "os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(__import__('tests.distributed', "
+            "os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(__import__('floe.testing.distributed', "
             "fromlist=['free_port']).free_port()))\n"
             "dist.init_process_group('gloo', rank=0, world_size=1)\n"
             "out = torch.zeros(2); dist.all_gather_into_tensor(out, torch.ones(2))  # as DeepSpeed's ZeRO-2 does\n"

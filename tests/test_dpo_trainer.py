@@ -10,7 +10,7 @@ import torch
 
 from floe.errors import ConfigError
 from floe.run import dpo_trainer
-from tests.distributed import run_distributed
+from floe.testing.distributed import run_distributed
 from tests.test_dpo import write_pairs
 from tests.test_parallel_train import checkpoint_params
 from tests.test_train import make_cfg, read_metrics

@@ -15,7 +15,7 @@ from floe.config import PRESETS
 from floe.data import DataConfig, build_eval_dataset, eval_micro_batches
 from floe.run.evaluation import eval_loss_record, eval_loss_sums
 from floe.model import ArcticForCausalLM
-from tests.distributed import run_distributed
+from floe.testing.distributed import run_distributed
 
 SOURCES = ("math", "identity", "code", "general")
 TRAIN = ["model.capacity_factor=1.0", "train.global_batch_size=4", "train.micro_batch_size=2",

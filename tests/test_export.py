@@ -298,7 +298,7 @@ def test_lora_adapter_export_loads_in_peft(lora_run, tmp_path):
     """PeftModel.from_pretrained on the independent Arctic reference holding the base: floe's logits."""
     from peft import LoraConfig, PeftModel
 
-    from tests.arctic_reference import ArcticReference
+    from floe.testing.arctic_reference import ArcticReference
 
     run, base = lora_run
     files = export(str(run), str(tmp_path / "adapter"), adapter=True)

@@ -14,8 +14,8 @@ from safetensors.torch import load_file, save_file
 from floe.config import PRESETS
 from floe.hf import config_from_hf, hf_config_from, load_hf_weights, read_hf_config, save_hf
 from floe.model import ArcticForCausalLM
-from tests.arctic_reference import ArcticReference, tiny_arctic_config
-from tests.distributed import run_distributed
+from floe.testing.arctic_reference import ArcticReference, tiny_arctic_config
+from floe.testing.distributed import run_distributed
 
 INPUT_IDS = torch.tensor([[5, 17, 3, 88, 42, 9, 61, 2, 33, 70, 14], [1, 90, 23, 23, 57, 8, 40, 11, 76, 5, 29]])
 

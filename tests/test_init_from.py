@@ -16,7 +16,7 @@ from launch.train import parse_config, train
 from floe.data import DataConfig, StepLoader, build_dataset
 from floe.hf import from_hf, read_hf_config
 from floe.model import ArcticForCausalLM
-from tests.distributed import run_distributed
+from floe.testing.distributed import run_distributed
 from tests.test_parallel_train import checkpoint_params
 from tests.test_train import make_cfg, read_metrics
 from tools.export import export

@@ -480,7 +480,7 @@ def test_moe_layer_through_triton_matches_naive_loop(capacity_factor, launches):
     """MoELayer on the Triton path computes what an independent per-token loop computes."""
     from floe.config import ModelConfig
     from floe.layer import MoELayer
-    from tests.naive_moe import naive_moe
+    from floe.testing.naive_moe import naive_moe
 
     torch.manual_seed(7)
     cfg = ModelConfig(vocab_size=32, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, dense_ffn=32,

@@ -3,7 +3,7 @@ import torch
 
 from floe.config import ModelConfig
 from floe.layer import MoELayer
-from tests.naive_moe import naive_moe
+from floe.testing.naive_moe import naive_moe
 
 
 def tiny_moe_config(num_experts, top_k, capacity_factor, drop_policy="probs", **kw):

@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 
 from floe.parallel import teardown
-from tests.distributed import free_port
+from floe.testing.distributed import free_port
 from tools.bench_moe import build_pair
 
 

@@ -11,7 +11,7 @@ from floe.lora import (LORA_TARGETS, GroupedLoRA, LoRA, LoRAConfig, adapters, ap
                        is_adapter_name, lora_model_errors, merge_lora, merged_state_dict, trainable_parameters,
                        unmerge_lora)
 from floe.model import ArcticForCausalLM
-from tests.arctic_reference import ArcticReference
+from floe.testing.arctic_reference import ArcticReference
 
 IDS = torch.tensor([[5, 17, 3, 88, 42, 9, 61, 2, 33, 70, 14, 7], [1, 90, 23, 23, 57, 8, 40, 11, 76, 5, 29, 64]])
 ALL = list(LORA_TARGETS)

@@ -156,7 +156,7 @@ def lora_base_dir(tmp_path_factory):
 
 @pytest.mark.slow
 def test_two_processes_ep2_zero2_equal_one_process(tmp_path, lora_base_dir):
-    from tests.distributed import run_distributed
+    from floe.testing.distributed import run_distributed
     from tests.test_parallel_train import metrics
 
     one, two = str(tmp_path / "one"), str(tmp_path / "two")

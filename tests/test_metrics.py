@@ -13,7 +13,8 @@ import torch
 
 from floe.run import metrics
 from floe.config import PRESETS
-from tests.distributed import REPO, run_distributed
+from floe.testing.distributed import run_distributed
+from tests import REPO
 
 
 def test_train_flops_per_token_of_tiny_by_hand():

@@ -17,7 +17,7 @@ from floe.config import ModelConfig
 from floe.layer import EXPERT_WEIGHTS, MoELayer
 from floe.model import ArcticForCausalLM
 from floe.parallel import expected_layout, validate_parallel
-from tests.distributed import DistributedError, run_distributed
+from floe.testing.distributed import DistributedError, run_distributed
 
 D = 16
 
@@ -264,7 +264,7 @@ def test_bad_launch_fails_fast_on_every_rank():
 
 
 def _raise_on_rank1(rank, world_size):
-    from tests.distributed import init_process_group_from_env
+    from floe.testing.distributed import init_process_group_from_env
 
     init_process_group_from_env(timeout_s=30)
     if rank == 1:

@@ -15,7 +15,7 @@ import shutil
 import pytest
 import torch
 
-from tests.distributed import run_distributed
+from floe.testing.distributed import run_distributed
 
 pytestmark = pytest.mark.slow
 

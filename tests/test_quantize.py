@@ -14,7 +14,8 @@ from floe.config import PRESETS
 from floe.model import ArcticForCausalLM
 from floe.quantize import (QuantizedWeight, apply_quantize_base, dequantize_base_, quantize_base_errors,
                            quantized_weights)
-from tests.distributed import REPO, run_distributed
+from floe.testing.distributed import run_distributed
+from tests import REPO
 
 torchao = pytest.importorskip("torchao")
 from torchao.quantization import quant_primitives as qp  # noqa: E402

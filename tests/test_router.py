@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from floe import router
-from tests.naive_moe import naive_balance_loss, naive_route
+from floe.testing.naive_moe import naive_balance_loss, naive_route
 
 
 def plan_for(logits, k, cap, policy="position", normalize=True):

@@ -190,7 +190,7 @@ def test_torn_metrics_line(tmp_path):
 
 @pytest.mark.slow  # spawns processes
 def test_refused_resume_fails_alike_on_every_rank_before_any_group(tmp_path):
-    from tests.distributed import run_distributed
+    from floe.testing.distributed import run_distributed
     from tests.test_parallel_train import _bad_launch_worker, _train_worker
 
     run_dir = tmp_path / "run"

@@ -54,7 +54,7 @@ def _train_peak(rank, world_size, overrides, run_dir):
 
 def measure_training_peak(overrides: list[str], world_size: int = 1) -> float:
     """Peak GiB of real training (max over ranks) for these overrides; spawns the ranks."""
-    from tests.distributed import run_distributed
+    from floe.testing.distributed import run_distributed
 
     with tempfile.TemporaryDirectory() as run_dir:
         peaks = run_distributed(_train_peak, world_size=world_size, args=(list(overrides), run_dir), timeout=900)

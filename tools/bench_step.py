@@ -69,7 +69,7 @@ class ArcticSparseMoE(nn.Module):
 
     def __init__(self, hidden: int, width: int, num_experts: int, top_k: int):
         super().__init__()
-        from tests.arctic_reference import SwiGLU
+        from floe.testing.arctic_reference import SwiGLU
 
         self.top_k, self.num_experts = top_k, num_experts
         self.gate = nn.Linear(hidden, num_experts, bias=False)
@@ -100,7 +100,7 @@ class ArcticSparseMoE(nn.Module):
 
 
 def build_naive(args, experts: int, seed: int = 0):
-    from tests.arctic_reference import ArcticReference, tiny_arctic_config
+    from floe.testing.arctic_reference import ArcticReference, tiny_arctic_config
 
     c = tiny_arctic_config(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.expert_ffn,
                            num_hidden_layers=args.layers, num_attention_heads=args.heads,
@@ -246,8 +246,8 @@ def build_trainer(args, experts: int, zero: int, procs: int, run_dir: str):
                           if pick_device(c.train.device) == "cuda" else None)
     init_distributed(device)
     trainer = Trainer(c, OmegaConf.to_container(cfg, resolve=True), dataset, device)
-    if trainer.progress is not None:
-        trainer.progress.disable = True
+    if trainer.screen is not None and trainer.screen.bar is not None:  # a bar would mix into the timings' output
+        trainer.screen.bar.disable = True
     return trainer, c, device
 
 
