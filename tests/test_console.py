@@ -189,6 +189,7 @@ def test_a_failing_sweep_job_does_not_stop_the_sweep(tmp_path):
     runs = sorted(p.name for p in sweep.iterdir() if (p / "metrics.jsonl").is_file())
     assert [r for r in runs if "max_steps=1," in r] and [r for r in runs if "max_steps=2," in r] and len(runs) == 2
     table = out.stdout[out.stdout.index("| run |"):].splitlines()
-    assert sorted(row.split(" | ")[0].strip("| ") for row in table[2:4]) == runs
+    rows = [row.split(" | ")[0].strip("| ") for row in table[2:] if row.startswith("|")]
+    assert len(rows) == 2 and all(any(row in run for run in runs) for row in rows), table  # the finished jobs
     failed = out.stdout[out.stdout.index("sweep: 1 run(s) failed"):]
     assert "train.max_steps=-1," in failed and "(invalid config:" in failed, out.stdout[-2000:]
