@@ -63,6 +63,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def single_process_env() -> dict[str, str]:
+    """The rendezvous environment of a group of one (a plain `python` launch, no torchrun): rank 0 of
+    1 on a free local port. floe.run.context sets it for a run and restores the environment after."""
+    return {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(_free_port())}
+
+
 def init_distributed(device: torch.device, timeout_s: float = 600.0) -> bool:
     """Join torchrun's process group (env://), or make a group of one for a plain `python`
     launch, and let DeepSpeed's comm layer wrap it. Returns True if this call created it."""
@@ -70,9 +77,8 @@ def init_distributed(device: torch.device, timeout_s: float = 600.0) -> bool:
 
     created = not dist.is_initialized()
     if created:
-        if "RANK" not in os.environ:  # plain `python launch/train.py`: a group of one
-            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=str(_free_port()))
+        if "RANK" not in os.environ:  # a tool's plain `python` launch (a run sets it: floe.run.context)
+            os.environ.update(single_process_env())
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(backend=default_backend(device), timeout=timedelta(seconds=timeout_s))

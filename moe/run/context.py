@@ -27,7 +27,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import time
 from contextlib import contextmanager
 
@@ -39,8 +38,6 @@ log = logging.getLogger("floe")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 # What an earlier run leaves in run.dir; train.resume=never moves it aside.
 RUN_FILES = ("checkpoints", "metrics.jsonl", "expert_load.jsonl", run_dir.CONFIG_FILE, run_dir.DATA_FILE)
-# The rendezvous a plain `python launch/train.py` (no torchrun) gets: a group of one.
-SINGLE_PROCESS_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 class CheckpointError(ConfigError):
@@ -143,11 +140,12 @@ class RunContext:
         """Join torchrun's process group (or make a group of one: its environment is set here and
         restored afterwards) for the body; torn down afterwards if this call created it."""
         from floe.parallel import init_distributed, teardown
+        from floe.parallel.lifecycle import single_process_env
 
-        env_before = {k: os.environ.get(k) for k in SINGLE_PROCESS_ENV}
+        single = single_process_env()
+        env_before = {k: os.environ.get(k) for k in single}
         if "RANK" not in os.environ:  # plain `python launch/train.py`: a group of one
-            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=str(_free_port()))
+            os.environ.update(single)
         created = False
         try:
             created = init_distributed(device)
@@ -160,12 +158,6 @@ class RunContext:
                     os.environ.pop(key, None)
                 else:
                     os.environ[key] = value
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def move_aside(path: str) -> str | None:
