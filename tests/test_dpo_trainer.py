@@ -160,6 +160,19 @@ def test_two_processes_match_one(tmp_path, pairs, ep_size, zero_stage):
     with np.load(os.path.join(one, dpo_trainer.REFERENCE_FILE)) as f1, \
             np.load(os.path.join(two, dpo_trainer.REFERENCE_FILE)) as f2:
         np.testing.assert_allclose(f1["train"], f2["train"], rtol=0, atol=1e-5)
+    # Resume at another layout: the 1-process run's step-1 checkpoint (and its reference cache, indexed by
+    # sequence, not by rank) continued on 2 processes at ep 2 / ZeRO-2 gives the 1-process steps 2 and 3.
+    moved = str(tmp_path / "moved")
+    shutil.copytree(one, moved)
+    for step in (2, 3):
+        shutil.rmtree(os.path.join(moved, "checkpoints", f"step_{step:08d}"))
+    with open(os.path.join(moved, "checkpoints", "latest"), "w") as f:
+        f.write("step_00000001")
+    run_distributed(_dpo_worker, 2, args=(moved, [*common, f"parallel.ep_size={ep_size}",
+                                                  f"parallel.zero_stage={zero_stage}"]), timeout=180)
+    for ra, rc in zip(a, read_metrics(moved), strict=True):
+        assert ra["loss"] == pytest.approx(rc["loss"], rel=1e-5, abs=1e-6), ra["step"]
+        assert ra["rewards/margins"] == pytest.approx(rc["rewards/margins"], rel=1e-4, abs=1e-6), ra["step"]
 
 
 @pytest.mark.slow
