@@ -190,7 +190,7 @@ def test_balancing_bias_two_processes_ep2_zero2_equal_one_and_resume_at_another_
     # Dropless, so the routed counts of the global batch are the same whatever the split; the bias
     # moves after every step (rate 0.01, large next to tiny's near-uniform router probabilities, so
     # it changes which experts are chosen) and is part of every checkpoint.
-    bias = ["model.balance_bias_rate=0.01", "train.max_steps=4"]
+    bias = ["model.balance_bias_rate=0.01", "train.max_steps=4", "log.expert_load_every=1"]
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     run_distributed(_train_worker, 1, args=(one, bias), timeout=90)
     run_distributed(_train_worker, 2, args=(two, [*bias, "parallel.ep_size=2", "parallel.zero_stage=2"]), timeout=120)
@@ -204,6 +204,15 @@ def test_balancing_bias_two_processes_ep2_zero2_equal_one_and_resume_at_another_
             steps_taken = (b / 0.01).round()
             torch.testing.assert_close(b, steps_taken * 0.01, rtol=0, atol=1e-6)
     assert any(b.abs().sum() > 0 for b in _bias(checkpoint_params(one, 4)).values())
+    # Each step's move by hand from that step's logged global routed counts: rate * sign(mean - load).
+    with open(os.path.join(two, "expert_load.jsonl")) as f:
+        routed = {r["step"]: r["routed_per_expert"] for r in map(json.loads, f)}
+    for step in range(1, 5):
+        before = _bias(checkpoint_params(two, step - 1)) if step > 1 else None
+        for layer, (name, after) in enumerate(sorted(_bias(checkpoint_params(two, step)).items())):
+            load = torch.tensor(routed[step][layer], dtype=torch.float64)
+            start = before[name] if before else torch.zeros_like(after)
+            torch.testing.assert_close(after, start + (0.01 * torch.sign(load.mean() - load)).float(), rtol=0, atol=0)
     for ma, mb in zip(metrics(two), metrics(one)):
         assert ma["loss"] == pytest.approx(mb["loss"], rel=1e-5, abs=1e-6)
     # Resume the 2-process run's step-2 checkpoint on 1 process at ZeRO-0: the bias comes back, so
