@@ -240,3 +240,37 @@ def test_measure_trains_with_the_estimators_own_keys(capsys):
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert 0 < out["measured_peak_gb"] and out["gpu_mem_gb"] == 8
     assert 0.5 < out["total_gb"] / out["measured_peak_gb"] < 3
+    with pytest.raises(ValueError, match=r"\+routing"):
+        main(["model=tiny", "+routing=sometimes"])
+    with pytest.raises(ValueError, match="parallel.ep_size"):
+        main(["model=tiny", "parallel.ep_size=3", "+world_size=6"])
+
+
+def _plan_over_measured(overrides: list[str], run_dir) -> float:
+    """tools/estimate.py's plan for a launch config over the peak of real training steps of it
+    (tools/gpu_check_steps.py measure_steps: the op-level tracker on a CPU, the CUDA allocator on a GPU)."""
+    from tools.gpu_check_steps import measure_steps, memory_plan
+
+    measured = measure_steps(overrides, str(run_dir), steps=1)
+    return memory_plan(overrides).total_gb / measured["peak_gib"]
+
+
+def test_plan_within_15_percent_of_tracked_training_tiny(tmp_path):
+    """The CPU twin of the GPU test below: the whole plan (states, buffers, activations) against real
+    training steps of the same config, counted op by op."""
+    from tools.bench_estimate import CASES, COMMON
+
+    _, overrides = CASES["tiny-ep1-z0"]
+    ratio = _plan_over_measured([*COMMON, *overrides], tmp_path)
+    assert 0.85 <= ratio <= 1.15, ratio
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_plan_within_15_percent_of_cuda_peak_small(tmp_path):
+    """model=small, bf16, 4096-token rows, Triton experts, FlexAttention (tools/gpu_check.py's small step):
+    the plan against torch.cuda.max_memory_allocated."""
+    from tools.gpu_check_steps import small_step_overrides
+
+    ratio = _plan_over_measured(small_step_overrides(rehearse=False), tmp_path)
+    assert 0.85 <= ratio <= 1.15, ratio

@@ -20,6 +20,7 @@ import importlib
 import importlib.util
 import math
 import os
+import re
 import subprocess
 import sys
 import types
@@ -76,6 +77,7 @@ def _import_triton_modules():
 tgm, ops = (None, None) if RUN_IN_SUBPROCESS else _import_triton_modules()
 from floe import kernels
 from floe.kernels import reference, triton_host
+from tools.gpu_check_steps import pytest_counts
 
 REF_GROUPED_MM = reference.grouped_mm  # the oracle
 REF_GROUPED_SWIGLU = reference.grouped_swiglu
@@ -136,18 +138,30 @@ def _interpreter_and_backend(request, monkeypatch):
     yield
 
 
+# The tests of this module that run (and must pass) under the interpreter: all but the GPU-only ones
+# and test_kernels_in_fresh_interpreter_process. Change it with the tests, in the same commit.
+INTERPRETER_TESTS = 48
+GPU_ONLY_SKIPS = ("bf16 needs a GPU (the Triton interpreter has no bf16 dot)",
+                  "the tests of this module run in this process")
+
+
 def test_kernels_in_fresh_interpreter_process():
     """The whole module in a new process with TRITON_INTERPRET=1 from the start."""
     if not RUN_IN_SUBPROCESS:
         pytest.skip("the tests of this module run in this process")
     repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__)],
+        [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", os.path.abspath(__file__)],
         cwd=repo_root, env={**os.environ, "TRITON_INTERPRET": "1"},
         capture_output=True, text=True, timeout=900, check=False,
     )
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-    assert " passed" in proc.stdout
+    counts = pytest_counts(proc.stdout)
+    skips = re.findall(r"SKIPPED \[(\d+)\] [^:]+:\d+: (.*)", proc.stdout)
+    # Every skip there is a GPU-only test or this test itself; everything else ran and passed.
+    assert all(reason in GPU_ONLY_SKIPS for _, reason in skips), skips
+    assert counts["skipped"] == sum(int(n) for n, _ in skips)
+    assert counts["passed"] == INTERPRETER_TESTS and counts["failed"] == counts["errors"] == 0, proc.stdout[-3000:]
 
 
 def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -452,6 +466,7 @@ def test_backend_switch(monkeypatch, launches):
         kernels.grouped_mm(x_NK, w_GKM, sizes_G.to(DEVICE), backend="cutlass")
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="bf16 needs a GPU (the Triton interpreter has no bf16 dot)")
 @pytest.mark.parametrize("shape", ["empty_groups", "odd_sizes", "g128_random"])
 def test_bf16_on_gpu(shape, launches):
@@ -529,3 +544,47 @@ def test_backend_travels_with_the_model(monkeypatch, launches):
     assert _rel_err(tri_logits.float().cpu(), ref_logits.float().cpu()) < 1e-5
     with pytest.raises(ValueError, match="train.kernels must be one of"):
         apply_kernel_backend(on_triton, "cutlass")
+
+
+def _model_step(backend: str, num_layers: int, dtype: torch.dtype, monkeypatch):
+    """Loss and every gradient of one forward+backward of a packed batch through the tiny model, with the
+    experts on `backend`; the weights come from one seed, so both backends start from the same model."""
+    from floe.config import PRESETS
+    from floe.model import ArcticForCausalLM, apply_kernel_backend
+
+    counts = collections.Counter()
+    monkeypatch.setattr(tgm, "_swiglu_gate_up_kernel", _CountingKernel(tgm._swiglu_gate_up_kernel, "swiglu", counts))
+    model = ArcticForCausalLM(PRESETS["tiny"].replace(num_layers=num_layers))
+    model.reset_parameters(seed=3)
+    model.to(device=DEVICE, dtype=dtype).train()
+    gen = torch.Generator().manual_seed(5)
+    ids_BS = torch.randint(0, model.config.vocab_size, (2, 48), generator=gen).to(DEVICE)
+    pos_BS = torch.cat([torch.arange(20), torch.arange(28), torch.arange(48)]).view(2, 48).to(DEVICE)  # packed
+    apply_kernel_backend(model, backend)
+    out = model(ids_BS, position_ids=pos_BS, labels=ids_BS)
+    out.loss.backward()
+    assert counts["swiglu"] == (2 * num_layers if backend == "triton" else 0)  # fwd + bwd per layer, or none
+    return out.loss.detach().float(), {n: p.grad.float() for n, p in model.named_parameters()}
+
+
+def _assert_model_steps_match(num_layers, dtype, tol, monkeypatch):
+    loss_ref, grads_ref = _model_step("reference", num_layers, dtype, monkeypatch)
+    loss, grads = _model_step("triton", num_layers, dtype, monkeypatch)
+    assert abs(loss.item() - loss_ref.item()) <= tol * abs(loss_ref.item())
+    assert grads.keys() == grads_ref.keys()
+    for name, grad in grads.items():
+        assert _rel_err(grad.cpu(), grads_ref[name].cpu()) < tol, name
+
+
+def test_model_step_through_triton_matches_reference(monkeypatch):
+    """A training step (loss and every gradient) with the Triton experts equals the reference kernels' step
+    (fp32; the interpreter on a CPU); its bf16 twin on a GPU is below."""
+    _assert_model_steps_match(2, torch.float32, 1e-5, monkeypatch)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="bf16 needs a GPU (the Triton interpreter has no bf16 dot)")
+def test_model_step_through_triton_matches_reference_bf16_on_gpu(monkeypatch):
+    """One layer, so routing (which reads the embeddings) is identical under both backends and a bf16
+    rounding cannot flip a token's experts."""
+    _assert_model_steps_match(1, torch.bfloat16, TOL[torch.bfloat16], monkeypatch)

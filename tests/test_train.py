@@ -44,12 +44,22 @@ def test_entry_point_trains_tiny_and_loss_falls(tmp_path):
     assert open(run_dir / "checkpoints" / "latest").read() == "step_00000030"
 
 
-@pytest.mark.parametrize("extra", [[], ["train.precision=bf16"], ["train.neftune_alpha=5"]],
-                         ids=["fp32", "bf16-zero0", "neftune"])
+ON_CUDA = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+@pytest.mark.parametrize("extra", [
+    pytest.param([], id="fp32"),
+    pytest.param(["train.precision=bf16"], id="bf16-zero0"),
+    pytest.param(["train.neftune_alpha=5"], id="neftune"),
+    pytest.param(["train.device=cuda", "train.precision=bf16"], id="bf16-zero0-cuda", marks=ON_CUDA),
+    pytest.param(["train.device=cuda", "train.precision=bf16", "parallel.zero_stage=2"], id="bf16-zero2-cuda",
+                 marks=ON_CUDA),
+])
 def test_resume_is_bit_exact(tmp_path, extra):
-    """Also in bf16 at ZeRO-0 (DeepSpeed's unfused bf16 optimizer: fp32 masters per parameter), and with
+    """Also in bf16 at ZeRO-0 (DeepSpeed's unfused bf16 optimizer: fp32 masters per parameter); with
     NEFTune, whose noise draws from torch's RNG every step: the resumed run draws the uninterrupted run's
-    noise only if the checkpoint restored the RNG state (without it this case fails)."""
+    noise only if the checkpoint restored the RNG state (without it this case fails); and on CUDA (Triton
+    experts, FlexAttention) at ZeRO-0 and ZeRO-2, the CPU bf16 case being their twin."""
     straight = tmp_path / "straight"
     train(make_cfg(straight, "train.max_steps=6", "train.save_every=3", "train.global_batch_size=8",
                    "train.micro_batch_size=4", *extra))

@@ -19,7 +19,9 @@ TFLOP/s use the FLOPs each variant executes; `useful` TFLOP/s the 9 GEMMs of the
 The config the autotuner chose at each Triton call site (kernels.ops.CALL_SITES: mm.fwd,
 mm.dX, mm.dW, swiglu.fwd.gate_up ... swiglu.bwd.dW13), with whether its weights went through
 TMA descriptors, is printed and kept in --json.
-Without a GPU it says so and measures nothing (exit 0).
+Without a GPU it says so and measures nothing (exit 0). tools/gpu_check.py imports the bench_*
+functions; its CPU rehearsal runs them at a toy shape with DEVICE = "cpu" (a host timer and the
+op-level memory tracker then stand in for CUDA events and the allocator's peak).
 
 Shape legend: N routed rows, K input width, M output width, G local experts, D hidden, F expert ffn.
 """
@@ -29,7 +31,9 @@ import argparse
 import contextlib
 import json
 import os
+import statistics
 import sys
+import time
 from unittest import mock
 
 import torch
@@ -168,7 +172,14 @@ def bench_ops(shape: str, routing: str) -> list[dict]:
 
 
 def _peak_bytes(fn) -> int:
-    """Peak memory allocated above the starting point while `fn` runs."""
+    """Peak memory allocated above the starting point while `fn` runs (on a CPU, for
+    tools/gpu_check.py's rehearsal, the op-level tracker of floe.plan.tensor_memory)."""
+    if DEVICE == "cpu":
+        from floe.plan.tensor_memory import PeakMemoryTracker
+
+        with PeakMemoryTracker() as mem:
+            fn()
+        return mem.peak_bytes
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     start = torch.cuda.memory_allocated()
@@ -178,9 +189,23 @@ def _peak_bytes(fn) -> int:
 
 
 def _median_ms(fn, grad_to_none=None) -> float:
+    if DEVICE == "cpu":  # tools/gpu_check.py's rehearsal: no CUDA events; a host timer, a few runs
+        return _host_median_ms(fn, grad_to_none)
     from triton.testing import do_bench
 
     return do_bench(fn, warmup=25, rep=200, grad_to_none=grad_to_none, return_mode="median")
+
+
+def _host_median_ms(fn, grad_to_none=None, runs: int = 1) -> float:
+    """Host wall time of fn (one run by default: on a CPU this only rehearses the GPU benchmark)."""
+    times = []
+    for _ in range(runs):
+        for t in grad_to_none or ():
+            t.grad = None
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
 
 
 def _measure(name, forward, leaves, dy, flops_fwd, rows, ref_out):

@@ -227,6 +227,11 @@ def instrument(trainer, timer: PhaseTimer) -> None:
 
 def build_trainer(args, experts: int, zero: int, procs: int, run_dir: str):
     """Trainer exactly as floe.run.trainer.train builds it from the composed config (process group first)."""
+    return trainer_from_overrides(overrides(args, experts, zero, procs), run_dir, procs)
+
+
+def trainer_from_overrides(launch_overrides: list[str], run_dir: str, procs: int = 1):
+    """(trainer, configs, device) for `python launch/train.py <launch_overrides>` (also tools/gpu_check.py)."""
     from hydra import compose, initialize_config_dir
 
     from launch.train import CONF_DIR, parse_config
@@ -237,8 +242,7 @@ def build_trainer(args, experts: int, zero: int, procs: int, run_dir: str):
     from omegaconf import OmegaConf
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-        cfg = compose("config", overrides=[f"run.dir={run_dir}", "run.name=bench",
-                                           *overrides(args, experts, zero, procs)])
+        cfg = compose("config", overrides=[f"run.dir={run_dir}", "run.name=bench", *launch_overrides])
     c = parse_config(cfg)
     check_config(c, read_launch_env())
     _, dataset = build_dataset(c.data, seed=c.train.seed)
