@@ -553,6 +553,7 @@ def _model_step(backend: str, num_layers: int, dtype: torch.dtype, monkeypatch):
     from floe.model import ArcticForCausalLM, apply_kernel_backend
 
     counts = collections.Counter()
+    counts.b_tma = []
     monkeypatch.setattr(tgm, "_swiglu_gate_up_kernel", _CountingKernel(tgm._swiglu_gate_up_kernel, "swiglu", counts))
     model = ArcticForCausalLM(PRESETS["tiny"].replace(num_layers=num_layers))
     model.reset_parameters(seed=3)

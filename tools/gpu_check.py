@@ -67,6 +67,9 @@ STEPS = [
     Plan("small_step", "step_small", False, 90, 15),
     Plan("default_train", "step_default_train", True, 45, 30),
     Plan("resume", "step_resume", True, 45, 30),
+    Plan("lora", "step_lora", True, 30, 15),
+    Plan("qlora", "step_qlora", True, 30, 15),
+    Plan("dpo", "step_dpo", True, 30, 15),
 ]
 NAMES = [p.name for p in STEPS]
 
@@ -201,6 +204,7 @@ FIGURE_KEYS = {  # the figures the summary shows per step (all are in report.jso
                    "plan_over_measured"),
     "default_train": ("wall_s", "first_loss", "last_loss", "tokens_per_s", "mfu", "mem_peak_gb"),
     "resume": ("wall_s", "tensors_compared"),
+    **{name: ("losses",) for name in ("lora", "qlora", "dpo")},
 }
 
 

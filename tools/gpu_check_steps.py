@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import re
 import shutil
@@ -243,7 +244,7 @@ def bench_summary(rows: list[dict]) -> list[dict]:
     """Per (op, routing): forward+backward TFLOP/s of ours, torch, dense, and ours' ratios to them."""
     out = []
     for op in ("grouped_mm", "swiglu"):
-        for routing in ("skewed",) if step.rehearse else ("uniform", "skewed"):  # the interpreter is slow
+        for routing in dict.fromkeys(r["routing"] for r in rows):
             got = {r["impl"]: r.get("fwd_bwd_tflops") for r in rows if r.get("op") == op and r["routing"] == routing}
             if not got:
                 continue
@@ -479,3 +480,61 @@ def step_resume(step: Step) -> None:
     step.check("the step-6 checkpoints are bit-identical (weights, Adam moments, fp32 masters)",
                len(ta) > 0 and set(ta) == set(tb) and not differ, f"{len(ta)} tensors, {len(differ)} differ {differ[:3]}")
     step.figures["tensors_compared"] = len(ta)
+
+
+# ----------------------------------------------------------------------------- LoRA, QLoRA, DPO
+
+
+FEATURE_STEPS = 4
+
+
+def _feature_run(step: Step, overrides: list[str], prepare=None) -> None:
+    """A few steps of `python launch/train.py <overrides>` (the tiny default otherwise), once the feature
+    exists: overrides the config cannot take, or a launch refused as a config error (exit 2, e.g. a
+    package the feature needs), are "not available", with the reason; anything else is checked."""
+    from tools.estimate import compose
+
+    try:
+        if prepare is not None:
+            overrides = [*overrides, *prepare(step)]
+        compose([*overrides, f"run.dir={step.work_dir}"])
+    except Exception as e:  # noqa: BLE001  (Hydra's errors for an unknown group or key; a missing tool)
+        step.not_available(f"{' '.join(overrides)}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        return
+    run_dir = os.path.join(step.work_dir, "run")
+    proc = launch(step, run_dir, *overrides, f"train.max_steps={FEATURE_STEPS}", "log.wandb=disabled")
+    step.figures["overrides"] = overrides
+    if proc.returncode == 2:
+        step.not_available(f"config error: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ''}")
+        return
+    step.check(f"{' '.join(overrides)} exits 0", proc.returncode == 0, f"exit {proc.returncode}")
+    losses = [m.get("loss") for m in read_metrics(run_dir)]
+    step.figures["losses"] = losses
+    step.check(f"{FEATURE_STEPS} steps with finite losses",
+               len(losses) == FEATURE_STEPS and all(isinstance(v, float) and math.isfinite(v) for v in losses),
+               f"losses {losses}")
+
+
+def step_lora(step: Step) -> None:
+    """LoRA (rank 8 on attention, the dense MLP and every expert) on the tiny model."""
+    _feature_run(step, ["lora=default"])
+
+
+def step_qlora(step: Step) -> None:
+    """QLoRA: LoRA over an NF4-quantized frozen base."""
+    _feature_run(step, ["lora=default", "lora.quantize_base=nf4"])
+
+
+def _preference_pairs(step: Step) -> list[str]:
+    """tools/synthetic_pairs.py's pairs (right vs wrong answers) as data=preference's files."""
+    path = os.path.join(step.work_dir, "pairs.jsonl")
+    if not os.path.exists(os.path.join(REPO, "tools", "synthetic_pairs.py")):
+        raise FileNotFoundError("tools/synthetic_pairs.py is not in this checkout")
+    subprocess.run([sys.executable, "tools/synthetic_pairs.py", "--num", "200", "--out", path], cwd=REPO, check=True,
+                   capture_output=True, text=True)
+    return [f"data.paths=[{path}]"]
+
+
+def step_dpo(step: Step) -> None:
+    """DPO on preference pairs (the reference policy the initial model)."""
+    _feature_run(step, ["data=preference", "train.objective=dpo"], prepare=_preference_pairs)
