@@ -125,7 +125,8 @@ def _check_grouped_mm(step: Step, routing: str, sizes_G, dims, dtype, tol) -> No
     ours: dict = {}
 
     def run():
-        ours["out"] = _forward_backward(lambda x, w: kernels.grouped_mm(x, w.transpose(1, 2), sizes_dev_G), leaves, dy_NM)
+        ours["out"] = _forward_backward(
+            lambda x, w: kernels.grouped_mm(x, w.transpose(1, 2), sizes_dev_G, backend="triton"), leaves, dy_NM)
 
     step.figures.setdefault("configs", {})[f"grouped_mm {routing}"] = configs_per_site("grouped_mm", run)
     y, (dx, dw) = ours["out"]
@@ -172,7 +173,8 @@ def _check_swiglu(step: Step, routing: str, sizes_G, dims, dtype, tol) -> None:
     ours: dict = {}
 
     def run():
-        ours["out"] = _forward_backward(lambda *a: kernels.grouped_swiglu(*a, sizes_dev_G), leaves, dy_ND)
+        ours["out"] = _forward_backward(lambda *a: kernels.grouped_swiglu(*a, sizes_dev_G, backend="triton"), leaves,
+                                        dy_ND)
 
     step.figures.setdefault("configs", {})[f"grouped_swiglu {routing}"] = configs_per_site("grouped_swiglu", run)
     y, grads = ours["out"]
@@ -191,12 +193,10 @@ def _check_swiglu(step: Step, routing: str, sizes_G, dims, dtype, tol) -> None:
 def step_kernels(step: Step) -> None:
     """grouped_mm forward/dX/dW and grouped_swiglu forward and backward through the Triton kernels, against
     the fp32 reference and torch._grouped_mm, at the Arctic EP=8 shape: uniform and ragged skewed routing."""
-    from floe import kernels
     from tools.bench_grouped_gemm import group_sizes_for
 
     dims, dtype, tol = _kernel_setup(step)
     num_groups, _, _, num_rows = dims
-    kernels.set_backend("triton")
     torch.manual_seed(0)
     step.figures.update(shape=dict(zip("GKMN", dims)), dtype=str(dtype).removeprefix("torch."))
     for routing, sizes_G in (("uniform", group_sizes_for("uniform", num_groups, num_rows)),
@@ -323,7 +323,6 @@ def measure_steps(overrides: list[str], run_dir: str, steps: int) -> dict:
 
     import torch.distributed as dist
 
-    from floe import kernels
     from floe.parallel import teardown
     from floe.plan.tensor_memory import PeakMemoryTracker
     from tools.bench_step import trainer_from_overrides
@@ -339,7 +338,6 @@ def measure_steps(overrides: list[str], run_dir: str, steps: int) -> dict:
             trainer, c, device = trainer_from_overrides(overrides, run_dir)
             records, seconds = _timed_steps(trainer, device, 1 + steps)
     finally:
-        kernels.set_backend(None)
         if created and dist.is_initialized():
             teardown()
             for key in set(os.environ) - set(env_before):  # the 1-process rendezvous init_distributed made up
