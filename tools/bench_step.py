@@ -3,6 +3,11 @@
     python tools/bench_step.py                                    # 128 and 16 experts, ZeRO-0 and ZeRO-2
     python tools/bench_step.py --experts 128 --zero 0 --steps 6 --profile
     python tools/bench_step.py --procs 2 --experts 128 --zero 2   # 2 ranks, ep_size 2, ZeRO-2
+    python tools/bench_step.py --experts 128 --zero 0 --lora 8 --no-naive --no-floor   # LoRA rank 8 (lora=default)
+
+Each configuration reports the process's peak resident memory (VmHWM on a CPU, the allocator's peak on
+CUDA) and the bytes of weights, gradients and optimizer state after its last step; run one configuration
+per process (--no-floor, --no-naive) to compare the peaks of two runs, e.g. full fine-tuning vs --lora.
 
 The launcher side is the real thing: the config is composed by Hydra from conf/ exactly as
 `python launch/train.py <overrides>` composes it, and floe.run.trainer.Trainer (DeepSpeed's engine
@@ -57,7 +62,8 @@ def overrides(args, experts: int, zero: int, procs: int) -> list[str]:
             "model.capacity_factor=null", f"data.seq_len={args.seq_len}", f"model.max_seq_len={args.seq_len}",
             f"train.global_batch_size={args.batch * procs}", f"train.micro_batch_size={args.micro_batch}",
             "train.max_steps=1000", "train.device=cpu" if args.cpu else "train.device=auto",
-            f"parallel.ep_size={procs}", f"parallel.zero_stage={zero}", "log.wandb=disabled", *args.override]
+            f"parallel.ep_size={procs}", f"parallel.zero_stage={zero}", "log.wandb=disabled",
+            *(["lora=default", f"lora.rank={args.lora}"] if args.lora else []), *args.override]
 
 
 # ----------------------------------------------------------------------------- the naive reference
@@ -276,13 +282,14 @@ def run_config(args, experts: int, zero: int, procs: int, rank: int) -> dict:
     import torch.distributed as dist
 
     from floe.run import checkpoint
+    from floe.run.metrics import mem_peak_gb
 
     run_dir = os.path.join(args.run_root, f"e{experts}_zero{zero}")  # one directory for all ranks
     trainer, c, device = build_trainer(args, experts, zero, procs, run_dir)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     timer = PhaseTimer(sync)
     instrument(trainer, timer)
-    floor = bare_model(c, device, seed=1)
+    floor = None if args.no_floor else bare_model(c, device, seed=1)
     host_batches = trainer.loader.next_step()
     batches = [{k: v.to(device) for k, v in mb.items()} for mb in host_batches]
     naive = NaiveProcess(args, experts, host_batches[0], device) if procs == 1 and not args.no_naive else None
@@ -310,7 +317,7 @@ def run_config(args, experts: int, zero: int, procs: int, rank: int) -> dict:
         if naive is not None:
             t_naive, naive_faults = naive.step()
             faults["naive"].append(naive_faults)
-        t_floor = timed(lambda: bare_fwd_bwd(floor, batches, lm_scale), "floor")
+        t_floor = timed(lambda: bare_fwd_bwd(floor, batches, lm_scale), "floor") if floor is not None else float("nan")
         timer.take()
         t_step = timed(launcher_step, "step")
         phases = timer.take()
@@ -332,6 +339,7 @@ def run_config(args, experts: int, zero: int, procs: int, rank: int) -> dict:
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), flush=True)
     elif args.profile:
         launcher_step()  # the other ranks take the same collectives
+    state_gb, trainable = training_state_gb(trainer.engine)
     ckpt = timed(lambda: checkpoint.save(trainer.engine, os.path.join(run_dir, "bench_ckpt"), 1,
                                          {"step": 1, "loader": trainer.loader.state_dict()}, keep_last=1))
     if naive is not None:
@@ -342,7 +350,9 @@ def run_config(args, experts: int, zero: int, procs: int, rank: int) -> dict:
               "phases_s": {k: med[k] for k in PHASES},
               "overhead_frac": 1.0 - (med["forward"] + med["backward"]) / med["step"],
               "outside_floor_frac": max(0.0, 1.0 - med["floor"] / med["step"]),
-              "page_faults": {k: int(statistics.median(v[args.warmup:])) for k, v in faults.items()}}
+              "page_faults": {k: int(statistics.median(v[args.warmup:])) for k, v in faults.items()},
+              "lora_rank": args.lora, "trainable_params": trainable, "state_gb": state_gb,
+              "peak_gb": mem_peak_gb(device)}
     if "naive" in med:
         result["naive_s"], result["naive_allocator"] = med["naive"], args.naive_allocator
         result["speedup_vs_naive"] = med["naive"] / med["step"]
@@ -359,6 +369,20 @@ def run_config(args, experts: int, zero: int, procs: int, rank: int) -> dict:
     return result
 
 
+def training_state_gb(engine) -> tuple[float, int]:
+    """(GiB held by this rank's weights, gradients and optimizer state tensors, trainable parameter count)."""
+    tensors = {id(t.untyped_storage()): t.untyped_storage().nbytes() for p in engine.model.parameters()
+               for t in (p, p.grad) if t is not None}
+    opt = engine.ds.basic_optimizer
+    for group in opt.param_groups:
+        for p in group["params"]:
+            for t in (p, p.grad, *opt.state.get(p, {}).values()):
+                if torch.is_tensor(t) and t.numel() > 1:
+                    tensors[id(t.untyped_storage())] = t.untyped_storage().nbytes()
+    trainable = sum(p.numel() for p in engine.model.parameters() if p.requires_grad)
+    return sum(tensors.values()) / 1024**3, trainable
+
+
 def report(r: dict) -> None:
     head = f"E={r['experts']:3d} ZeRO-{r['zero_stage']} procs={r['procs']}: launcher {r['step_s']:.3f} s/step"
     if "naive_s" in r:
@@ -367,6 +391,8 @@ def report(r: dict) -> None:
              f" (outside the floor {100 * r['outside_floor_frac']:.0f}%); checkpoint {r['checkpoint_s']:.2f} s")
     print(head)
     print("    " + "  ".join(f"{k} {v:.3f}" for k, v in r["phases_s"].items()), flush=True)
+    print(f"    lora rank {r['lora_rank']}: {r['trainable_params'] / 1e6:.2f}M trainable parameters; weights + "
+          f"gradients + optimizer state {r['state_gb']:.3f} GiB; peak memory {r['peak_gb']:.3f} GiB", flush=True)
     print("    minor page faults per step: " + "  ".join(f"{k} {v}" for k, v in r["page_faults"].items()), flush=True)
 
 
@@ -411,6 +437,9 @@ def main():
     p.add_argument("--threads", type=int, default=None, help="torch threads per process")
     p.add_argument("--cpu", action="store_true", help="train.device=cpu even where CUDA exists")
     p.add_argument("--no-naive", action="store_true", help="skip the naive reference")
+    p.add_argument("--no-floor", action="store_true", help="skip the bare-model floor (its weights and gradients "
+                                                             "would count in this process's peak memory)")
+    p.add_argument("--lora", type=int, default=0, help="LoRA rank (lora=default on every linear); 0 = full training")
     p.add_argument("--naive-allocator", choices=("system", "retain"), default="system",
                    help="the naive process's allocator: glibc's default, or floe's train.host_allocator=retain")
     p.add_argument("--profile", action="store_true", help="torch.profiler table of one launcher step")
