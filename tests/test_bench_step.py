@@ -59,3 +59,14 @@ def test_two_processes_run_every_configuration(tmp_path):
     for r in results:
         check_phases(r)
         assert "naive_s" not in r
+
+
+def test_lora_option_trains_adapters_only(tmp_path):
+    """--lora R: the same step with lora=default at rank R; one configuration per process for the peaks."""
+    [full] = bench(tmp_path, "--experts", "8", "--zero", "0", "--no-naive", "--no-floor")
+    [lora] = bench(tmp_path, "--experts", "8", "--zero", "0", "--no-naive", "--no-floor", "--lora", "4")
+    check_phases(lora)
+    assert (full["lora_rank"], lora["lora_rank"]) == (0, 4) and set(lora["page_faults"]) == {"step"}
+    assert lora["trainable_params"] < full["trainable_params"] / 5
+    assert lora["state_gb"] < full["state_gb"] / 2 and lora["checkpoint_mb"] < full["checkpoint_mb"] / 3
+    assert lora["step_cpu_s"] > 0 and lora["peak_gb"] > 0

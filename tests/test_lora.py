@@ -211,3 +211,22 @@ def test_expert_adapters_on_the_triton_kernels():
     proc = subprocess.run([sys.executable, "-c", TRITON_CHECK], cwd=repo, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("mode", ["moe", "full"])
+def test_activation_checkpointing_recomputes_the_same_dropout_masks(mode):
+    from floe.model import apply_activation_checkpointing
+
+    plain, checkpointed = lora_model(dropout=0.3), lora_model(dropout=0.3)
+    apply_activation_checkpointing(checkpointed, mode)
+    losses = []
+    for model in (plain, checkpointed):
+        model.train()
+        torch.manual_seed(5)
+        loss = model(IDS, labels=IDS).loss
+        loss.backward()
+        losses.append(loss.detach())
+    assert torch.equal(losses[0], losses[1])
+    grads = [trainable_parameters(m) for m in (plain, checkpointed)]
+    for name, p in grads[0].items():
+        torch.testing.assert_close(grads[1][name].grad, p.grad, rtol=1e-5, atol=1e-7, msg=name)

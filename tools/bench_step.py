@@ -295,16 +295,20 @@ def run_config(args, experts: int, zero: int, procs: int, rank: int) -> dict:
     naive = NaiveProcess(args, experts, host_batches[0], device) if procs == 1 and not args.no_naive else None
     lm_scale = 1.0 / max(sum(int((mb["labels"] != -100).sum()) for mb in batches), 1)
 
-    faults = defaultdict(list)
+    faults, cpu = defaultdict(list), defaultdict(list)
 
     def timed(fn, name=None):
         sync()
-        f0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
+        r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
         fn()
         sync()
         dt = time.perf_counter() - t0
         if name is not None:
-            faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+            r1 = resource.getrusage(resource.RUSAGE_SELF)
+            faults[name].append(r1.ru_minflt - r0.ru_minflt)
+            # CPU seconds of this process (all its threads): the work, less sensitive than wall time to a
+            # machine shared with other jobs
+            cpu[name].append(r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime)
         return dt
 
     def launcher_step():
@@ -342,6 +346,8 @@ def run_config(args, experts: int, zero: int, procs: int, rank: int) -> dict:
     state_gb, trainable = training_state_gb(trainer.engine)
     ckpt = timed(lambda: checkpoint.save(trainer.engine, os.path.join(run_dir, "bench_ckpt"), 1,
                                          {"step": 1, "loader": trainer.loader.state_dict()}, keep_last=1))
+    ckpt_bytes = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(os.path.join(run_dir, "bench_ckpt"))
+                     for f in files)
     if naive is not None:
         naive.close()
     med = {k: statistics.median(v) for k, v in rows.items()}
@@ -351,7 +357,8 @@ def run_config(args, experts: int, zero: int, procs: int, rank: int) -> dict:
               "overhead_frac": 1.0 - (med["forward"] + med["backward"]) / med["step"],
               "outside_floor_frac": max(0.0, 1.0 - med["floor"] / med["step"]),
               "page_faults": {k: int(statistics.median(v[args.warmup:])) for k, v in faults.items()},
-              "lora_rank": args.lora, "trainable_params": trainable, "state_gb": state_gb,
+              "step_cpu_s": statistics.median(cpu["step"][args.warmup:]), "lora_rank": args.lora,
+              "checkpoint_mb": ckpt_bytes / 1e6, "trainable_params": trainable, "state_gb": state_gb,
               "peak_gb": mem_peak_gb(device)}
     if "naive" in med:
         result["naive_s"], result["naive_allocator"] = med["naive"], args.naive_allocator
@@ -391,8 +398,9 @@ def report(r: dict) -> None:
              f" (outside the floor {100 * r['outside_floor_frac']:.0f}%); checkpoint {r['checkpoint_s']:.2f} s")
     print(head)
     print("    " + "  ".join(f"{k} {v:.3f}" for k, v in r["phases_s"].items()), flush=True)
-    print(f"    lora rank {r['lora_rank']}: {r['trainable_params'] / 1e6:.2f}M trainable parameters; weights + "
-          f"gradients + optimizer state {r['state_gb']:.3f} GiB; peak memory {r['peak_gb']:.3f} GiB", flush=True)
+    print(f"    lora rank {r['lora_rank']}: CPU time {r['step_cpu_s']:.3f} s/step; {r['trainable_params'] / 1e6:.2f}M trainable parameters; weights + "
+          f"gradients + optimizer state {r['state_gb']:.3f} GiB; peak memory {r['peak_gb']:.3f} GiB; checkpoint "
+          f"{r['checkpoint_mb']:.1f} MB", flush=True)
     print("    minor page faults per step: " + "  ".join(f"{k} {v}" for k, v in r["page_faults"].items()), flush=True)
 
 
