@@ -176,3 +176,11 @@ def test_data_config_checks_the_layout_keys():
         DataConfig(roles={"bot": ["gpt"]})
     with pytest.raises(ValueError, match="data.message_property_mappings must be a mapping"):
         DataConfig(message_property_mappings="role")
+
+
+def test_a_file_nothing_reads_says_what_would_read_it_in_lenient_mode_too(tmp_path):
+    path = tmp_path / "dialogs.jsonl"
+    path.write_text("".join(json.dumps({"dialog": [{"speaker": "a", "text": "x"}]}) + "\n" for _ in range(3)))
+    with pytest.raises(ValueError, match=r"skipped 3 lines: 3 no known fields\); the first: .*dialogs.jsonl:1: .*"
+                                         r"data.field_messages=dialog"):
+        build_dataset(DataConfig(name="jsonl", paths=[str(path)], strict=False, cache_dir=str(tmp_path)), 0)

@@ -346,7 +346,9 @@ def _build(cfg: DataConfig, seed: int, tok: Tokenizer, files: list[list[str]], s
     mix_src = np.concatenate([np.full(len(p), s, np.int64) for s, p in enumerate(picks)])
     mix_ex = np.concatenate([np.asarray(keeps[s], np.int64)[p] for s, p in enumerate(picks)]).astype(np.int64)
     if len(mix_ex) == 0:
-        raise ValueError(f"data: no usable examples in {names} ({formats.format_skipped(_skipped(reads))})")
+        first = next((line for r in reads for line in r.first_skips), None)  # says what would read the data
+        raise ValueError(f"data: no usable examples in {names} ({formats.format_skipped(_skipped(reads))})"
+                         + (f"; the first: {first}" if first else ""))
     mix_len = np.array([encs[s].lengths[e] for s, e in zip(mix_src, mix_ex, strict=True)], dtype=np.int64)
     rows = best_fit_pack(mix_len, cfg.seq_len)
 
