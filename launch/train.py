@@ -110,12 +110,15 @@ HYDRA_FLAGS_WITH_VALUE = ("-cn", "--config-name", "-cp", "--config-path", "-cd",
                           "--experimental-rerun")
 
 
-def sweep_name(exclude_keys=(), argv: list[str] | None = None) -> str:
+def sweep_name(exclude_keys=None, argv: list[str] | None = None) -> str:
     """The directory name of a -m sweep (under runs/multirun/): its overrides as typed on the command
     line, named by run_name's rules (a readable prefix and a hash when long or holding paths), so a
     second sweep never writes into the first's directory and the same sweep again resumes its runs.
     Read from sys.argv, not Hydra's overrides: each job of a sweep sees only its own overrides, and
-    every job must agree on the sweep's directory. exclude_keys: as for run names (log.*, run.dir, ...)."""
+    every job must agree on the sweep's directory. exclude_keys: as for run names (log.*, run.dir, ...;
+    default: conf/config.yaml's hydra.job.config.override_dirname.exclude_keys)."""
+    if exclude_keys is None:  # read from the file: the launcher resolves sweep.dir before HydraConfig is set
+        exclude_keys = OmegaConf.load(os.path.join(CONF_DIR, "config.yaml")).hydra.job.config.override_dirname.exclude_keys
     args, skip = [], False
     for a in sys.argv[1:] if argv is None else argv:
         if skip or a.startswith("-"):
