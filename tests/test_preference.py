@@ -109,5 +109,7 @@ def test_preference_config_errors():
         DataConfig(name="preference")
     with pytest.raises(ValueError, match="data.loss_on=all does not apply to data=preference"):
         DataConfig(name="preference", paths=["x.jsonl"], loss_on="all")
+    with pytest.raises(ValueError, match="data.format, .* are for data=jsonl; data=preference reads TRL's"):
+        DataConfig(name="preference", paths=["x.jsonl"], columns={"prompt": "question"})
     with pytest.raises(ValueError, match="data.loss_on must be one of assistant, all"):
         DataConfig(loss_on="users")

@@ -8,7 +8,6 @@ from dataclasses import dataclass, field, fields
 from floe.data.synthetic import SOURCES
 
 NAMES = ("synthetic", "jsonl", "arctic_mix", "preference")
-FILES = ("jsonl", "preference")  # options that read data.paths
 LOSS_ON = ("assistant", "all")  # data.loss_on: which tokens of a conversation are loss targets
 EMBEDDED = ("synthetic", "arctic_mix")  # options that read the embedded sources
 DEFAULT_EMBEDDED_EXAMPLES = 4000
@@ -74,6 +73,11 @@ class DataConfig:
             problems.append("data.paths must list at least one JSONL file or glob for data=preference")
         if self.name == "preference" and self.hf_dataset:
             problems.append("data.hf_dataset is for data=jsonl; data=preference reads JSONL files in data.paths")
+        if self.name == "preference" and (self.format != "auto" or self.field_messages or self.roles
+                                          or self.message_property_mappings or self.columns):
+            problems.append("data.format, data.field_messages, data.message_property_mappings, data.roles and "
+                            "data.columns are for data=jsonl; data=preference reads TRL's prompt/chosen/rejected "
+                            "layouts (moe/data/preference.py)")
         if embedded and (self.paths or self.hf_dataset):
             key = "data.paths" if self.paths else "data.hf_dataset"
             problems.append(f"{key} is for data=jsonl or data=preference; data={self.name} reads data.sources")
