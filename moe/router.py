@@ -74,7 +74,7 @@ def _within_capacity(expert_ids_TK, top_probs_TK, num_experts, capacity, drop_po
     # Priority order of all T*k assignments, choice-rank major: index j*T + t is choice j of token t.
     if drop_policy == "position":
         token_order_KT = torch.arange(num_tokens, device=expert_ids_TK.device).expand(top_k, num_tokens)
-    else:  # "probs": within each choice rank, most confident tokens first (stable: ties keep position)
+    else:  # "probs" and "loss_aware": within each choice rank, most confident tokens first (stable: ties keep position)
         token_order_KT = torch.argsort(top_probs_TK.t(), dim=1, descending=True, stable=True)
         if drop_policy == "loss_aware" and has_loss_T is not None:
             # Loss tokens first; a stable sort keeps the probability order inside each of the two sets.

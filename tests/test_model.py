@@ -283,7 +283,7 @@ def test_dropped_loss_counts_against_a_direct_count():
             assert st.dropped.item() > st.dropped_loss.item() >= 0
 
 
-def _block_input(model, ids, layer):
+def _block_input(model, ids, layer, position_ids=None):
     """The input x of `layer` (a block of `model`) for input_ids `ids`: embeddings through the earlier blocks."""
     captured = {}
 
@@ -291,6 +291,41 @@ def _block_input(model, ids, layer):
         captured["x"] = args[0]  # returns None: the block's arguments are left as they are
     hook = layer.register_forward_pre_hook(keep_input)
     with torch.no_grad():
-        model(ids)
+        model(ids, position_ids=position_ids)
     hook.remove()
     return captured["x"]
+
+
+def test_sequence_scope_is_each_packed_examples_balance_averaged():
+    # Two rows, each packing examples of 12, 9 and 11 tokens: the layer's balance loss is the
+    # batch formula (naive loop) on each of the 6 examples alone, averaged.
+    from floe.testing.naive_moe import naive_balance_loss
+
+    torch.manual_seed(0)
+    model = ArcticForCausalLM(PRESETS["tiny"].replace(capacity_factor=None, balance_scope="sequence")).eval()
+    position_ids = torch.cat([torch.arange(n) for n in (12, 9, 11)]).expand(2, 32)
+    ids = torch.randint(0, 1024, (2, 32))
+    with torch.no_grad():
+        out = model(ids, position_ids=position_ids)
+    starts = torch.tensor([0, 12, 21, 32])
+    for layer, st in zip(model.layers, out.router_stats):
+        x = _block_input(model, ids, layer, position_ids)
+        plan, _ = layer.moe.route(layer.norm_moe(x).reshape(64, -1))
+        per_example = []
+        for row in range(2):
+            for a, b in zip(starts[:-1], starts[1:]):
+                t = slice(row * 32 + a, row * 32 + b)
+                per_example.append(float(naive_balance_loss(plan.probs[t], plan.expert_ids[t, 0].tolist())))
+        assert st.balance_loss.item() == pytest.approx(sum(per_example) / 6, rel=1e-5)
+    batch = ArcticForCausalLM(PRESETS["tiny"].replace(capacity_factor=None)).eval()
+    batch.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert batch(ids, position_ids=position_ids).balance_loss.item() != pytest.approx(out.balance_loss.item())
+
+
+def test_freeze_router_leaves_the_gates_without_gradient():
+    model = tiny_model(freeze_router=True).train()
+    ids = torch.randint(0, 1024, (2, 16))
+    model(ids, labels=ids).loss.backward()
+    for block in model.layers:
+        assert block.moe.gate.weight.grad is None and block.moe.experts.w1.grad is not None
