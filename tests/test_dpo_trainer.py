@@ -209,3 +209,19 @@ def test_sft_then_dpo_prefers_right_answers_on_held_out_questions(tmp_path):
     assert evals[-1]["eval_rewards/accuracies"] > 0.9, evals
     assert evals[-1]["eval_rewards/margins"] > 0
     assert all(abs(r["balance_loss"] - r["balance_uniform"]) < 0.05 * r["balance_uniform"] for r in m)
+
+
+@pytest.mark.slow
+def test_lora_dpo_on_two_processes_matches_one(tmp_path, pairs):
+    """LoRA's on-the-fly reference (adapters disabled) under expert parallelism: every rank runs the same
+    extra forward, so the all-to-alls stay matched and the metrics equal 1 process's."""
+    common = dpo_overrides(pairs, 3, "model.capacity_factor=null", "lora.rank=4", "optim.lr=3e-2")
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    run_distributed(_dpo_worker, 1, args=(one, common), timeout=120)
+    run_distributed(_dpo_worker, 2, args=(two, [*common, "parallel.ep_size=2", "parallel.zero_stage=2"]), timeout=180)
+    a, b = read_metrics(one), read_metrics(two)
+    assert a[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and a[-1]["rewards/margins"] != 0
+    for ra, rb in zip(a, b, strict=True):
+        for key in ("loss", "balance_loss", *REWARDS):
+            assert ra[key] == pytest.approx(rb[key], rel=1e-5, abs=1e-6), (ra["step"], key)
+        assert ra["grad_norm"] == pytest.approx(rb["grad_norm"], rel=1e-4)
