@@ -191,3 +191,16 @@ def test_routing_columns_are_lower_is_better(tmp_path):
     for key, final, best in (("dropped_loss_frac", 0.1, 0.05), ("expert_load_cv", 0.2, 0.1),
                              ("router_load_cv_max", 0.4, 0.3), ("dead_experts", 1, 0)):
         assert (row[f"{key} (final)"], row[f"{key} (best)"]) == (final, best), key
+
+
+def test_per_source_values_and_plot(runs, tmp_path):
+    _, dirs = runs
+    loaded = [compare.Run(d) for d in dirs]
+    sources, loss, exact = compare.source_values(loaded)
+    assert sources == ["identity", "math"]
+    assert loss["a"] == [2.2, 2.6] and loss["b"] == [None, None]  # the last logged eval per source
+    assert exact["a"] == [0.75, 0.25] and exact["c"] == [None, None]
+    compare.compare_runs(dirs, tmp_path / "out")
+    assert_png_not_blank(tmp_path / "out" / "sources.png")
+    assert not compare.plot_sources(loaded[1:], tmp_path / "none.png")  # b and c have no per-source values
+    assert not (tmp_path / "none.png").exists()

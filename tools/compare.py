@@ -25,6 +25,7 @@ comparison wrote there (so no stale plot of another run stays)
                               the runs and the headline metrics (HEADLINE); --full prints every column
     loss.png                  loss (solid) and eval loss (dashed, a marker at each evaluation) per run
     balance.png               balance loss per run with its uniform-routing value (dotted)
+    sources.png               held-out loss and exact match per data source, one bar per run (when present)
     expert_load_<run>.png     share of each layer's tokens per expert at the last logged step, and the
                               busiest expert's share (x num_experts: 1 = uniform) per layer over the steps
 
@@ -55,7 +56,7 @@ NOT_COMPARED = ("run.dir", "run.name")  # differ between any two runs by constru
 # The compact table's metric columns (compare.md and the printed table); the CSV has every column.
 HEADLINE = ("steps", "loss (final)", "loss (best)", "eval_loss (final)", "eval_loss (best)", "balance / uniform",
             "dropped_frac (final)", "tokens_per_s (final)", "exact_match")
-OUTPUTS = ("compare.md", "compare.csv", "loss.png", "balance.png", "expert_load_*.png")  # what compare_runs writes
+OUTPUTS = ("compare.md", "compare.csv", "loss.png", "balance.png", "sources.png", "expert_load_*.png")  # what compare_runs writes
 
 
 # ---------------------------------------------------------------------------- reading
@@ -286,6 +287,44 @@ def plot_losses(runs: list[Run], path: Path) -> str:
     return title
 
 
+def source_values(runs: list[Run]) -> tuple[list[str], dict[str, list], dict[str, list]]:
+    """(sources, {run: final eval_loss/<source> per source}, {run: exact_match/<source> per source});
+    None where a run lacks the value. Sources: every eval_loss/<s> or exact_match/<s> any run has."""
+    keys = {k for run in runs for r in run.metrics for k in r if k.startswith("eval_loss/")}
+    sources = sorted({k.split("/", 1)[1] for k in keys} |
+                     {k.split("/", 1)[1] for run in runs for k in run.exact_match if "/" in k})
+    loss = {run.name: [run.final(f"eval_loss/{s}") for s in sources] for run in runs}
+    exact = {run.name: [run.exact_match.get(f"exact_match/{s}") for s in sources] for run in runs}
+    return sources, loss, exact
+
+
+def plot_sources(runs: list[Run], path: Path) -> bool:
+    """Held-out loss (left) and exact match (right, when tools/evaluate.py ran) per data source, one bar
+    per run: which mix (or setting) serves which source. False (no file) when no run has per-source values."""
+    sources, loss, exact = source_values(runs)
+    if not sources:
+        return False
+    panels = [("held-out loss (final eval_loss/<source>)", loss)]
+    if any(v is not None for vals in exact.values() for v in vals):
+        panels.append(("exact match (tools/evaluate.py)", exact))
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels) + 2, 4.5), squeeze=False)
+    width = 0.8 / len(runs)
+    labels = short_names([run.name for run in runs])  # without the overrides every run shares
+    for ax, (title, values) in zip(axes[0], panels):
+        for i, (run, label) in enumerate(zip(runs, labels)):
+            ax.bar([j + i * width for j in range(len(sources))],
+                   [float("nan") if v is None else v for v in values[run.name]], width, label=label)
+        ax.set_xticks([j + width * (len(runs) - 1) / 2 for j in range(len(sources))], sources)
+        ax.grid(alpha=0.3, axis="y")
+        _set_title(ax, title)
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
 def _set_title(ax, title: str, fontsize: int = 10) -> None:
     """A title wrapped to the axes' width, so it is never clipped."""
     import textwrap
@@ -427,6 +466,7 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path | None = None) 
     write_csv(table, out / "compare.csv")
     plot_losses(runs, out / "loss.png")
     plot_balance(runs, out / "balance.png")
+    plot_sources(runs, out / "sources.png")
     for run in runs:
         if not plot_expert_load(run, out / f"expert_load_{_file_name(run.name)}.png"):
             log.info("%s: no expert_load.jsonl, no expert-load heatmap", run.path)
