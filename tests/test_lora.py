@@ -169,7 +169,6 @@ def test_lora_with_freeze_moe_is_refused():
 
 TRITON_CHECK = r"""
 import torch
-from floe import kernels
 from floe.layer import GroupedExperts
 from floe.lora import GroupedLoRA
 
@@ -187,7 +186,7 @@ sizes = torch.tensor([5, 0, 17, 3])  # an empty expert, groups smaller than a ti
 x = torch.randn(25, 32)
 results = {}
 for backend in ("triton", "reference"):
-    kernels.set_backend(backend)
+    experts.kernel_backend = backend  # what floe.model.apply_kernel_backend sets from train.kernels
     xi = x.clone().requires_grad_(True)
     y = experts(xi, sizes)
     (y * torch.linspace(-1, 1, 32)).sum().backward()
