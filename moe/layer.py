@@ -110,8 +110,9 @@ class GroupedExperts(nn.Module):
 
     def expert_tensors(self) -> dict[str, nn.Parameter]:
         """{name under this module: parameter} of every tensor whose dim 0 is the local expert: w1, w3,
-        w2 and the adapters' (what expert parallelism, DeepSpeed's markers and checkpoints treat per expert)."""
-        out = {w: getattr(self, w) for w in EXPERT_WEIGHTS}
+        w2 and the adapters' (what expert parallelism, DeepSpeed's markers and checkpoints treat per expert).
+        A weight stored quantized (floe.quantize: integer buffers, never trained or saved) is not one."""
+        out = {w: self._parameters[w] for w in EXPERT_WEIGHTS if w in self._parameters}
         if self.lora is not None:
             out.update({f"lora.{name}": p for name, p in self.lora.named_parameters()})
         return out

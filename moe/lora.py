@@ -55,6 +55,7 @@ class LoRAConfig:
     targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
     rslora: bool = False  # scaling alpha / sqrt(rank) instead of alpha / rank
     train_router: bool = False  # also train the router (gate.weight) in full
+    quantize_base: str = "none"  # none | int8 | nf4: the frozen weights of lora.targets stored quantized (floe.quantize)
 
     def __post_init__(self):
         if errors := field_type_errors(self, "lora"):
@@ -70,6 +71,13 @@ class LoRAConfig:
             errors.append(f"lora.targets: unknown target(s) {unknown}; known: {', '.join(LORA_TARGETS)}")
         if len(set(self.targets)) != len(self.targets):
             errors.append(f"lora.targets lists a target twice: {self.targets}")
+        from floe.quantize import QUANTIZE_BASE  # floe.quantize imports this module
+
+        if self.quantize_base not in QUANTIZE_BASE:
+            errors.append(f"lora.quantize_base must be one of {', '.join(QUANTIZE_BASE)}, got {self.quantize_base!r}")
+        elif self.quantize_base != "none" and self.rank == 0:
+            errors.append(f"lora.quantize_base={self.quantize_base} needs adapters to train (lora.rank > 0): a "
+                          "quantized base alone has nothing trainable in the layers it quantizes")
         if self.rank > 0 and not self.targets:
             errors.append("lora.targets is empty: name at least one of " + ", ".join(LORA_TARGETS))
         if errors:
@@ -191,7 +199,8 @@ class GroupedLoRA(nn.Module):
         return f"rank {self.w1_A.shape[1]}, scaling {self.scaling:g}, {self.w1_A.shape[0]} experts"
 
 
-def _targets(model: nn.Module, targets: list[str]) -> list[tuple[str, nn.Module]]:
+def target_modules(model: nn.Module, targets: list[str]) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every projection `targets` (lora.targets) names: nn.Linear or GroupedExperts."""
     suffixes = tuple("." + s for t in targets for s in LORA_TARGETS[t])
     return [(name, m) for name, m in model.named_modules() if ("." + name).endswith(suffixes)]
 
@@ -207,7 +216,7 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, seed: int = 0) -> nn.Module:
     if any(p.is_meta for p in model.parameters()):
         raise ValueError("apply_lora: materialise the model's weights first (the adapters are built beside them)")
     model.requires_grad_(False)
-    for name, module in _targets(model, cfg.targets):
+    for name, module in target_modules(model, cfg.targets):
         if isinstance(module, GroupedExperts):
             module.lora = GroupedLoRA(module, cfg.rank, cfg.scaling, cfg.dropout)
             module.lora.reset_parameters(seed, f"{name}.lora", module.first_expert)

@@ -38,15 +38,9 @@ import torch
 import torch.nn as nn
 
 from floe.layer import EXPERT_WEIGHTS, GroupedExperts
-from floe.model import Attention, DenseMLP
+from floe.lora import LORA_TARGETS, target_modules
 
 QUANTIZE_BASE = ("none", "int8", "nf4")
-# lora.targets -> (module type, its children whose `weight` is quantized, or None: its own stacked weights)
-TARGET_MODULES = {
-    "attention": (Attention, ("q_proj", "k_proj", "v_proj", "o_proj")),
-    "dense_mlp": (DenseMLP, ("w1", "w3", "w2")),
-    "experts": (GroupedExperts, None),
-}
 NF4_BLOCK = 64  # elements per absmax block (QLoRA's)
 NF4_SCALER_BLOCK = 256  # blocks per double-quantization group (QLoRA's)
 
@@ -208,25 +202,16 @@ class _Recompute:
 
 def _owners(model: nn.Module, targets) -> list[tuple[str, nn.Module, tuple[str, ...]]]:
     """(module path, module owning the weights, weight names) for every targeted frozen weight."""
-    found = []
-    for path, module in model.named_modules():
-        for target in targets:
-            kind, children = TARGET_MODULES[target]
-            if not isinstance(module, kind):
-                continue
-            if children is None:
-                found.append((path, module, EXPERT_WEIGHTS))
-            else:
-                found.extend((f"{path}.{c}", getattr(module, c), ("weight",)) for c in children)
-    return found
+    return [(path, module, EXPERT_WEIGHTS if isinstance(module, GroupedExperts) else ("weight",))
+            for path, module in target_modules(model, targets)]
 
 
 def quantize_base_errors(model: nn.Module, kind: str, targets) -> list[str]:
     """Every reason `apply_quantize_base(model, kind, targets)` would refuse (shapes only: meta is fine)."""
     if kind not in QUANTIZE_BASE:
         return [f"lora.quantize_base must be one of {', '.join(QUANTIZE_BASE)}, got {kind!r}"]
-    errors = [f"lora.targets: unknown target {t!r} (one of {', '.join(TARGET_MODULES)})"
-              for t in targets if t not in TARGET_MODULES]
+    errors = [f"lora.targets: unknown target {t!r} (one of {', '.join(LORA_TARGETS)})"
+              for t in targets if t not in LORA_TARGETS]
     if kind == "none" or errors:
         return errors
     for path, owner, names in _owners(model, targets):
@@ -239,6 +224,19 @@ def quantize_base_errors(model: nn.Module, kind: str, targets) -> list[str]:
                               "quantized")
             errors += quantize_errors(tuple(p.shape), kind, f"{path}.{name}")
     return errors
+
+
+def quantize_config_errors(model_config, kind: str, targets) -> list[str]:
+    """The shape rules of lora.quantize_base for a model config, checked on a meta model (no memory),
+    before any process group exists."""
+    if kind == "none" or any(t not in LORA_TARGETS for t in targets):
+        return []  # LoRAConfig reports unknown targets
+    from floe.model import ArcticForCausalLM
+
+    with torch.device("meta"):
+        model = ArcticForCausalLM(model_config.replace(num_layers=1))  # every layer has the same shapes
+    return [e for path, owner, names in _owners(model, targets) for name in names
+            for e in quantize_errors(tuple(owner._parameters[name].shape), kind, f"{path}.{name}")]
 
 
 def apply_quantize_base(model: nn.Module, kind: str, targets) -> dict[str, QuantizedWeight]:
