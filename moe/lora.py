@@ -208,21 +208,24 @@ def target_modules(model: nn.Module, targets: list[str]) -> list[tuple[str, nn.M
 def apply_lora(model: nn.Module, cfg: LoRAConfig, seed: int = 0) -> nn.Module:
     """Give every targeted projection of `model` (an ArcticForCausalLM with its weights in place,
     expert-parallel or not) an adapter and freeze everything but the adapters (and the router with
-    train_router); in place. rank 0: the model is returned untouched. Adapter A is keyed by `seed`."""
+    train_router); in place. rank 0: the model is returned untouched. Adapter A is keyed by `seed`.
+    On a model of the meta device (the memory plan, floe.plan) the adapters are built there too,
+    shapes only: a model whose weights are loaded afterwards would lose them, so training adapts after."""
     if not cfg.enabled:
         return model
     if adapters(model):
         raise ValueError("apply_lora: the model has LoRA adapters already")
-    if any(p.is_meta for p in model.parameters()):
-        raise ValueError("apply_lora: materialise the model's weights first (the adapters are built beside them)")
+    meta = any(p.is_meta for p in model.parameters())
     model.requires_grad_(False)
     for name, module in target_modules(model, cfg.targets):
         if isinstance(module, GroupedExperts):
             module.lora = GroupedLoRA(module, cfg.rank, cfg.scaling, cfg.dropout)
-            module.lora.reset_parameters(seed, f"{name}.lora", module.first_expert)
+            if not meta:
+                module.lora.reset_parameters(seed, f"{name}.lora", module.first_expert)
         elif isinstance(module, nn.Linear):
             module.lora = LoRA(module, cfg.rank, cfg.scaling, cfg.dropout)
-            module.lora.reset_parameters(seed, f"{name}.lora")
+            if not meta:
+                module.lora.reset_parameters(seed, f"{name}.lora")
             module.register_forward_hook(_add_lora)
         else:
             raise AssertionError(f"LORA_TARGETS names {name}, a {type(module).__name__}")
@@ -272,6 +275,11 @@ def _adapted_weights(model: nn.Module):
 @torch.no_grad()
 def merge_lora(model: nn.Module) -> nn.Module:
     """Add every adapter's scaling * B A into its base weight (in place); adapters then add nothing."""
+    from floe.quantize import quantized_weights  # floe.quantize imports this module
+
+    if quantized_weights(model):
+        raise ValueError("merge_lora: the base is quantized (lora.quantize_base); floe.quantize.dequantize_base_"
+                         "(model) first, or take merged_state_dict(model)")
     for a, weight, delta in _adapted_weights(model):
         if not a.merged:
             weight.add_(delta().to(weight.dtype))
@@ -294,7 +302,14 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
 @torch.no_grad()
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The base model's state dict with every adapter merged into its weight, adapter entries left out:
-    the state dict of a plain ArcticForCausalLM (for export). The model is not changed."""
+    the state dict of a plain ArcticForCausalLM (for export). The model is not changed. A quantized
+    base (lora.quantize_base) is dequantized first: the merge adds to the weights the run trained on."""
+    from floe.quantize import dequantize_base_, quantized_weights  # floe.quantize imports this module
+
+    if quantized_weights(model):
+        import copy
+
+        model = dequantize_base_(copy.deepcopy(model))  # the copy: the quantized buffers and adapters
     out = {k: v.detach() for k, v in model.state_dict().items() if not is_adapter_name(k)}
     names = {id(p): n for n, p in model.named_parameters()}
     for a, weight, delta in _adapted_weights(model):

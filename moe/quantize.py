@@ -281,8 +281,9 @@ def _install_dequantize(owner: nn.Module, names: tuple[str, ...], recompute: _Re
             if weight is not None:
                 recompute.live.pop(_storage_key(weight), None)
 
-    owner._floe_dequantize_hooks = (owner.register_forward_pre_hook(before),
-                                    owner.register_forward_hook(after, always_call=True))
+    before._floe_dequantize = after._floe_dequantize = True  # found again by dequantize_base_ (also in a copy)
+    owner.register_forward_pre_hook(before)
+    owner.register_forward_hook(after, always_call=True)
 
 
 def quantized_weights(model: nn.Module) -> dict[str, QuantizedWeight]:
@@ -295,8 +296,10 @@ def dequantize_base_(model: nn.Module) -> nn.Module:
     """Undo apply_quantize_base: every quantized weight becomes a frozen fp32 Parameter again (holding
     the dequantized values), e.g. before a merged export. In place."""
     for path, owner in list(model.named_modules()):
-        for handle in owner.__dict__.pop("_floe_dequantize_hooks", ()):
-            handle.remove()
+        for hooks in (owner._forward_pre_hooks, owner._forward_hooks):
+            for key in [k for k, fn in hooks.items() if getattr(fn, "_floe_dequantize", False)]:
+                del hooks[key]
+                owner._forward_hooks_always_called.pop(key, None)
         for child, quantized in list(owner.named_children()):
             if isinstance(quantized, QuantizedWeight):
                 name = child.removesuffix("_quantized")

@@ -327,3 +327,45 @@ def test_qlora_under_deepspeed_bf16_and_expert_parallel(tmp_path):
     assert one["trainable_dtypes"] == two[0]["trainable_dtypes"] == ["torch.bfloat16"]
     for a, b in zip(one["metrics"], two[0]["metrics"]):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-2), (a, b)
+
+
+def test_arctic_qlora_recipe_requires_init_from(tmp_path):
+    proc = launch(f"run.dir={tmp_path / 'run'}", "+experiment=arctic_qlora", "log.wandb=disabled")
+    assert proc.returncode == 2 and "train.init_from is required" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_merged_export_of_a_qlora_model_dequantizes_the_base(kind):
+    """merged_state_dict (what the merged export writes): the plain model's names, the dequantized base
+    plus each adapter's scaling * B A; with B still zero, exactly the dequantized base. The model keeps
+    its quantized base and still runs."""
+    from floe.lora import LoRAConfig, adapters, apply_lora, merge_lora, merged_state_dict
+
+    model = ArcticForCausalLM(PRESETS["tiny"])
+    model.reset_parameters(seed=1)
+    plain_names = set(model.state_dict())
+    apply_lora(model, LoRAConfig(rank=4, alpha=8.0), seed=0)
+    apply_quantize_base(model, kind, TARGETS)
+    base = {n: q.dequantize() for n, q in quantized_weights(model).items()}
+    merged = merged_state_dict(model)
+    assert set(merged) == plain_names
+    assert all(torch.equal(merged[n], w) for n, w in base.items())
+    with torch.no_grad():
+        for _, a in adapters(model):
+            for name, p in a.named_parameters():
+                if "B" in name.split(".")[-1]:
+                    p.normal_()
+    merged = merged_state_dict(model)
+    q_proj, experts = model.layers[0].attn.q_proj.lora, model.layers[1].moe.experts.lora
+    torch.testing.assert_close(merged["layers.0.attn.q_proj.weight"], base["layers.0.attn.q_proj.weight"]
+                               + q_proj.delta())
+    torch.testing.assert_close(merged["layers.1.moe.experts.w2"], base["layers.1.moe.experts.w2"] + experts.delta("w2"))
+    ids, pos = batch()
+    with torch.no_grad():  # the merged weights in a plain model compute what the QLoRA model computes
+        plain = ArcticForCausalLM(PRESETS["tiny"])
+        plain.load_state_dict(merged)
+        torch.testing.assert_close(plain(ids, position_ids=pos).logits, model(ids, position_ids=pos).logits,
+                                   rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="the base is quantized"):
+        merge_lora(model)

@@ -204,7 +204,7 @@ def test_every_config_composes(tmp_path):
                 overrides.append("train.objective=dpo")
             parse_config(make_cfg(tmp_path, *overrides))
     for exp in sorted(f[:-5] for f in os.listdir(os.path.join(CONF_DIR, "experiment")) if f.endswith(".yaml")):
-        if exp.startswith(("arctic_sft", "arctic_dpo", "arctic_lora")):  # fine-tuning recipes refuse random weights
+        if exp.startswith(("arctic_sft", "arctic_dpo", "arctic_lora", "arctic_qlora")):  # fine-tuning recipes refuse random weights
             with pytest.raises(ValueError, match="train.init_from is required"):
                 parse_config(make_cfg(tmp_path, f"+experiment={exp}"))
             continue

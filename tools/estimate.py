@@ -65,7 +65,7 @@ def build_spec(cfg):
         kernels=kernels, device=device, reduce_bucket_size=c.parallel.reduce_bucket_size,
         allgather_bucket_size=c.parallel.allgather_bucket_size, overlap_comm=bool(overlap),
         gpu_mem_gb=float(extras["gpu_mem_gb"]), reserve_gb=float(extras["reserve_gb"]),
-        routing=str(extras["routing"]), rank=int(extras["rank"]))
+        routing=str(extras["routing"]), rank=int(extras["rank"]), lora=c.lora)
 
 
 def _without_extras(cfg):
@@ -87,6 +87,9 @@ def format_table(e) -> str:
         f"parameters         {e.params_per_rank / 1e9:.3f} B  (dense {e.dense_params / 1e9:.3f} B, "
         f"experts {e.expert_params / 1e9:.3f} B, trainable {e.trainable_params / 1e9:.3f} B)",
     ]
+    if e.quantized_params:
+        rows.append(f"quantized base     {e.quantized_params / 1e9:.3f} B parameters in {e.quantized_base_gb:.2f} GiB "
+                    f"({s['lora']['quantize_base']}; part of the weights)")
     for label, value in (("weights", e.weights_gb), ("gradients", e.grads_gb), ("fp32 master", e.master_gb),
                          ("Adam moments", e.adam_gb), ("reduce buckets", e.buffers_gb),
                          ("activations", e.activations_gb), ("  per layer", e.activations_per_layer_gb),
@@ -132,7 +135,7 @@ def _main(argv=None) -> int:
     if errors:
         raise ConfigError("invalid estimate config:\n  " + "\n  ".join(errors))
     if args.dry_run:
-        shard = dry_run(spec.model, spec.world_size, spec.ep_size, spec.rank)
+        shard = dry_run(spec.model, spec.world_size, spec.ep_size, spec.rank, spec.lora)
         print(json.dumps(shard) if args.json else "\n".join(f"{k:<28} {v}" for k, v in shard.items()))
         return 0
     result = estimate(spec)

@@ -29,9 +29,11 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from floe.config import ModelConfig
+from floe.lora import LoRAConfig, apply_lora
 from floe.plan.tensor_memory import GIB, PeakMemoryTracker
 from floe.model import CHECKPOINTING, apply_activation_checkpointing
 from floe.parallel import fake_process_group
+from floe.quantize import quantized_weights
 
 PRECISIONS = ("fp32", "bf16")
 EXPERT_KERNELS = ("reference", "triton")
@@ -64,6 +66,7 @@ class EstimateSpec:
     reserve_gb: float = 0.0  # held back for what no tensor counts: CUDA context, NCCL, fragmentation
     routing: str = "worst"  # worst: this rank's experts full to capacity | balanced: T*k/E each
     rank: int = 0
+    lora: LoRAConfig = field(default_factory=LoRAConfig)  # adapters (rank 0: none) and lora.quantize_base
 
     def errors(self) -> list[str]:
         from floe.plan.fake_run import ROUTING_PLANS
@@ -89,11 +92,13 @@ class EstimateSpec:
 # ----------------------------------------------------------------------------- the rank's shard
 
 
-def build_shard(model_cfg: ModelConfig, ep_size: int) -> tuple[nn.Module, object]:
-    """This rank's model on the meta device, sharded by floe.parallel as training shards it.
+def build_shard(model_cfg: ModelConfig, ep_size: int, lora: LoRAConfig | None = None) -> tuple[nn.Module, object]:
+    """This rank's model on the meta device, sharded by floe.parallel as training shards it, with
+    training's LoRA adapters and quantized base (floe.run.trainer.adapt_base) when `lora` has a rank.
     Needs a process group (fake_process_group) when ep_size > 1. Returns (model, groups)."""
     from floe.model import ArcticForCausalLM
     from floe.parallel import apply_deepspeed_moe, apply_expert_parallel, build_parallel_groups
+    from floe.quantize import apply_quantize_base
 
     with torch.device("meta"):
         model = ArcticForCausalLM(model_cfg)
@@ -101,6 +106,10 @@ def build_shard(model_cfg: ModelConfig, ep_size: int) -> tuple[nn.Module, object
     if ep_size > 1:
         groups = build_parallel_groups(ep_size)
         apply_expert_parallel(model, groups)
+    if lora is not None and lora.enabled:  # the order of build_engine: shard, load, adapt, markers
+        apply_lora(model, lora)
+        apply_quantize_base(model, lora.quantize_base, lora.targets)
+    if groups is not None:
         apply_deepspeed_moe(model)  # the markers that put experts in their own optimizer groups
     return model, groups
 
@@ -119,22 +128,28 @@ def _is_expert(p: torch.Tensor, expert_ids: set[int]) -> bool:
 
 def param_counts(model: nn.Module) -> dict:
     """Parameters held: dense (replicated on every rank) and experts (this rank's shard)."""
-    from floe.layer import EXPERT_WEIGHTS, GroupedExperts
+    from floe.layer import GroupedExperts
 
-    expert = {id(getattr(m, w)) for m in model.modules() if isinstance(m, GroupedExperts) for w in EXPERT_WEIGHTS}
+    # the experts' stacked weights and their adapters (a quantized weight is a buffer: counted below)
+    expert = {id(p) for m in model.modules() if isinstance(m, GroupedExperts) for p in m.expert_tensors().values()}
     dense = sum(p.numel() for p in model.parameters() if id(p) not in expert)
     experts = sum(p.numel() for p in model.parameters() if id(p) in expert)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    quantized = quantized_weights(model)
+    q_experts = sum(math.prod(q.shape) for n, q in quantized.items() if ".experts." in n)
+    q_dense = sum(math.prod(q.shape) for n, q in quantized.items() if ".experts." not in n)
+    dense, experts = dense + q_dense, experts + q_experts
     return {"params_per_rank": dense + experts, "dense_params": dense, "expert_params": experts,
-            "trainable_params": trainable, "frozen_params": dense + experts - trainable}
+            "trainable_params": trainable, "frozen_params": dense + experts - trainable,
+            "quantized_params": q_dense + q_experts}
 
 
-def dry_run(model_cfg: ModelConfig, world_size: int, ep_size: int, rank: int) -> dict:
+def dry_run(model_cfg: ModelConfig, world_size: int, ep_size: int, rank: int, lora: LoRAConfig | None = None) -> dict:
     """Rank `rank` of `world_size`: its experts (global ids), parameter counts and groups."""
     from floe.parallel import expected_layout
 
     with fake_process_group(world_size, rank) if ep_size > 1 else contextlib.nullcontext():
-        model, groups = build_shard(model_cfg, ep_size)
+        model, groups = build_shard(model_cfg, ep_size, lora)
         ep_ranks, edp_ranks = (groups.ep_ranks, groups.edp_ranks) if groups else ((rank,), tuple(range(world_size)))
     if groups is None:
         ep_ranks, edp_ranks = expected_layout(world_size, 1, rank)
@@ -189,14 +204,18 @@ def state_bytes(spec: EstimateSpec, model: nn.Module, groups: list[GroupState]) 
         keeps whole gradients until the boundary; the ipg reduce bucket(s) of
         reduce_bucket_size elements, two with overlap_comm. The all-gather after the step
         writes into the flat weights (all_gather_into_tensor): no extra buffer.
-    Frozen parameters (model.freeze_moe) hold weights only.
+    Frozen parameters (model.freeze_moe, a LoRA base) hold weights only; a quantized base
+    (lora.quantize_base) holds its integer buffers (floe.quantize), counted in `weights` and alone
+    in `quantized_base`.
     """
     p_bytes = 2 if spec.precision == "bf16" else 4
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    quantized = sum(q.nbytes() for q in quantized_weights(model).values())
     numel = sum(g.numel for g in groups)
     aligned = sum(g.aligned for g in groups)
     part = sum(g.partition for g in groups)
-    out = {"weights": (aligned + frozen) * p_bytes, "grads": 0, "master": 0, "adam": 8 * part, "buckets": 0}
+    out = {"weights": (aligned + frozen) * p_bytes + quantized, "quantized_base": quantized, "grads": 0, "master": 0,
+           "adam": 8 * part, "buckets": 0}
     if spec.zero_stage == 0:
         out["grads"] = p_bytes * numel  # bf16 at ZeRO-0 accumulates in bf16 (moe/parallel/deepspeed_setup.py)
         if spec.precision == "bf16":
@@ -266,7 +285,7 @@ def measure_activations(spec: EstimateSpec, num_layers: int, micro_batch: int) -
 
     from floe.plan.fake_run import RoutingOracle, expert_kernel_footprint
 
-    model, groups = build_shard(spec.model.replace(num_layers=num_layers), spec.ep_size)
+    model, groups = build_shard(spec.model.replace(num_layers=num_layers), spec.ep_size, spec.lora)
     experts = held_experts(model)
     fake = FakeTensorMode(allow_non_fake_inputs=True)  # the meta parameters become fake ones
     if spec.precision == "bf16":
@@ -298,7 +317,9 @@ class Estimate:
     dense_params: int
     expert_params: int
     trainable_params: int
+    quantized_params: int  # of the frozen base, stored as lora.quantize_base says
     weights_gb: float
+    quantized_base_gb: float  # part of weights_gb: the quantized base's buffers
     grads_gb: float
     master_gb: float
     adam_gb: float
@@ -319,13 +340,30 @@ class Estimate:
         return asdict(self)
 
 
+def _lora_notes(spec: EstimateSpec, model: nn.Module) -> list[str]:
+    if not spec.lora.enabled:
+        return []
+    lora, p_bytes = spec.lora, 2 if spec.precision == "bf16" else 4
+    notes = [f"lora: rank {lora.rank} on {', '.join(lora.targets)}; base {lora.quantize_base}; only the adapters"
+             f"{' and the router' if lora.train_router else ''} have gradients and optimizer state"]
+    if lora.quantize_base != "none":
+        owners: dict[str, int] = {}
+        for name, q in quantized_weights(model).items():
+            owner = name.rsplit(".", 2 if name.endswith(".weight") else 1)[0]
+            owners[owner] = owners.get(owner, 0) + math.prod(q.shape)
+        largest = max(owners.values()) * p_bytes / GIB
+        notes.append(f"dequantized on the fly: at most one module's weights at a time ({largest:.2f} GiB, the "
+                     "largest), inside the activations")
+    return notes
+
+
 def estimate(spec: EstimateSpec) -> Estimate:
     """The memory plan for rank spec.rank (see module doc)."""
     errors = spec.errors()
     if errors:
         raise ValueError("invalid estimate config:\n  " + "\n  ".join(errors))
     with fake_process_group(spec.world_size, spec.rank) if spec.ep_size > 1 else contextlib.nullcontext():
-        model, _ = build_shard(spec.model, spec.ep_size)
+        model, _ = build_shard(spec.model, spec.ep_size, spec.lora)
         groups = optimizer_groups(model, spec)
         states = state_bytes(spec, model, groups)
         extra = transient_bytes(spec, model, groups)
@@ -357,11 +395,12 @@ def estimate(spec: EstimateSpec) -> Estimate:
         spec={k: v for k, v in asdict(spec).items() if k != "model"} | {"model": asdict(spec.model)},
         rank=spec.rank, experts=held_experts(model), params_per_rank=counts["params_per_rank"],
         dense_params=counts["dense_params"], expert_params=counts["expert_params"],
-        trainable_params=counts["trainable_params"], weights_gb=gb(states["weights"]), grads_gb=gb(states["grads"]),
+        trainable_params=counts["trainable_params"], quantized_params=counts["quantized_params"],
+        weights_gb=gb(states["weights"]), quantized_base_gb=gb(states["quantized_base"]), grads_gb=gb(states["grads"]),
         master_gb=gb(states["master"]), adam_gb=gb(states["adam"]),
         optimizer_gb=gb(states["master"] + states["adam"]), buffers_gb=gb(states["buckets"]),
         activations_gb=gb(a0), activations_per_layer_gb=gb(act[2, mbs[0]] - act[1, mbs[0]]),
         step_extra_gb=gb(extra["step"]), reduce_extra_gb=gb(extra["reduce"]), reserve_gb=spec.reserve_gb,
         total_gb=gb(total(a0)), gpu_mem_gb=spec.gpu_mem_gb, fits=total(a0) <= budget, max_micro_batch=max_mb,
-        notes=[f"routing plan: {spec.routing}", f"expert kernel footprint: {spec.kernels}"],
+        notes=[f"routing plan: {spec.routing}", f"expert kernel footprint: {spec.kernels}", *_lora_notes(spec, model)],
     )
