@@ -97,13 +97,15 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=60, help="fine-tune steps")
     p.add_argument("--lr", type=float, default=1e-3, help="full fine-tune learning rate")
     p.add_argument("--lora-lr", type=float, default=5e-3, help="LoRA and QLoRA learning rate")
+    p.add_argument("--batch", type=int, default=16, help="rows of 256 tokens per step (learn_cpu's 16)")
     p.add_argument("--only", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     args = p.parse_args(argv)
     out = os.path.abspath(args.out)
+    batch = [f"train.global_batch_size={args.batch}", f"train.micro_batch_size={args.batch}"]
     base, base_hf = os.path.join(out, "base"), os.path.join(out, "base_hf")
     if not os.path.isdir(base_hf):
         t = _train(base, ["data.sources=[math,code,general]", "data.weights=[0.8,0.1,0.1]",
-                          f"train.max_steps={args.base_steps}"])
+                          f"train.max_steps={args.base_steps}", *batch])
         print(f"base: {args.base_steps} steps in {t['wall_s']:.0f} s wall, {t['cpu_s']:.0f} s CPU", flush=True)
         subprocess.run([sys.executable, "tools/export.py", base, "--out", base_hf], cwd=REPO, check=True)
     print("| run | trainable params | steps | wall s | CPU s | final loss | identity EM | math EM | overall EM |")
@@ -113,7 +115,7 @@ def main(argv=None) -> int:
         lr = args.lr if name == "full" else args.lora_lr
         t = _train(run, [f"train.init_from={base_hf}", "data.sources=[identity]", "data.weights=null",
                          f"train.max_steps={args.steps}", f"optim.lr={lr}", "optim.warmup_ratio=0.1",
-                         "train.resume=never", *VARIANTS[name]])
+                         "train.resume=never", *batch, *VARIANTS[name]])
         s = score_run(run, base_hf)
         per = s["per_source"]
         print(f"| {name} (lr {lr:g}) | {s['trainable_params']:,} | {args.steps} | {t['wall_s']:.0f} | {t['cpu_s']:.0f} "
