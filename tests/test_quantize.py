@@ -332,7 +332,7 @@ def test_qlora_under_deepspeed_bf16_and_expert_parallel(tmp_path):
 def test_arctic_qlora_recipe_requires_init_from(tmp_path):
     proc = launch(f"run.dir={tmp_path / 'run'}", "+experiment=arctic_qlora", "log.wandb=disabled")
     assert proc.returncode == 2 and "train.init_from is required" in proc.stderr, proc.stderr[-2000:]
-    assert not (tmp_path / "run").exists()
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 @pytest.mark.parametrize("kind", ["nf4", "int8"])
@@ -369,3 +369,30 @@ def test_merged_export_of_a_qlora_model_dequantizes_the_base(kind):
                                    rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="the base is quantized"):
         merge_lora(model)
+
+
+def test_merged_export_of_a_qlora_run_is_the_dequantized_base_plus_the_adapters(tmp_path):
+    from floe.lora import adapters
+    from tools.export import export, load_checkpoint_model, resolve_checkpoint
+    from tools.generate import load_model_for_inference
+
+    run = tmp_path / "run"
+    train(make_cfg(run, *QLORA, "lora.dropout=0.0", "lora.quantize_base=nf4", "train.max_steps=2"))
+    export(str(run), str(tmp_path / "hf"))
+    exported = load_model_for_inference(str(tmp_path / "hf"))[0].state_dict()
+    trained, _ = load_checkpoint_model(*resolve_checkpoint(str(run)))
+    base = frozen_tiny(seed=0)  # the run's base: fresh init of train.seed=0
+    delta = {f"{name.rsplit('.', 1)[0]}.{w}": a.delta(w) for name, a in adapters(trained) if ".experts." in name
+             for w in ("w1", "w3", "w2")}
+    assert len(delta) == 6
+    for name, d in delta.items():
+        weight = dict(base.named_parameters())[name]
+        dequantized = QuantizedWeight(weight, "nf4").dequantize()
+        torch.testing.assert_close(exported[name], dequantized + d, rtol=0, atol=1e-7)
+        assert d.abs().max() > 0 and (exported[name] - (weight + d)).abs().max() > 1e-4  # not the fp32 base
+    ids, pos = batch()
+    with torch.no_grad():
+        # dropless: the exported config's drop policy is Arctic's ("position"), the run's "probs"
+        torch.testing.assert_close(
+            load_model_for_inference(str(tmp_path / "hf"))[0](ids, position_ids=pos, dropless=True).logits,
+            trained.eval()(ids, position_ids=pos, dropless=True).logits, rtol=1e-4, atol=1e-5)

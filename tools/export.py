@@ -5,7 +5,8 @@
     python tools/export.py runs/tiny/lora --adapter --out exported/tiny-adapter   # a LoRA run: PEFT adapter
 
 A LoRA run (lora.rank > 0) exports its base (train.init_from, or the fresh init of train.seed) with the
-adapters merged into it, as a full directory like any other run; with --adapter it writes only the
+adapters merged into it, as a full directory like any other run (a QLoRA run, lora.quantize_base, merges
+them into its dequantized base: the weights it trained against); with --adapter it writes only the
 adapters in PEFT's format: adapter_config.json and adapter_model.safetensors, Hugging Face Arctic module
 names, one lora_A/lora_B pair per expert (PeftModel.from_pretrained(arctic_model, out) loads it).
 
@@ -37,6 +38,7 @@ from floe.config import ModelConfig
 from floe.data.tokenizer import Tokenizer
 from floe.hf import hf_config_from, load_hf_weights, peft_target_modules, save_hf, to_peft
 from floe.lora import LoRAConfig, apply_lora, merged_state_dict, trainable_parameters
+from floe.quantize import apply_quantize_base
 from floe.model import ArcticForCausalLM
 from floe.run.init_from import base_identity, base_problem
 
@@ -90,6 +92,7 @@ def load_checkpoint_model(ckpt_dir: str, run_dir: str) -> tuple[ArcticForCausalL
             model.to_empty(device="cpu")
             model.reset_parameters(seed=seed)  # the keyed init the run started from
         apply_lora(model, lora, seed=seed)
+        apply_quantize_base(model, lora.quantize_base, lora.targets)  # a QLoRA run's base, as it trained on it
     else:
         model.to_empty(device="cpu")  # every tensor is overwritten by the checkpoint below
     checkpoint.load_weights(model, ckpt_dir)  # safetensors only: dense by name, experts by global id

@@ -205,8 +205,7 @@ def state_bytes(spec: EstimateSpec, model: nn.Module, groups: list[GroupState]) 
         reduce_bucket_size elements, two with overlap_comm. The all-gather after the step
         writes into the flat weights (all_gather_into_tensor): no extra buffer.
     Frozen parameters (model.freeze_moe, a LoRA base) hold weights only; a quantized base
-    (lora.quantize_base) holds its integer buffers (floe.quantize), counted in `weights` and alone
-    in `quantized_base`.
+    (lora.quantize_base) holds its integer buffers (floe.quantize), counted in `weights`.
     """
     p_bytes = 2 if spec.precision == "bf16" else 4
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
@@ -214,8 +213,8 @@ def state_bytes(spec: EstimateSpec, model: nn.Module, groups: list[GroupState]) 
     numel = sum(g.numel for g in groups)
     aligned = sum(g.aligned for g in groups)
     part = sum(g.partition for g in groups)
-    out = {"weights": (aligned + frozen) * p_bytes + quantized, "quantized_base": quantized, "grads": 0, "master": 0,
-           "adam": 8 * part, "buckets": 0}
+    out = {"weights": (aligned + frozen) * p_bytes + quantized, "grads": 0, "master": 0, "adam": 8 * part,
+           "buckets": 0}
     if spec.zero_stage == 0:
         out["grads"] = p_bytes * numel  # bf16 at ZeRO-0 accumulates in bf16 (moe/parallel/deepspeed_setup.py)
         if spec.precision == "bf16":
@@ -396,7 +395,8 @@ def estimate(spec: EstimateSpec) -> Estimate:
         rank=spec.rank, experts=held_experts(model), params_per_rank=counts["params_per_rank"],
         dense_params=counts["dense_params"], expert_params=counts["expert_params"],
         trainable_params=counts["trainable_params"], quantized_params=counts["quantized_params"],
-        weights_gb=gb(states["weights"]), quantized_base_gb=gb(states["quantized_base"]), grads_gb=gb(states["grads"]),
+        weights_gb=gb(states["weights"]), grads_gb=gb(states["grads"]),
+        quantized_base_gb=gb(sum(q.nbytes() for q in quantized_weights(model).values())),
         master_gb=gb(states["master"]), adam_gb=gb(states["adam"]),
         optimizer_gb=gb(states["master"] + states["adam"]), buffers_gb=gb(states["buckets"]),
         activations_gb=gb(a0), activations_per_layer_gb=gb(act[2, mbs[0]] - act[1, mbs[0]]),
