@@ -23,6 +23,7 @@ from floe.config import ModelConfig
 from floe.data import DataConfig
 from floe.errors import ConfigError, batch_errors
 from floe.lora import LoRAConfig, lora_model_errors
+from floe.quantize import quantize_config_errors
 from floe.model import CHECKPOINTING
 from floe.optim import OptimConfig
 from floe.parallel import PRECISIONS, LaunchEnv, ParallelConfig, parallel_errors
@@ -133,6 +134,7 @@ def config_errors(sections: dict, launch: LaunchEnv | None = None) -> list[str]:
         errors.append(f"data.seq_len ({data.seq_len}) must be <= model.max_seq_len ({model.max_seq_len})")
     if model is not None and sections.get("lora") is not None:
         errors += lora_model_errors(sections["lora"], model)
+        errors += quantize_config_errors(model, sections["lora"].quantize_base, sections["lora"].targets)
     if launch is None:
         return errors
     if parallel is not None:

@@ -26,7 +26,8 @@ from safetensors import SafetensorError
 
 from floe.data import StepLoader, build_dataset, build_eval_dataset, check_enough_rows, eval_micro_batches
 from floe.errors import ConfigError
-from floe.lora import apply_lora
+from floe.lora import LoRAConfig, apply_lora
+from floe.quantize import apply_quantize_base
 from floe.model import ArcticForCausalLM, apply_activation_checkpointing, apply_kernel_backend
 from floe.parallel import build_engine, check_deepspeed_version, resolve_precision
 from floe.run import checkpoint, host_allocator, run_dir
@@ -145,6 +146,13 @@ def check_resumed_base(c: Configs, latest: str) -> None:
                           "another run.dir to start over")
 
 
+def adapt_base(model, lora: LoRAConfig, seed: int) -> None:
+    """build_engine's adapt hook of a LoRA run: adapters beside the loaded (sharded) weights, the base
+    frozen, then the frozen weights of lora.targets stored quantized (lora.quantize_base)."""
+    apply_lora(model, lora, seed=seed)
+    apply_quantize_base(model, lora.quantize_base, lora.targets)
+
+
 class Trainer:
     """Build once, then `fit`: train_step, log, save until the last step."""
 
@@ -180,7 +188,7 @@ class Trainer:
         load_base = c.train.init_from and (not resume_from or c.lora.enabled)
         load_weights = weight_loader(c.train.init_from, device) if load_base else None
         self.base = lora_base(c)
-        adapt = (lambda m: apply_lora(m, c.lora, seed=c.train.seed)) if c.lora.enabled else None
+        adapt = (lambda m: adapt_base(m, c.lora, c.train.seed)) if c.lora.enabled else None
         self.engine = build_engine(model, c.parallel, c.optim, seed=c.train.seed, device=device, adapt=adapt,
                                    global_batch_size=c.train.global_batch_size, load_weights=load_weights,
                                    micro_batch_size=c.train.micro_batch_size, total_steps=self.total_steps,
