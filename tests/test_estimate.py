@@ -274,3 +274,36 @@ def test_plan_within_15_percent_of_cuda_peak_small(tmp_path):
 
     ratio = _plan_over_measured(small_step_overrides(rehearse=False), tmp_path)
     assert 0.85 <= ratio <= 1.15, ratio
+
+
+@pytest.mark.parametrize("kind", ["none", "int8", "nf4"])
+def test_lora_and_qlora_state_bytes_by_hand(kind):
+    """A LoRA shard (rank 4 on every target): gradients, masters and moments of the adapters only; the
+    frozen base as fp32 weights or as its quantized buffers, counted by hand (nf4: half a byte per weight,
+    one int8 scale per 64-weight block, one fp32 factor per group of blocks, an fp32 mean and the 16-level
+    code book per matrix; int8: a byte per weight and an fp32 scale per row)."""
+    from floe.lora import LoRAConfig
+
+    lora = LoRAConfig(rank=4, alpha=8.0, quantize_base=kind)
+    spec = EstimateSpec(TINY, world_size=1, precision="fp32", lora=lora, device="cpu", kernels="reference")
+    model, _ = build_shard(TINY, 1, lora)
+    s = state_bytes(spec, model, optimizer_groups(model, spec))
+    r, d, kv = 4, 64, 32
+    matrices = [(d, d), (kv, d), (kv, d), (d, d), (64, d), (64, d), (d, 64)]  # q k v o, dense w1 w3 w2 (out, in)
+    experts = [(8, 64, d), (8, 64, d), (8, d, 64)]  # w1 w3 w2 stacked
+    adapters = 2 * (sum(r * (o + i) for o, i in matrices) + sum(e * r * (o + i) for e, o, i in experts))
+    base = 2 * (sum(o * i for o, i in matrices) + sum(e * o * i for e, o, i in experts))
+    other_frozen = EMBED + HEAD + NORMS + 2 * 8 * 64  # embedding, head, norms, routers: never quantized
+
+    def nf4(n_matrices, o, i):
+        blocks = o * i // 64
+        return n_matrices * (o * i // 2 + blocks + 4 * (blocks // math.gcd(blocks, 256)) + 4 + 4 * 16)
+
+    def int8(n_matrices, o, i):
+        return n_matrices * (o * i + 4 * o)
+
+    per = {"nf4": nf4, "int8": int8}.get(kind)
+    quantized = 0 if per is None else 2 * (sum(per(1, o, i) for o, i in matrices) + sum(per(e, o, i) for e, o, i in experts))
+    frozen_params = other_frozen + (base if kind == "none" else 0)
+    assert s == {"weights": 4 * (adapters + frozen_params) + quantized, "grads": 4 * adapters, "master": 0,
+                 "adam": 8 * adapters, "buckets": 0}
