@@ -71,6 +71,8 @@ def test_rehearsal_figures(rehearsal):
 
     pytest_gpu = _step(report, "pytest_gpu")["figures"]  # on a CPU every gpu-marked test is collected, and skips
     assert pytest_gpu["skipped"] >= 4 and pytest_gpu["passed"] == pytest_gpu["failed"] == 0
+    assert len(pytest_gpu["outcomes"]) == pytest_gpu["skipped"] and set(pytest_gpu["outcomes"].values()) == {"SKIPPED"}
+    assert "tests/test_train.py::test_resume_is_bit_exact[bf16-zero2-cuda]" in pytest_gpu["outcomes"]
 
     small = _step(report, "small_step")["figures"]
     assert small["attention"] == "dense" and small["dtype"] == "float32" and len(small["losses"]) == 2

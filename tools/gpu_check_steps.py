@@ -274,18 +274,33 @@ def pytest_counts(output: str) -> dict[str, int]:
 
 
 def step_pytest_gpu(step: Step) -> None:
-    """`pytest -m gpu` over the files that hold gpu-marked tests; on the CPU they all skip."""
+    """`pytest -m gpu -v` over the files that hold gpu-marked tests (on the CPU they all skip). Its output
+    goes to this step's log as it comes, and each test's outcome is kept, so a run stopped by the budget
+    still reports the tests that finished."""
     files = gpu_test_files()
-    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "-rs", *files]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)
-    counts = pytest_counts(proc.stdout)
-    step.figures.update(command=" ".join(["python", *cmd[1:8]]) + " <files>", files=[os.path.relpath(f, REPO)
-                        for f in files], returncode=proc.returncode, **counts)
-    step.figures["output_tail"] = proc.stdout[-3000:]
+    cmd = [sys.executable, "-m", "pytest", "-v", "-m", "gpu", "-p", "no:cacheprovider", "-rs", *files]
+    step.figures.update(command=" ".join(["python", *cmd[1:8]]) + " <files>",
+                        files=[os.path.relpath(f, REPO) for f in files])
+    outcomes = step.figures["outcomes"] = {}  # test id -> PASSED | FAILED | SKIPPED | ERROR, as they finish
+    lines: list[str] = []
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            lines.append(line)
+            if m := re.match(r"(tests/\S+) (PASSED|FAILED|SKIPPED|ERROR)", line):
+                outcomes[m.group(1)] = m.group(2)
+        returncode = proc.wait()
+    finally:
+        if proc.poll() is None:  # stopped by the budget: the tests that finished are in `outcomes`
+            proc.kill()
+    counts = pytest_counts("".join(lines))
+    step.figures.update(returncode=returncode, output_tail="".join(lines)[-3000:], **counts)
     selected = counts["passed"] + counts["failed"] + counts["skipped"] + counts["errors"]
     step.check("gpu-marked tests were collected", selected > 0, f"{selected} selected")
-    step.check("no gpu test failed", counts["failed"] == 0 and counts["errors"] == 0 and proc.returncode == 0,
-               f"{counts['failed']} failed, {counts['errors']} errors, exit {proc.returncode}")
+    step.check("no gpu test failed", counts["failed"] == 0 and counts["errors"] == 0 and returncode == 0,
+               f"{counts['failed']} failed, {counts['errors']} errors, exit {returncode}: "
+               f"{[t for t, o in outcomes.items() if o in ('FAILED', 'ERROR')]}")
     if not step.rehearse:
         step.check("every gpu test ran on the GPU (none skipped)", counts["skipped"] == 0 and counts["passed"] > 0,
                    f"{counts['passed']} passed, {counts['skipped']} skipped")
