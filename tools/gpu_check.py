@@ -209,6 +209,8 @@ def correctness_failed(report: dict) -> bool:
 def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
+    if isinstance(v, list):
+        return "[" + ", ".join(map(_fmt, v)) + "]"
     return str(v)
 
 
@@ -240,9 +242,9 @@ def summary_markdown(report: dict) -> str:
                      f"| {shown} |")
     for s in report["steps"]:
         for row in s.get("figures", {}).get("summary", []):
-            ratios = ", ".join(f"{k} {_fmt(row[k])}" for k in ("ours/torch", "ours/dense") if row.get(k))
-            lines.append(f"- bench {row['op']} {row['routing']}: fwd+bwd TFLOP/s ours {_fmt(row['ours'])}, torch "
-                         f"{_fmt(row['torch'])}, dense {_fmt(row['dense'])}; {ratios}")
+            shown = ", ".join(f"{k} {_fmt(row[k])}" for k in ("ours", "torch", "dense", "ours/torch", "ours/dense")
+                              if row.get(k) is not None)
+            lines.append(f"- bench {row['op']} {row['routing']} (fwd+bwd TFLOP/s): {shown}")
     for s in report["steps"]:
         for c in s["checks"]:
             if not c["ok"]:
