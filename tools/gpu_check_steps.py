@@ -528,14 +528,18 @@ def _feature_run(step: Step, overrides: list[str], prepare=None) -> None:
                f"losses {losses}")
 
 
+def _fewer_examples(step: Step) -> list[str]:
+    return ["data.num_examples=200"] if step.rehearse else []  # the rehearsal's stand-in: less data to build
+
+
 def step_lora(step: Step) -> None:
     """LoRA (rank 8 on attention, the dense MLP and every expert) on the tiny model."""
-    _feature_run(step, ["lora=default"])
+    _feature_run(step, ["lora=default", *_fewer_examples(step)])
 
 
 def step_qlora(step: Step) -> None:
     """QLoRA: LoRA over an NF4-quantized frozen base."""
-    _feature_run(step, ["lora=default", "lora.quantize_base=nf4"])
+    _feature_run(step, ["lora=default", "lora.quantize_base=nf4", *_fewer_examples(step)])
 
 
 def _preference_pairs(step: Step) -> list[str]:
@@ -543,7 +547,8 @@ def _preference_pairs(step: Step) -> list[str]:
     path = os.path.join(step.work_dir, "pairs.jsonl")
     if not os.path.exists(os.path.join(REPO, "tools", "synthetic_pairs.py")):
         raise FileNotFoundError("tools/synthetic_pairs.py is not in this checkout")
-    subprocess.run([sys.executable, "tools/synthetic_pairs.py", "--num", "200", "--out", path], cwd=REPO, check=True,
+    num = "50" if step.rehearse else "200"  # pairs per source
+    subprocess.run([sys.executable, "tools/synthetic_pairs.py", "--num", num, "--out", path], cwd=REPO, check=True,
                    capture_output=True, text=True)
     return [f"data.paths=[{path}]"]
 
