@@ -43,7 +43,7 @@ class CompareAtSweepEnd(Callback):
             self.failed.append(run_dir)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from tools.compare import compare_runs, to_markdown
+        from floe.run.compare import compare_runs, to_markdown
 
         if not self.run_dirs:
             self._report_failed()

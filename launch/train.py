@@ -1,4 +1,4 @@
-"""Train an Arctic-style MoE: the Hydra entry point around floe.run.trainer.
+"""Train an Arctic-style MoE: the Hydra entry point around floe.run.entry.
 
     python launch/train.py                                     # tiny model, embedded data, this machine
     torchrun --standalone --nproc_per_node=8 launch/train.py model=small parallel.ep_size=8 \
@@ -62,7 +62,7 @@ from floe.errors import ConfigError
 from floe.lora import LoRAConfig
 from floe.optim import OptimConfig
 from floe.parallel import LaunchEnv, ParallelConfig, read_launch_env
-from floe.run import trainer
+from floe.run import entry
 from floe.run.config import Configs, TrainConfig, config_errors
 from floe.run.context import RunStopped
 from floe.run.dpo import DPOConfig
@@ -246,7 +246,7 @@ def train(cfg: DictConfig) -> dict:
     # What the run really is (train.init_from may have set both): tools/export.py reads these back.
     if configs.train.init_from:
         resolved["model"], resolved["data"] = dataclasses.asdict(configs.model), dataclasses.asdict(configs.data)
-    return trainer.train(configs, resolved, launch)
+    return entry.train(configs, resolved, launch)
 
 
 _task_started = False  # whether Hydra composed a config and called main (cli tells its errors apart)

@@ -1,18 +1,16 @@
-"""tools/compare.py on tiny hand-written run dirs: table values, differing config keys, files, plots."""
+"""floe.run.compare (tools/compare.py) on tiny hand-written run dirs: table values, differing config keys, files, plots."""
 from __future__ import annotations
 
 import csv
 import json
 import logging
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-import compare  # noqa: E402
+from floe.run import compare
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -273,7 +273,7 @@ def test_strict_stops_at_first_bad_line(tmp_path):
 
 
 def test_the_skipped_lines_report_is_printed_by_rank_0_only(tmp_path, caplog):
-    from floe.run.trainer import quiet_repeated_reports
+    from floe.run.entry import quiet_repeated_reports
 
     path = write_jsonl(tmp_path / "bad.jsonl", [r for r, _ in BAD_LINES])
     try:

@@ -186,7 +186,7 @@ def test_evaluate_cli_planted_references(model, tmp_path, capsys):
 def test_evaluate_cli_on_a_run_with_the_embedded_questions(tiny_run, capsys):
     import json
 
-    from tools.compare import read_exact_match
+    from floe.run.compare import read_exact_match
     from tools.evaluate import main as evaluate_main
 
     assert evaluate_main([str(tiny_run), "--num-per-source", "1", "--max-new-tokens", "2"]) == 0

@@ -145,8 +145,8 @@ def test_config_error_is_one_clean_message_and_exit_code_2(tmp_path):
     out = subprocess.run(args[:2] + ["model=nope"] + args[4:], capture_output=True, text=True, cwd=tmp_path,
                          env={**env, "RANK": "1"}, timeout=120)
     assert out.returncode == 2 and out.stderr == "", out.stderr  # rank 0 prints Hydra's message for all
-    code = ("import runpy, sys, floe.run.trainer\n"  # once Hydra has composed, training's stderr is every rank's
-            "floe.run.trainer.train = lambda c, resolved, launch: print('from training', file=sys.stderr)\n"
+    code = ("import runpy, sys, floe.run.entry\n"  # once Hydra has composed, training's stderr is every rank's
+            "floe.run.entry.train = lambda c, resolved, launch: print('from training', file=sys.stderr)\n"
             f"sys.argv = ['launch/train.py', 'log.wandb=disabled', 'run.dir={tmp_path / 'run'}']\n"
             "runpy.run_path('launch/train.py', run_name='__main__')\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,

@@ -3,7 +3,7 @@
     python tools/bench_dpo.py                              # tiny model, 16 rows of 256 tokens, 8 steps each
     python tools/bench_dpo.py --model small --seq-len 512 --rows 8 --steps 6
 
-Both runs go through launch/train.py's config composition and floe.run.trainer.train on the same
+Both runs go through launch/train.py's config composition and floe.run.entry.train on the same
 packed preference rows (tools/synthetic_pairs.py pairs, both sequences of a pair side by side in a
 row): `dpo` is train.objective=dpo (forward, per-sequence log-probs, preference loss + aux loss,
 backward, update; the reference pass before step 1 is timed apart), `sft` is the LM loss on the
@@ -35,7 +35,8 @@ def child(objective: str, pairs: str, run_dir: str, args) -> dict:
     from hydra import compose, initialize_config_dir
 
     from launch.train import CONF_DIR, parse_config
-    from floe.run import trainer
+    from floe.parallel import read_launch_env
+    from floe.run import entry
 
     overrides = [f"run.dir={run_dir}", "run.name=bench", "log.wandb=disabled", f"model={args.model}",
                  "data=preference", f"data.paths=[{pairs}]", f"data.seq_len={args.seq_len}",
@@ -49,7 +50,7 @@ def child(objective: str, pairs: str, run_dir: str, args) -> dict:
     # objective is switched here, after the checks (only this benchmark trains SFT on pair rows).
     configs = dataclasses.replace(configs, train=dataclasses.replace(configs.train, objective=objective))
     t0 = time.perf_counter()
-    trainer.train(configs, {})
+    entry.train(configs, {}, read_launch_env())
     total = time.perf_counter() - t0
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -41,26 +40,6 @@ CASES = {
 }
 
 
-def _train_peak(rank, world_size, overrides, run_dir):
-    from launch.train import train
-    from floe.plan.tensor_memory import PeakMemoryTracker
-    from tools.estimate import compose
-
-    cfg = compose([*overrides, f"run.dir={run_dir}"])
-    with PeakMemoryTracker() as mem:
-        train(cfg)
-    return mem.peak_bytes
-
-
-def measure_training_peak(overrides: list[str], world_size: int = 1) -> float:
-    """Peak GiB of real training (max over ranks) for these overrides; spawns the ranks."""
-    from floe.testing.distributed import run_distributed
-
-    with tempfile.TemporaryDirectory() as run_dir:
-        peaks = run_distributed(_train_peak, world_size=world_size, args=(list(overrides), run_dir), timeout=900)
-    return max(peaks) / 2**30
-
-
 def estimate_gb(overrides: list[str], world_size: int) -> float:
     from floe.plan.memory_plan import estimate
     from tools.estimate import build_spec, compose
@@ -69,6 +48,8 @@ def estimate_gb(overrides: list[str], world_size: int) -> float:
 
 
 def main(argv=None) -> int:
+    from tools.estimate import measure_training_peak
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", nargs="*", choices=sorted(CASES), help="rows to run (default: all)")
     args = p.parse_args(argv)

@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 
 if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -107,6 +108,25 @@ def _ids(ids: list[int]) -> str:
     return f"{ids[0]}..{ids[-1]}" if len(ids) > 2 else ", ".join(map(str, ids))
 
 
+def _train_peak(rank, world_size, overrides, run_dir):
+    from launch.train import train
+    from floe.plan.tensor_memory import PeakMemoryTracker
+
+    cfg = compose([*overrides, f"run.dir={run_dir}"])
+    with PeakMemoryTracker() as mem:
+        train(cfg)
+    return mem.peak_bytes
+
+
+def measure_training_peak(overrides: list[str], world_size: int = 1) -> float:
+    """Peak GiB of real training (max over ranks) for these overrides; spawns the ranks."""
+    from floe.testing.distributed import run_distributed
+
+    with tempfile.TemporaryDirectory() as run_dir:
+        peaks = run_distributed(_train_peak, world_size=world_size, args=(list(overrides), run_dir), timeout=900)
+    return max(peaks) / 2**30
+
+
 def main(argv=None) -> int:
     """The command line; config errors (Hydra's or floe's) print one message and exit 2, as training does."""
     from launch.errors import config_errors
@@ -141,8 +161,6 @@ def _main(argv=None) -> int:
     result = estimate(spec)
     out = result.to_json()
     if args.measure:
-        from tools.bench_estimate import measure_training_peak
-
         # training knows none of the estimator's own keys (+world_size, +gpu_mem_gb, ...)
         training = [o for o in args.overrides if o.split("=", 1)[0].lstrip("+~") not in EXTRA_KEYS]
         out["measured_peak_gb"] = measure_training_peak(training, spec.world_size)
