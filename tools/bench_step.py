@@ -232,7 +232,7 @@ def instrument(trainer, timer: PhaseTimer) -> None:
 
 
 def build_trainer(args, experts: int, zero: int, procs: int, run_dir: str):
-    """Trainer exactly as floe.run.trainer.train builds it from the composed config (process group first)."""
+    """Trainer exactly as floe.run.entry.train builds it from the composed config (process group first)."""
     return trainer_from_overrides(overrides(args, experts, zero, procs), run_dir, procs)
 
 
