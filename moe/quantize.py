@@ -49,11 +49,16 @@ def _torchao():
     """torchao, imported only when a base is quantized (its import logs unusable optional CUDA
     extensions at WARNING on a machine without them: floe keeps that off the console)."""
     logging.getLogger("torchao").setLevel(logging.ERROR)
+    pytree = logging.getLogger("torch.utils._pytree")  # torchao 0.18 registers an Enum torch 2.13 deprecates
+    level = pytree.level
+    pytree.setLevel(logging.ERROR)
     try:
         import torchao.quantization as tq
         from torchao.quantization import quant_primitives
     except ImportError as e:
         raise ImportError(f"lora.quantize_base needs torchao: pip install 'torchao>=0.18,<0.19' ({e})") from None
+    finally:
+        pytree.setLevel(level)
     return tq, quant_primitives
 
 
