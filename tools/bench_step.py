@@ -377,17 +377,13 @@ def run_config(args, experts: int, zero: int, procs: int, rank: int) -> dict:
 
 
 def training_state_gb(engine) -> tuple[float, int]:
-    """(GiB held by this rank's weights, gradients and optimizer state tensors, trainable parameter count)."""
+    """(GiB held by this rank's weights, their gradients and Adam's two fp32 moments of what its optimizer
+    updates (engine.optimizer_numel: its partitions under ZeRO-1/2), trainable parameter count). Separate
+    fp32 master copies (bf16, ZeRO-1/2 partitions) are not counted."""
     tensors = {id(t.untyped_storage()): t.untyped_storage().nbytes() for p in engine.model.parameters()
                for t in (p, p.grad) if t is not None}
-    opt = engine.ds.basic_optimizer
-    for group in opt.param_groups:
-        for p in group["params"]:
-            for t in (p, p.grad, *opt.state.get(p, {}).values()):
-                if torch.is_tensor(t) and t.numel() > 1:
-                    tensors[id(t.untyped_storage())] = t.untyped_storage().nbytes()
     trainable = sum(p.numel() for p in engine.model.parameters() if p.requires_grad)
-    return sum(tensors.values()) / 1024**3, trainable
+    return (sum(tensors.values()) + 2 * 4 * engine.optimizer_numel()) / 1024**3, trainable
 
 
 def report(r: dict) -> None:
