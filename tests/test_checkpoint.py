@@ -295,7 +295,7 @@ def _tampered(saved, tmp_path, edit_state=None):
     (lambda s: s.update(adam_step=2.5), "field adam_step must be a non-negative integer, got 2.5"),
     (lambda s: s.update(global_steps="2"), "field global_steps must be a non-negative integer, got '2'"),
     (lambda s: s["client"]["loader"].update(step=True), "field client.loader.step must be a non-negative integer"),
-    (lambda s: s["client"].pop("loader"), "field client.loader must be a non-negative integer, got None"),
+    (lambda s: s["client"].update(loader=[3]), "field client.loader must be a non-negative integer, got [3]"),
     (lambda s: s.pop("client"), "not a floe checkpoint state"),
 ])
 def test_malformed_state_is_one_message_naming_file_and_field(saved, tmp_path, edit, named):
@@ -307,7 +307,7 @@ def test_malformed_state_is_one_message_naming_file_and_field(saved, tmp_path, e
 
 def test_a_tampered_counter_refuses_the_resume_before_the_data_is_built(saved, tmp_path, monkeypatch):
     """client.step=-7 trained steps -6..4 and wrote checkpoints/step_-0000002; now a ConfigError (exit 2)."""
-    import floe.run.trainer
+    import floe.run.entry
     from floe.run.context import CheckpointError
     from launch.train import train
 
@@ -315,7 +315,7 @@ def test_a_tampered_counter_refuses_the_resume_before_the_data_is_built(saved, t
         raise AssertionError("the data was built before the checkpoint was checked")
 
     run_dir, path = _tampered(saved, tmp_path, lambda s: s["client"].update(step=-7))
-    monkeypatch.setattr(floe.run.trainer, "build_dataset", no_data)
+    monkeypatch.setattr(floe.run.entry, "build_dataset", no_data)
     with pytest.raises(CheckpointError, match=r"cannot resume: .*state.json: field client.step"):
         train(_compose(run_dir, ["train.max_steps=4", "train.allow_schedule_change=true"]))
 

@@ -9,7 +9,7 @@ import time
 import pytest
 import yaml
 
-import floe.run.trainer
+import floe.run.entry
 from floe.run.context import move_aside
 from floe.run.run_dir import ResumeMismatch
 from launch.train import train
@@ -29,12 +29,11 @@ def test_resume_never_starts_a_run_that_can_never_resume_another_runs_checkpoint
     run = tmp_path / "run"
     train(make_cfg(run, "train.max_steps=2", *SMALL))
     env_before = dict(os.environ)
-    real_trainer = floe.run.trainer.Trainer
 
     def killed(*args, **kwargs):
         raise Killed()
 
-    monkeypatch.setattr(floe.run.trainer, "Trainer", killed)  # B dies after the start, before any save
+    monkeypatch.setitem(floe.run.entry.TRAINERS, "sft", killed)  # B dies after the start, before any save
     with pytest.raises(Killed):
         train(make_cfg(run, "train.max_steps=2", "train.resume=never", "model.capacity_factor=2.0", *SMALL))
     assert dict(os.environ) == env_before  # the rendezvous environment of a 1-process launch is restored
@@ -42,7 +41,7 @@ def test_resume_never_starts_a_run_that_can_never_resume_another_runs_checkpoint
     aside = [p for p in run.iterdir() if p.name.startswith("replaced-")]
     assert len(aside) == 1 and (aside[0] / "checkpoints" / "step_00000002").is_dir()
     assert "moved the earlier run's checkpoints" in capfd.readouterr().err
-    monkeypatch.setattr(floe.run.trainer, "Trainer", real_trainer)
+    monkeypatch.undo()
     last = train(make_cfg(run, "train.max_steps=2", "model.capacity_factor=2.0", *SMALL))  # B again, resume=auto
     assert "resumed from" not in capfd.readouterr().err
     assert last["step"] == 2 and [m["step"] for m in read_metrics(run)] == [1, 2]

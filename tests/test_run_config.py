@@ -9,7 +9,7 @@ import torch
 
 import floe.run.config
 import floe.run.run_dir
-import floe.run.trainer
+import floe.run.entry
 from floe.errors import ConfigError
 from floe.run.config import config_errors, run_dir_errors
 from launch.train import train
@@ -25,7 +25,7 @@ def nothing_may_start(monkeypatch):
         raise AssertionError("the run dir was claimed or the data was built before the config was refused")
 
     monkeypatch.setattr(floe.run.run_dir, "RunLock", refuse)
-    monkeypatch.setattr(floe.run.trainer, "build_dataset", refuse)
+    monkeypatch.setattr(floe.run.entry, "build_dataset", refuse)
 
 
 def test_five_problems_of_one_launch_are_named_together(tmp_path, nothing_may_start):

@@ -197,28 +197,29 @@ def latest_checkpoint(ckpt_dir: str) -> str | None:
 
 
 def read_state(path: str) -> dict:
-    """state.json of checkpoint `path`, every field checked: the counters are non-negative integers,
-    the step is the one in the directory's name (and floe.json's), the client state holds the data
-    loader's position. One ValueError naming the file and the field."""
+    """state.json of checkpoint `path`, every field checked: the counters (and the trainer's client
+    step and data-loader position, when the client state has them) are non-negative integers, the step
+    is the one in the directory's name (and floe.json's). One ValueError naming the file and the field."""
     file, step = os.path.join(path, "state.json"), int(os.path.basename(path).rsplit("_", 1)[1])
     state = _read_json(file)
     if not isinstance(state, dict) or not isinstance(state.get("client"), dict):
         raise ValueError(f"{file}: not a floe checkpoint state (a JSON object with a 'client' object)")
     client = state["client"]
-    loader = client.get("loader")
-    fields = {"step": state.get("step"), "adam_step": state.get("adam_step", 0), "client.step": client.get("step"),
+    fields = {"step": state.get("step"), "adam_step": state.get("adam_step", 0),
               **{k: state.get(k) for k in SCHEDULE_COUNTERS}}
-    if isinstance(loader, dict):
-        fields.update({f"client.loader.{k}": loader.get(k) for k in LOADER_COUNTERS})
-    else:
-        fields["client.loader"] = loader
+    if "step" in client:  # the trainer's client state (floe.run.trainer): its step and loader position
+        fields["client.step"] = client["step"]
+    if "loader" in client:
+        loader = client["loader"]
+        fields.update({f"client.loader.{k}": loader.get(k) for k in LOADER_COUNTERS} if isinstance(loader, dict)
+                      else {"client.loader": loader})
     for name, value in fields.items():
         if name == "adam_step" and value is None:
             continue  # saved before the first update
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ValueError(f"{file}: field {name} must be a non-negative integer, got {value!r}")
     for name in ("step", "client.step"):
-        if fields[name] != step:
+        if name in fields and fields[name] != step:
             raise ValueError(f"{file}: field {name} is {fields[name]}, but the checkpoint directory is "
                              f"{os.path.basename(path)} (step {step})")
     if (meta_step := read_meta(path).get("step")) != step:
