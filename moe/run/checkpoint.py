@@ -200,7 +200,9 @@ def read_state(path: str) -> dict:
     """state.json of checkpoint `path`, every field checked: the counters (and the trainer's client
     step and data-loader position, when the client state has them) are non-negative integers, the step
     is the one in the directory's name (and floe.json's). One ValueError naming the file and the field."""
-    file, step = os.path.join(path, "state.json"), int(os.path.basename(path).rsplit("_", 1)[1])
+    file, meta_step = os.path.join(path, "state.json"), read_meta(path).get("step")
+    named = TAG_RE.fullmatch(os.path.basename(path))  # a copy elsewhere (tools, tests) may be named otherwise
+    step = int(os.path.basename(path).rsplit("_", 1)[1]) if named else meta_step
     state = _read_json(file)
     if not isinstance(state, dict) or not isinstance(state.get("client"), dict):
         raise ValueError(f"{file}: not a floe checkpoint state (a JSON object with a 'client' object)")
@@ -222,7 +224,7 @@ def read_state(path: str) -> dict:
         if name in fields and fields[name] != step:
             raise ValueError(f"{file}: field {name} is {fields[name]}, but the checkpoint directory is "
                              f"{os.path.basename(path)} (step {step})")
-    if (meta_step := read_meta(path).get("step")) != step:
+    if meta_step != step:
         raise ValueError(f"{path}/floe.json: field step is {meta_step!r}, the directory's name says {step}")
     return state
 
