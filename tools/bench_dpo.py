@@ -1,7 +1,8 @@
 """Benchmark: a DPO step against an SFT step of the same rows (time and peak memory), one process.
 
     python tools/bench_dpo.py                              # tiny model, 16 rows of 256 tokens, 8 steps each
-    python tools/bench_dpo.py --model small --seq-len 512 --rows 8 --steps 6
+    python tools/bench_dpo.py --set model.hidden_size=128 --set model.dense_ffn=128 --set model.expert_ffn=128 \
+        --set model.num_layers=4                           # learn_cpu's model
 
 Both runs go through launch/train.py's config composition and floe.run.entry.train on the same
 packed preference rows (tools/synthetic_pairs.py pairs, both sequences of a pair side by side in a
@@ -34,23 +35,24 @@ def child(objective: str, pairs: str, run_dir: str, args) -> dict:
 
     from hydra import compose, initialize_config_dir
 
-    from launch.train import CONF_DIR, parse_config
     from floe.parallel import read_launch_env
     from floe.run import entry
+    from launch.train import CONF_DIR, parse_config
 
     overrides = [f"run.dir={run_dir}", "run.name=bench", "log.wandb=disabled", f"model={args.model}",
                  "data=preference", f"data.paths=[{pairs}]", f"data.seq_len={args.seq_len}",
                  f"data.cache_dir={os.path.dirname(pairs)}/cache", "train.objective=dpo",
                  f"train.max_steps={args.steps}", f"train.global_batch_size={args.rows}",
-                 f"train.micro_batch_size={args.rows}", "train.save_every=0"]
+                 f"train.micro_batch_size={args.rows}", "train.save_every=0", *args.set]
     with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
         cfg = compose("config", overrides=overrides)
-    configs = parse_config(cfg)
+    launch = read_launch_env()
+    configs = parse_config(cfg, launch)
     # The SFT step on the same preference rows: parse_config pairs data=preference with dpo, so the
     # objective is switched here, after the checks (only this benchmark trains SFT on pair rows).
     configs = dataclasses.replace(configs, train=dataclasses.replace(configs.train, objective=objective))
     t0 = time.perf_counter()
-    entry.train(configs, {}, read_launch_env())
+    entry.train(configs, {}, launch)
     total = time.perf_counter() - t0
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]
@@ -67,6 +69,7 @@ def main(argv=None) -> int:
     p.add_argument("--rows", type=int, default=16, help="rows per step (one micro-batch)")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--set", action="append", default=[], help="another config override, e.g. model.hidden_size=128")
     p.add_argument("--child", choices=("sft", "dpo"), help=argparse.SUPPRESS)
     p.add_argument("--pairs", help=argparse.SUPPRESS)
     p.add_argument("--run-dir", help=argparse.SUPPRESS)
@@ -84,7 +87,8 @@ def main(argv=None) -> int:
             for objective in ("sft", "dpo"):
                 cmd = [sys.executable, os.path.abspath(__file__), "--child", objective, "--pairs", pairs,
                        "--run-dir", os.path.join(tmp, f"{objective}{rep}"), "--model", args.model,
-                       "--seq-len", str(args.seq_len), "--rows", str(args.rows), "--steps", str(args.steps)]
+                       "--seq-len", str(args.seq_len), "--rows", str(args.rows), "--steps", str(args.steps),
+                       *[f"--set={o}" for o in args.set]]
                 proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
                 if proc.returncode != 0:
                     print(proc.stderr[-3000:], file=sys.stderr)
