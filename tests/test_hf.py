@@ -1,5 +1,5 @@
 """Hugging Face Arctic import (config.json, lazy per-rank weights) checked against an independent
-Arctic implementation (tests/arctic_reference.py), on 1 process and on 2 at ep_size 2."""
+Arctic implementation (floe.testing.arctic_reference), on 1 process and on 2 at ep_size 2."""
 from __future__ import annotations
 
 import dataclasses

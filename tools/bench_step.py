@@ -25,7 +25,7 @@ Against two references, alternating step by step with the launcher (so the machi
 all alike; medians are reported):
   floor: floe's bare model, forward+backward of the same micro-batches (no optimizer), in the
          launcher's process;
-  naive: a Hugging Face Arctic-style model (tests/arctic_reference.py, with its MoE replaced by
+  naive: a Hugging Face Arctic-style model (floe.testing.arctic_reference, with its MoE replaced by
          Arctic's own sparse loop over experts: for each expert, gather its tokens, SwiGLU,
          index_add back, as modeling_arctic.py's ArcticMoE does) + plain torch.optim.AdamW,
          the same shape, batch and fp32, in a process of its own with glibc's default allocator
