@@ -380,7 +380,8 @@ class _LazyReader:
 
 
 @torch.no_grad()
-def load_hf_weights(model: nn.Module, hf_dir: str, device: torch.device | str | None = None) -> LoadReport:
+def load_hf_weights(model: nn.Module, hf_dir: str, device: torch.device | str | None = None,
+                    each_block=None) -> LoadReport:
     """Fill `model` (built on the meta device or materialised, expert-parallel or not) from an
     Arctic safetensors directory, reading only the tensors this rank holds.
 
@@ -390,27 +391,53 @@ def load_hf_weights(model: nn.Module, hf_dir: str, device: torch.device | str | 
     unexpected ones), so every tensor in the files is used, and only once per holder. A meta model
     is materialised on `device` (default CPU) first; Module.to_empty replaces Parameter objects,
     so apply_deepspeed_moe must run after this.
+
+    each_block(i, block): block by block instead (a QLoRA load, floe.run.init_from): model.layers[i] is
+    materialised and filled (its adapters, if any, left for each_block), then each_block runs before the
+    next block is materialised; the rest of the model (embeddings, final norm, lm_head) comes last. So
+    at most one block's weights exist as loaded, plus whatever each_block leaves of the earlier ones.
     """
     files = checkpoint_files(hf_dir)
     names = hf_names(model.config)
     _check_names(set(files), names, hf_dir)
-    if any(p.is_meta for p in model.parameters()):
-        model.to_empty(device=device or "cpu")
     to_hf_name = {(name, e): hf for hf, (name, e) in names.items()}
-    experts = expert_tensors(model)  # {name: (global id of row 0, [rows held here, out, in])}
     reader = _LazyReader(files)
-    for name, param in model.state_dict(keep_vars=True).items():
+    device = device or "cpu"
+    if each_block is None:
+        _fill(model, "", to_hf_name, reader, device)
+        return LoadReport(reader.tensors_read, reader.bytes_read, len(reader.handles))
+    from floe.lora import is_adapter_name
+
+    for i, block in enumerate(model.layers):
+        _fill(block, f"layers.{i}.", to_hf_name, reader, device, skip=is_adapter_name)
+        each_block(i, block)
+    for module in model.modules():  # the blocks are done: what is still meta is the rest's own
+        if any(t.is_meta for t in (*module.parameters(recurse=False), *module.buffers(recurse=False))):
+            module.to_empty(device=device, recurse=False)
+    _fill(model, "", to_hf_name, reader, device, skip=lambda name: name.startswith("layers."))
+    return LoadReport(reader.tensors_read, reader.bytes_read, len(reader.handles))
+
+
+def _fill(module: nn.Module, prefix: str, to_hf_name: dict, reader: _LazyReader, device, skip=None) -> None:
+    """Materialise `module` (the model's `prefix`) if it is meta and copy its tensors from `reader`,
+    but those whose name under `module` `skip` accepts."""
+    if any(p.is_meta for p in module.parameters()):
+        module.to_empty(device=device)
+    experts = expert_tensors(module)  # {name: (global id of row 0, [rows held here, out, in])}
+    for name, param in module.state_dict(keep_vars=True).items():
+        full = prefix + name
+        if skip is not None and skip(name):
+            continue
         if name in experts:
             first, stacked = experts[name]
             for row in range(stacked.shape[0]):
-                stacked[row].copy_(reader.read(to_hf_name[(name, first + row)], tuple(stacked.shape[1:])))
-        elif is_expert_bias(name):
+                stacked[row].copy_(reader.read(to_hf_name[(full, first + row)], tuple(stacked.shape[1:])))
+        elif is_expert_bias(full):
             param.zero_()  # Arctic has none: the bias starts where a fresh run's does
-        elif (name, None) in to_hf_name:
-            param.copy_(reader.read(to_hf_name[(name, None)], tuple(param.shape)))
+        elif (full, None) in to_hf_name:
+            param.copy_(reader.read(to_hf_name[(full, None)], tuple(param.shape)))
         else:
-            raise ValueError(f"load_hf_weights: the model has {name}, which Arctic checkpoints do not name")
-    return LoadReport(reader.tensors_read, reader.bytes_read, len(reader.handles))
+            raise ValueError(f"load_hf_weights: the model has {full}, which Arctic checkpoints do not name")
 
 
 # ----------------------------------------------------------------------------- export

@@ -220,20 +220,29 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, seed: int = 0) -> nn.Module:
     for name, module in target_modules(model, cfg.targets):
         if isinstance(module, GroupedExperts):
             module.lora = GroupedLoRA(module, cfg.rank, cfg.scaling, cfg.dropout)
-            if not meta:
-                module.lora.reset_parameters(seed, f"{name}.lora", module.first_expert)
         elif isinstance(module, nn.Linear):
             module.lora = LoRA(module, cfg.rank, cfg.scaling, cfg.dropout)
-            if not meta:
-                module.lora.reset_parameters(seed, f"{name}.lora")
             module.register_forward_hook(_add_lora)
         else:
             raise AssertionError(f"LORA_TARGETS names {name}, a {type(module).__name__}")
+    if not meta:
+        reset_adapters(model, cfg.targets, seed)
     if cfg.train_router:
         for name, p in model.named_parameters():
             if name.endswith("moe.gate.weight"):
                 p.requires_grad_(True)
     return model
+
+
+def reset_adapters(model: nn.Module, targets: list[str], seed: int, under: str = "") -> None:
+    """Initialise the adapters apply_lora gave `model` whose module path starts with `under` (A keyed by
+    `seed`, its name and the global expert id; B zero): the same values whichever part goes first, so a
+    QLoRA load (floe.run.init_from) initialises a block's adapters once that block is materialised."""
+    for name, module in target_modules(model, targets):
+        if name.startswith(under) and isinstance(module, GroupedExperts):
+            module.lora.reset_parameters(seed, f"{name}.lora", module.first_expert)
+        elif name.startswith(under):
+            module.lora.reset_parameters(seed, f"{name}.lora")
 
 
 def adapters(model: nn.Module) -> list[tuple[str, LoRA | GroupedLoRA]]:

@@ -205,21 +205,23 @@ class _Recompute:
         self.contexts.pop().__exit__(None, None, None)
 
 
-def _owners(model: nn.Module, targets) -> list[tuple[str, nn.Module, tuple[str, ...]]]:
-    """(module path, module owning the weights, weight names) for every targeted frozen weight."""
+def _owners(model: nn.Module, targets, under: str = "") -> list[tuple[str, nn.Module, tuple[str, ...]]]:
+    """(module path, module owning the weights, weight names) for every targeted frozen weight whose
+    path starts with `under`."""
     return [(path, module, EXPERT_WEIGHTS if isinstance(module, GroupedExperts) else ("weight",))
-            for path, module in target_modules(model, targets)]
+            for path, module in target_modules(model, targets) if path.startswith(under)]
 
 
-def quantize_base_errors(model: nn.Module, kind: str, targets) -> list[str]:
-    """Every reason `apply_quantize_base(model, kind, targets)` would refuse (shapes only: meta is fine)."""
+def quantize_base_errors(model: nn.Module, kind: str, targets, under: str = "") -> list[str]:
+    """Every reason `apply_quantize_base(model, kind, targets, under)` would refuse (shapes only: meta is
+    fine)."""
     if kind not in QUANTIZE_BASE:
         return [f"lora.quantize_base must be one of {', '.join(QUANTIZE_BASE)}, got {kind!r}"]
     errors = [f"lora.targets: unknown target {t!r} (one of {', '.join(LORA_TARGETS)})"
               for t in targets if t not in LORA_TARGETS]
     if kind == "none" or errors:
         return errors
-    for path, owner, names in _owners(model, targets):
+    for path, owner, names in _owners(model, targets, under):
         for name in names:
             p = owner._parameters.get(name)
             if p is None:
@@ -244,11 +246,13 @@ def quantize_config_errors(model_config, kind: str, targets) -> list[str]:
             for e in quantize_errors(tuple(owner._parameters[name].shape), kind, f"{path}.{name}")]
 
 
-def apply_quantize_base(model: nn.Module, kind: str, targets) -> dict[str, QuantizedWeight]:
+def apply_quantize_base(model: nn.Module, kind: str, targets, under: str = "") -> dict[str, QuantizedWeight]:
     """Store the frozen weights of `targets` (lora.targets) quantized as `kind`; in place. Call after the
     weights are loaded and the experts sharded (a shard quantizes only its own experts), before the
-    engine. Returns {weight name: its QuantizedWeight}; {} for kind "none"."""
-    if errors := quantize_base_errors(model, kind, targets):
+    engine. `under`: only the weights whose module path starts with it (e.g. "layers.3.": a QLoRA load
+    quantizes each block as soon as it is filled). Returns {weight name: its QuantizedWeight}; {} for
+    kind "none"."""
+    if errors := quantize_base_errors(model, kind, targets, under):
         raise ValueError("cannot quantize the base:\n  " + "\n  ".join(errors))
     if kind == "none":
         return {}
@@ -258,7 +262,7 @@ def apply_quantize_base(model: nn.Module, kind: str, targets) -> dict[str, Quant
         model.register_forward_pre_hook(recompute.enter, with_kwargs=True)
         model.register_forward_hook(recompute.exit, with_kwargs=True, always_call=True)
     done = {}
-    for path, owner, names in _owners(model, targets):
+    for path, owner, names in _owners(model, targets, under):
         names = [n for n in names if n in owner._parameters]
         for name in names:
             weight = owner._parameters.pop(name)

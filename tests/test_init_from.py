@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from launch.train import parse_config, train
+from floe.config import PRESETS
 from floe.data import DataConfig, StepLoader, build_dataset
 from floe.hf import from_hf, read_hf_config
 from floe.model import ArcticForCausalLM
@@ -153,3 +154,112 @@ def test_arctic_sft_recipes_run_from_an_export(exported, tmp_path):
             assert {k[:-len(key) - 1] for k in optim if k.endswith("." + key)} == trainable
 
 
+
+
+# ---- a QLoRA base loaded block by block (floe.run.init_from.load_quantized) ---------------------------------
+
+def write_hf_weights(hf_dir, config, seed=3):
+    """model.safetensors of a fresh model (what load_hf_weights reads; the config is the caller's)."""
+    from floe.hf import to_hf
+
+    model = ArcticForCausalLM(config)
+    model.reset_parameters(seed=seed)
+    os.makedirs(hf_dir, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in to_hf(model.state_dict(), config).items()},
+              os.path.join(hf_dir, "model.safetensors"))
+
+
+def qlora_loads(hf_dir, config, kind, tracked=False):
+    """(model, peak bytes) of today's whole-model load then adapt_base, and of load_quantized."""
+    from floe.hf import load_hf_weights
+    from floe.lora import LoRAConfig
+    from floe.plan.tensor_memory import PeakMemoryTracker
+    from floe.run.init_from import load_quantized
+    from floe.run.trainer import adapt_base
+
+    lora = LoRAConfig(rank=4, dropout=0.0, quantize_base=kind, train_router=True)
+    out = []
+    for streamed in (False, True):
+        with torch.device("meta"):
+            model = ArcticForCausalLM(config)
+        with PeakMemoryTracker("cpu") as tracker:
+            if streamed:
+                load_quantized(model, hf_dir, "cpu", lora, seed=5)
+            else:
+                load_hf_weights(model, hf_dir, "cpu")
+                adapt_base(model, lora, seed=5)
+        out.append((model, tracker.peak_bytes))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_qlora_load_block_by_block_is_bit_identical_to_load_then_quantize(tmp_path, kind):
+    from tests.test_quantize import batch
+
+    config = PRESETS["tiny"].replace(num_layers=3)
+    write_hf_weights(tmp_path, config)
+    (whole, _), (streamed, _) = qlora_loads(str(tmp_path), config, kind)
+    def layout(model):  # the modules (adapters, quantized weights) in order, with their hooks
+        return [(n, type(m).__name__, len(m._forward_pre_hooks), len(m._forward_hooks)) for n, m in model.named_modules()]
+    assert layout(streamed) == layout(whole)
+    for get in (lambda m: m.named_parameters(), lambda m: m.named_buffers()):
+        got, want = dict(get(streamed)), dict(get(whole))
+        assert list(got) == list(want)
+        for name, t in want.items():
+            assert t.dtype == got[name].dtype and torch.equal(t, got[name]), name
+            assert t.requires_grad == got[name].requires_grad, name
+    assert any(".lora." in n for n, _ in streamed.named_parameters()) and any("_quantized." in n for n in dict(streamed.named_buffers()))
+    ids, pos = batch()
+    assert torch.equal(streamed(ids, position_ids=pos).logits, whole(ids, position_ids=pos).logits)  # same hooks
+
+
+def test_qlora_load_holds_one_unquantized_block_at_a_time(tmp_path):
+    """Peak bytes allocated during the load (PeakMemoryTracker) of a 6-block model. Today's path holds the
+    whole fp32 model at once (peak >= its size). Block by block, the peak is bounded by what can be live
+    at the worst moment: the fp32 rest (embeddings, norm, lm_head), every block's quantized buffers and
+    adapters, one block's fp32 weights, and the transients of quantizing its largest weight (at most twice
+    that weight). That bound is below the fp32 model minus two blocks, so no two blocks were ever
+    unquantized together."""
+    config = PRESETS["tiny"].replace(num_layers=6)
+    write_hf_weights(tmp_path, config)
+    (_, whole_peak), (model, peak) = qlora_loads(str(tmp_path), config, "nf4")
+    fp32 = ArcticForCausalLM(config)
+    nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
+    full = nbytes(fp32.parameters())
+    block = nbytes(fp32.layers[0].parameters())
+    rest = full - config.num_layers * block
+    kept = nbytes(model.layers.buffers()) + nbytes(model.layers.parameters())  # quantized + adapters + router/norms
+    largest = max(nbytes([p]) for p in fp32.layers[0].parameters())
+    bound = rest + kept + block + 2 * largest
+    assert whole_peak >= full
+    assert peak <= bound < full - 2 * block, (peak, bound, full, block)
+
+
+def test_qlora_run_from_init_from_loads_block_by_block(tmp_path, monkeypatch):
+    """launch/train.py with lora.quantize_base and train.init_from takes load_quantized (no adapt hook after
+    it: a second apply_lora would refuse), its model is today's load-then-quantize result, and it trains."""
+    from floe.hf import load_hf_weights
+    from floe.lora import LoRAConfig
+    from floe.run import init_from
+    from floe.run.trainer import adapt_base
+    from tests.test_lora_train import LORA, _hf_base
+
+    _hf_base(tmp_path / "base", seed=1)
+    loaded = {}
+
+    def spy(model, *args):
+        report = real(model, *args)
+        loaded.update({n: t.detach().clone() for n, t in (*model.named_parameters(), *model.named_buffers())})
+        return report
+    real = init_from.load_quantized
+    monkeypatch.setattr(init_from, "load_quantized", spy)
+    record = train(make_cfg(tmp_path / "run", *LORA, "lora.quantize_base=int8", "train.max_steps=1",
+                            f"train.init_from={tmp_path / 'base'}"))
+    assert record["step"] == 1 and loaded
+    with torch.device("meta"):
+        want = ArcticForCausalLM(read_hf_config(str(tmp_path / "base")))
+    load_hf_weights(want, str(tmp_path / "base"))
+    adapt_base(want, LoRAConfig(rank=4, dropout=0.1, quantize_base="int8"), seed=0)
+    want = {n: t for n, t in (*want.named_parameters(), *want.named_buffers())}
+    assert loaded.keys() == want.keys()
+    assert all(torch.equal(loaded[n], t) for n, t in want.items())

@@ -71,13 +71,34 @@ def own_chat_template(init_from: str, configured: str | None) -> str | None:
     return path
 
 
-def weight_loader(init_from: str, device: torch.device):
-    """build_engine's load_weights hook: fill this rank's (meta, possibly expert-sharded) model."""
+def weight_loader(init_from: str, device: torch.device, lora=None, seed: int = 0):
+    """build_engine's load_weights hook: fill this rank's (meta, possibly expert-sharded) model. With a
+    LoRAConfig whose quantize_base is not "none" the hook is also the adapt hook's work (load_quantized)."""
     def load(model):
-        report = load_hf_weights(model, init_from, device)
+        if lora is not None and lora.quantize_base != "none":
+            report = load_quantized(model, init_from, device, lora, seed)
+        else:
+            report = load_hf_weights(model, init_from, device)
         log.info("init_from %s: read %d tensors (%.1f MB) on this rank", init_from, report.tensors_read,
                  report.bytes_read / 1e6)
     return load
+
+
+def load_quantized(model, init_from: str, device: torch.device, lora, seed: int):
+    """A QLoRA run's base, loaded block by block: the meta model gets its adapters (apply_lora), then each
+    block is materialised, filled, its adapters initialised and its targeted weights quantized before the
+    next one is read. The result is bit-identical to load_hf_weights then the trainer's adapt_base
+    (apply_lora, apply_quantize_base), but this rank never holds more than one block's unquantized
+    weights besides the quantized blocks and the unquantized rest (embeddings, final norm, lm_head)."""
+    from floe.lora import apply_lora, reset_adapters
+    from floe.quantize import apply_quantize_base
+
+    apply_lora(model, lora, seed=seed)  # on the meta model: shapes only, the base frozen
+
+    def each_block(i, block):
+        reset_adapters(model, lora.targets, seed, under=f"layers.{i}.")
+        apply_quantize_base(model, lora.quantize_base, lora.targets, under=f"layers.{i}.")
+    return load_hf_weights(model, init_from, device, each_block=each_block)
 
 
 # ---- the base of a LoRA run --------------------------------------------------------------------------

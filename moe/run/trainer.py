@@ -110,9 +110,12 @@ class Trainer:
         # A run's own checkpoint wins over init_from: its weights would be overwritten anyway. A LoRA
         # run's checkpoint holds only its adapters: the frozen base is loaded (or initialised) again.
         load_base = c.train.init_from and (not resume_from or c.lora.enabled)
-        load_weights = weight_loader(c.train.init_from, device) if load_base else None
+        # A QLoRA base from init_from is adapted and quantized block by block inside the load (one block
+        # unquantized at a time, floe.run.init_from.load_quantized), so the adapt hook has nothing left.
+        streamed = bool(load_base) and c.lora.enabled and c.lora.quantize_base != "none"
+        load_weights = weight_loader(c.train.init_from, device, c.lora if streamed else None, c.train.seed) if load_base else None
         self.base = lora_base(c)
-        adapt = (lambda m: adapt_base(m, c.lora, c.train.seed)) if c.lora.enabled else None
+        adapt = (lambda m: adapt_base(m, c.lora, c.train.seed)) if c.lora.enabled and not streamed else None
         self.engine = build_engine(model, c.parallel, c.optim, seed=c.train.seed, device=device, adapt=adapt,
                                    global_batch_size=c.train.global_batch_size, load_weights=load_weights,
                                    micro_batch_size=c.train.micro_batch_size, total_steps=self.total_steps,
