@@ -218,13 +218,15 @@ def test_qlora_load_holds_one_unquantized_block_at_a_time(tmp_path):
     whole fp32 model at once (peak >= its size). Block by block, the peak is bounded by what can be live
     at the worst moment: the fp32 rest (embeddings, norm, lm_head), every block's quantized buffers and
     adapters, one block's fp32 weights, and the transients of quantizing its largest weight (at most twice
-    that weight). That bound is below the fp32 model minus two blocks, so no two blocks were ever
-    unquantized together."""
+    that weight); it is below the fp32 model minus two blocks. Measured: 1.76 MB streamed, bound 2.07 MB,
+    fp32 model 3.49 MB, a block 0.49 MB; quantizing only after the last block is read peaks at 3.89 MB."""
     config = PRESETS["tiny"].replace(num_layers=6)
     write_hf_weights(tmp_path, config)
     (_, whole_peak), (model, peak) = qlora_loads(str(tmp_path), config, "nf4")
     fp32 = ArcticForCausalLM(config)
-    nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
+
+    def nbytes(tensors):
+        return sum(t.numel() * t.element_size() for t in tensors)
     full = nbytes(fp32.parameters())
     block = nbytes(fp32.layers[0].parameters())
     rest = full - config.num_layers * block
