@@ -125,7 +125,9 @@ class GroupedExperts(nn.Module):
 
     def extra_repr(self) -> str:
         last = self.first_expert + self.num_local_experts - 1
-        return f"experts {self.first_expert}..{last} of {self.num_experts}, w1 {tuple(self.w1.shape)}"
+        w1 = self._parameters.get("w1")  # absent while a quantized base holds it (floe.quantize: w1_quantized)
+        shape = tuple(w1.shape) if w1 is not None else tuple(self.get_submodule("w1_quantized").shape)
+        return f"experts {self.first_expert}..{last} of {self.num_experts}, w1 {shape}"
 
 
 class LocalDispatcher:

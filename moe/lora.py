@@ -35,15 +35,9 @@ from floe import kernels
 from floe.config import ModelConfig
 from floe.errors import field_type_errors
 from floe.layer import EXPERT_WEIGHTS, GroupedExperts
+from floe.quantize import QUANTIZE_BASE, dequantize_base_, quantized_weights
+from floe.targets import LORA_TARGETS, target_modules
 from floe.weight_init import seeded_uniform_
-
-# lora.targets: which projections get adapters. The module names each one adapts (model.py, layer.py):
-LORA_TARGETS = {
-    "attention": ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj"),
-    "dense_mlp": ("mlp.w1", "mlp.w3", "mlp.w2"),
-    "experts": ("moe.experts",),  # w1, w3 and w2 of every expert
-}
-
 
 @dataclass
 class LoRAConfig:
@@ -71,7 +65,6 @@ class LoRAConfig:
             errors.append(f"lora.targets: unknown target(s) {unknown}; known: {', '.join(LORA_TARGETS)}")
         if len(set(self.targets)) != len(self.targets):
             errors.append(f"lora.targets lists a target twice: {self.targets}")
-        from floe.quantize import QUANTIZE_BASE  # floe.quantize imports this module
 
         if self.quantize_base not in QUANTIZE_BASE:
             errors.append(f"lora.quantize_base must be one of {', '.join(QUANTIZE_BASE)}, got {self.quantize_base!r}")
@@ -199,12 +192,6 @@ class GroupedLoRA(nn.Module):
         return f"rank {self.w1_A.shape[1]}, scaling {self.scaling:g}, {self.w1_A.shape[0]} experts"
 
 
-def target_modules(model: nn.Module, targets: list[str]) -> list[tuple[str, nn.Module]]:
-    """(name, module) of every projection `targets` (lora.targets) names: nn.Linear or GroupedExperts."""
-    suffixes = tuple("." + s for t in targets for s in LORA_TARGETS[t])
-    return [(name, m) for name, m in model.named_modules() if ("." + name).endswith(suffixes)]
-
-
 def apply_lora(model: nn.Module, cfg: LoRAConfig, seed: int = 0) -> nn.Module:
     """Give every targeted projection of `model` (an ArcticForCausalLM with its weights in place,
     expert-parallel or not) an adapter and freeze everything but the adapters (and the router with
@@ -284,8 +271,6 @@ def _adapted_weights(model: nn.Module):
 @torch.no_grad()
 def merge_lora(model: nn.Module) -> nn.Module:
     """Add every adapter's scaling * B A into its base weight (in place); adapters then add nothing."""
-    from floe.quantize import quantized_weights  # floe.quantize imports this module
-
     if quantized_weights(model):
         raise ValueError("merge_lora: the base is quantized (lora.quantize_base); floe.quantize.dequantize_base_"
                          "(model) first, or take merged_state_dict(model)")
@@ -313,8 +298,6 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The base model's state dict with every adapter merged into its weight, adapter entries left out:
     the state dict of a plain ArcticForCausalLM (for export). The model is not changed. A quantized
     base (lora.quantize_base) is dequantized first: the merge adds to the weights the run trained on."""
-    from floe.quantize import dequantize_base_, quantized_weights  # floe.quantize imports this module
-
     if quantized_weights(model):
         import copy
 

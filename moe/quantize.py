@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 
 from floe.layer import EXPERT_WEIGHTS, GroupedExperts
-from floe.lora import LORA_TARGETS, target_modules
+from floe.targets import LORA_TARGETS, target_modules
 
 QUANTIZE_BASE = ("none", "int8", "nf4")
 NF4_BLOCK = 64  # elements per absmax block (QLoRA's)

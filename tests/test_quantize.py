@@ -109,6 +109,7 @@ def test_only_targeted_weights_are_quantized():
     assert sorted(names) == [f"layers.{i}.moe.experts.{w}" for i in range(2) for w in ("w1", "w2", "w3")]
     assert sorted(quantized_weights(q)) == sorted(names)
     assert q.layers[0].attn.q_proj.weight.dtype == torch.float32  # still a parameter
+    assert "experts 0..7 of 8, w1 (8, 64, 64)" in repr(q)  # printing a QLoRA model works
 
 
 def test_no_dequantized_weight_lives_between_forward_and_backward():
