@@ -54,6 +54,9 @@ setup(
             # tests compare floe's DPO/SimPO losses with TRL's (private DPOTrainer._compute_loss and
             # CPOTrainer.cpo_loss, so the version tested: 1.16.0)
             "trl>=1.16,<1.17",
+            # the LoRA tests' independent reference (PEFT's own LoRA layers) and the check that PEFT loads
+            # floe's adapter export; 0.21.2 tested
+            "peft>=0.21,<0.22",
         ],
     },
 )
