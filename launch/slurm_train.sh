@@ -39,7 +39,7 @@ if [[ ! -f "$REPO/launch/train.py" ]]; then
 fi
 
 GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}
-HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)  # sed reads all: head would SIGPIPE scontrol under pipefail
 RDZV_PORT=${RDZV_PORT:-29500}
 
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
