@@ -57,8 +57,11 @@ def test_transformers_mixtral_runs_from_the_repository_root():
     """, cwd=REPO)
     files = dict(line.split(" ", 1) for line in out.strip().splitlines())
     assert files["floe.kernels"].startswith(os.path.join(REPO, "kernels", "floe_kernels"))
-    if importlib.util.find_spec("kernels") is not None and "kernels" in importlib.metadata.packages_distributions():
-        assert not files["kernels"].startswith(REPO), files["kernels"]  # Hugging Face's, from site-packages
+    assert not files["kernels"].startswith(os.path.join(REPO, "kernels") + os.sep), files["kernels"]  # never floe's
+    hf_owners = importlib.metadata.packages_distributions().get("kernels", [])
+    if hf_owners:  # Hugging Face's kernel hub is installed (transformers 5.x requires it): it is that package
+        hf_init = importlib.metadata.distribution(hf_owners[0]).locate_file("kernels/__init__.py")
+        assert os.path.samefile(files["kernels"], hf_init), (files["kernels"], hf_init)
 
 
 def test_a_script_elsewhere_trains_a_step(tmp_path):
