@@ -136,6 +136,34 @@ def test_exported_files_are_readable_by_the_group(tmp_path):
         assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
 
 
+def test_exported_tokenizer_loads_without_a_remote_code_question(tmp_path, monkeypatch):
+    """An export's config.json names Arctic's remote code (auto_map, for the model), and transformers 5
+    reads config.json before the tokenizer files: AutoTokenizer with trust_remote_code=False, as the
+    README and tools/export.py say, loads floe's tokenizer without asking (input() is never called) and
+    without the network; unset, transformers asks (what this test pins, so a change there shows up)."""
+    import builtins
+
+    import transformers
+    from transformers import AutoTokenizer
+
+    cfg = PRESETS["tiny"]
+    out = tmp_path / "hf"
+    save_hf(ArcticForCausalLM(cfg).state_dict(), cfg, str(out), Tokenizer())
+    assert "AutoConfig" in json.loads((out / "config.json").read_text())["auto_map"]
+    asked = []
+    monkeypatch.setattr(builtins, "input", lambda prompt="": asked.append(prompt) or "n")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hf = AutoTokenizer.from_pretrained(str(out), trust_remote_code=False)
+    assert not asked
+    text = "<|im_start|>user\nhi<|im_end|>\n"
+    assert hf(text)["input_ids"] == Tokenizer().encode(text) and hf.eos_token == "<|im_end|>"
+    # tokenizer_config.json names the class, so transformers 4 (class first) never reads config.json
+    assert json.loads((out / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        AutoTokenizer.from_pretrained(str(out))  # answered "n": still floe's tokenizer, after one question
+        assert len(asked) == 1 and "custom code" in asked[0]
+
+
 def test_dummy_prefix_tokenizer_and_refusal(tmp_path):
     """A Llama-style SentencePiece model (dummy prefix ▁) also keeps its ids; unigram is refused."""
     import sentencepiece as spm
