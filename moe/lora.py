@@ -12,6 +12,8 @@ at zero, so the adapted model computes exactly what its base computes until the 
     adapter products run through kernels.grouped_mm on the same groups. Expert parallelism shards it
     with the experts (GroupedExperts.shard_ slices it; apply_lora after sharding builds only the local
     rows), and checkpoints store its rows by global expert id (GroupedExperts.expert_tensors).
+    w1 and w3 read the same rows, so their adapters share one dropout mask (as PEFT's LoRA on a fused
+    gate/up projection does; separate nn.Linear's in PEFT draw one each) and one product with both A's.
 Every other parameter gets requires_grad False (the router too, unless `train_router`), so DeepSpeed
 creates no gradient, optimizer state or ZeRO partition for it.
 
@@ -94,9 +96,30 @@ def lora_model_errors(lora: LoRAConfig, model: ModelConfig) -> list[str]:
     return []
 
 
-def _dropout(p: float) -> nn.Module:
-    # nn.Identity at 0: no random draw at all, so a run without dropout keeps its RNG stream
-    return nn.Dropout(p) if p > 0 else nn.Identity()
+class Dropout(nn.Module):
+    """Dropout whose 1/(1-p) the caller applies: in training mode forward(x) zeroes each element with
+    probability p and leaves the rest as they are; `gain` is then 1/(1-p) (1 otherwise, and x itself
+    comes back). An adapter folds the gain into the multiply it makes anyway, by its scaling on the
+    rank-r product, so dropout costs one pass over x instead of nn.Dropout's three. The mask is drawn as
+    31-bit integers against round(p * 2^31) (p to within 2^-31): half the CPU time of bernoulli_'s
+    float draws (tools/bench_step.py --lora: LoRA dropout was ~15% of a CPU LoRA step)."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+        self.threshold = round(p * 2**31)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:  # p 0: no random draw at all, the run's RNG stream is kept
+            return x
+        return x * (torch.empty(x.shape, dtype=torch.int32, device=x.device).random_() >= self.threshold)
+
+    @property
+    def gain(self) -> float:
+        return 1 / (1 - self.p) if self.training else 1.0
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
 
 
 class LoRA(nn.Module):
@@ -108,8 +131,9 @@ class LoRA(nn.Module):
         self.A = nn.Parameter(torch.empty(rank, w.shape[1], device=w.device, dtype=w.dtype))
         self.B = nn.Parameter(torch.zeros(w.shape[0], rank, device=w.device, dtype=w.dtype))
         self.scaling = scaling
-        self.dropout = _dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.enabled, self.merged = True, False
+        self.shared_input = None  # (x, dropout(x)) while the parent module runs (_share_dropout)
 
     @torch.no_grad()
     def reset_parameters(self, seed: int, key: str) -> None:
@@ -117,7 +141,16 @@ class LoRA(nn.Module):
         self.B.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(self.dropout(x), self.A), self.B) * self.scaling
+        # the scaling multiplies the rank-r product, not the [..., out] result (the same value, r/out the work)
+        return F.linear(F.linear(self.dropout(x), self.A) * (self.scaling * self.dropout.gain), self.B)
+
+    def add_to(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """out + forward(x), the second product and the sum in one addmm (no [..., out] temporary).
+        With a mask shared with its siblings (_share_dropout) the dropped input is theirs."""
+        shared = self.shared_input
+        dropped = shared[1] if shared is not None and shared[0] is x else self.dropout(x)
+        xa = F.linear(dropped, self.A) * (self.scaling * self.dropout.gain)
+        return torch.addmm(out.reshape(-1, out.shape[-1]), xa.reshape(-1, xa.shape[-1]), self.B.t()).view(out.shape)
 
     def delta(self) -> torch.Tensor:
         """scaling * B A: what merging adds to the Linear's weight [out, in]."""
@@ -131,7 +164,7 @@ def _add_lora(linear: nn.Linear, args, out: torch.Tensor):
     """Forward hook of an adapted nn.Linear: its output plus the adapter's term."""
     lora = linear.lora
     if lora.enabled and not lora.merged:
-        return out + lora(args[0])
+        return lora.add_to(out, args[0])
     return None  # output unchanged
 
 
@@ -150,7 +183,7 @@ class GroupedLoRA(nn.Module):
             setattr(self, f"{w}_A", nn.Parameter(torch.empty(num_local, rank, in_features, **kw)))
             setattr(self, f"{w}_B", nn.Parameter(torch.zeros(num_local, out_features, rank, **kw)))
         self.scaling = scaling
-        self.dropout = _dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.enabled, self.merged = True, False
 
     @property
@@ -173,16 +206,20 @@ class GroupedLoRA(nn.Module):
             setattr(self, name, nn.Parameter(p.detach()[rows].clone(), requires_grad=p.requires_grad))
 
     def forward(self, experts: GroupedExperts, x_RD: torch.Tensor, tokens_per_local_expert: torch.Tensor):
-        gate_RF = self._project(experts, "w1", x_RD, tokens_per_local_expert)
-        up_RF = self._project(experts, "w3", x_RD, tokens_per_local_expert)
-        return self._project(experts, "w2", F.silu(gate_RF) * up_RF, tokens_per_local_expert)
-
-    def _project(self, experts: GroupedExperts, w: str, x_RI: torch.Tensor, sizes_L: torch.Tensor) -> torch.Tensor:
-        """x W_g^T + scaling * x A_g^T B_g^T per expert group g (transposed views, never copies)."""
         backend = experts.kernel_backend  # the experts' own (train.kernels, floe.model.apply_kernel_backend)
-        y_RO = kernels.grouped_mm(x_RI, getattr(experts, w).transpose(1, 2), sizes_L, backend)
-        xa_Rr = kernels.grouped_mm(self.dropout(x_RI), getattr(self, f"{w}_A").transpose(1, 2), sizes_L, backend)
-        return y_RO + kernels.grouped_mm(xa_Rr, getattr(self, f"{w}_B").transpose(1, 2), sizes_L, backend) * self.scaling
+
+        def gmm(x_RI, w_LOI):  # x W_g^T per expert group g (a transposed view, never a copy)
+            return kernels.grouped_mm(x_RI, w_LOI.transpose(1, 2), tokens_per_local_expert, backend)
+
+        # w1 and w3 read the same rows, so their adapters are one fused gate/up adapter, as LoRA on a fused
+        # projection is: one dropout mask and one product with both A's ([L, 2r, D]); the scaling goes on
+        # the rank-r products, not the [R, F] results.
+        rank, scaling = self.w1_A.shape[1], self.scaling * self.dropout.gain
+        xa_R2r = gmm(self.dropout(x_RD), torch.cat([self.w1_A, self.w3_A], dim=1)) * scaling
+        gate_RF = gmm(x_RD, experts.w1) + gmm(xa_R2r[:, :rank], self.w1_B)
+        up_RF = gmm(x_RD, experts.w3) + gmm(xa_R2r[:, rank:], self.w3_B)
+        h_RF = F.silu(gate_RF) * up_RF
+        return gmm(h_RF, experts.w2) + gmm(gmm(self.dropout(h_RF), self.w2_A) * scaling, self.w2_B)
 
     def delta(self, w: str) -> torch.Tensor:
         """scaling * B_e A_e for every local expert e: what merging adds to experts.{w} [L, out, in]."""
@@ -212,6 +249,12 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, seed: int = 0) -> nn.Module:
             module.register_forward_hook(_add_lora)
         else:
             raise AssertionError(f"LORA_TARGETS names {name}, a {type(module).__name__}")
+    if cfg.dropout > 0:
+        for name, module in model.named_modules():
+            children = (getattr(module, c, None) for c in SHARED_INPUT.get(name.rsplit(".", 1)[-1], ()))
+            loras = [c.lora for c in children if isinstance(getattr(c, "lora", None), LoRA)]
+            if len(loras) > 1:
+                _share_dropout(module, loras)
     if not meta:
         reset_adapters(model, cfg.targets, seed)
     if cfg.train_router:
@@ -219,6 +262,28 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, seed: int = 0) -> nn.Module:
             if name.endswith("moe.gate.weight"):
                 p.requires_grad_(True)
     return model
+
+
+# Linears that read one input inside one module (attention's q/k/v, the dense MLP's w1/w3): their adapters
+# share one dropout mask, as LoRA on the fused projection (qkv, gate/up) has; GroupedLoRA does the same
+# for the experts' w1/w3. (PEFT, adapting separate nn.Linear's, draws one mask each.)
+SHARED_INPUT = {"attn": ("q_proj", "k_proj", "v_proj"), "mlp": ("w1", "w3")}
+
+
+def _share_dropout(parent: nn.Module, loras: list[LoRA]) -> None:
+    """Hooks on `parent`: before it runs, dropout(its input) once for `loras`; after it (or its error), forget it."""
+    def draw(module, args):
+        if args and all(a.enabled and not a.merged for a in loras):
+            dropped = loras[0].dropout(args[0])  # only in training mode; each adapter applies the gain
+            for a in loras:
+                a.shared_input = (args[0], dropped)
+
+    def forget(module, args, out):
+        for a in loras:
+            a.shared_input = None
+
+    parent.register_forward_pre_hook(draw)
+    parent.register_forward_hook(forget, always_call=True)
 
 
 def reset_adapters(model: nn.Module, targets: list[str], seed: int, under: str = "") -> None:

@@ -414,6 +414,32 @@ def test_weight_operand_chooses_descriptor_or_pointers(monkeypatch, launches):
     assert launches.b_tma == [("_grouped_mm_kernel", False)]
 
 
+@pytest.mark.parametrize("k, m, sizes", [
+    (256, 8, [5, 0, 6, 7]),          # narrow output (LoRA's A product), an empty group
+    (8, 40, [4, 4, 4, 0]),           # narrow input (LoRA's B product)
+    (48, 40, [12, 1, 1, 1, 0, 1]),
+    (8, 8, [0, 0, 0]),               # no rows at all
+])
+def test_reference_grouped_mm_matches_a_plain_loop(k, m, sizes):
+    """The reference (the oracle of the Triton kernels) against autograd through a slice-per-group
+    loop: output, dX and dW (through the transposed view the layers pass; zero for an empty group)."""
+    torch.manual_seed(0)
+    x = torch.randn(sum(sizes), k, requires_grad=True)
+    w = torch.randn(len(sizes), m, k, requires_grad=True)
+    y = reference.grouped_mm(x, w.transpose(1, 2), torch.tensor(sizes))
+    dy = torch.randn_like(y)
+    (y * dy).sum().backward()
+    x2, w2 = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    bounds = torch.tensor([0, *sizes]).cumsum(0).tolist()
+    y2 = torch.cat([x2[lo:hi] @ w2[g].t() for g, (lo, hi) in enumerate(zip(bounds, bounds[1:]))])
+    (y2 * dy).sum().backward()
+    assert torch.allclose(y, y2, atol=1e-5)
+    assert x.grad is not None and torch.allclose(x.grad, x2.grad, atol=1e-5) if sum(sizes) else True
+    expected_dw = w2.grad if w2.grad is not None else torch.zeros_like(w)
+    assert torch.allclose(w.grad, expected_dw, atol=1e-5)
+    assert all(w.grad[g].abs().sum() == 0 for g, s in enumerate(sizes) if s == 0)
+
+
 def test_group_bounds():
     sizes_G = torch.tensor([0, 1, 16, 0, 40])
     assert tgm.group_bounds(sizes_G).tolist() == [0, 0, 1, 17, 17, 57]

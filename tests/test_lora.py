@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from floe.config import PRESETS
 from floe.errors import ConfigError  # noqa: F401  (ConfigError is a ValueError: the config tests below)
@@ -131,6 +132,104 @@ def test_dropout_applies_in_training_only():
         torch.manual_seed(0)
         assert torch.equal(c, model(IDS).logits)  # the draws come from torch's RNG (restored on resume)
         assert (c - a).abs().max() > 1e-4
+
+
+def test_dropout_statistics():
+    """floe.lora.Dropout: each element zeroed with probability p, the gain 1/(1-p) making it unbiased;
+    in evaluation x itself; p 0 draws nothing."""
+    from floe.lora import Dropout
+
+    x = torch.ones(1000, 1000)
+    for p in (0.05, 0.3):
+        d = Dropout(p).train()
+        y = d(x)
+        zeros = (y == 0).float().mean().item()
+        assert abs(zeros - p) < 5 * (p * (1 - p) / x.numel()) ** 0.5, (p, zeros)
+        assert set(y.unique().tolist()) == {0.0, 1.0} and d.gain == 1 / (1 - p)
+        assert abs((y * d.gain).mean().item() - 1) < 0.005
+        assert d.eval()(x) is x and d.gain == 1.0
+    rng = torch.get_rng_state()
+    assert Dropout(0.0).train()(x) is x and torch.equal(rng, torch.get_rng_state())
+
+
+def test_adapters_of_one_input_share_one_dropout_mask():
+    """q/k/v (and the dense MLP's w1/w3) read one input, so their adapters see one dropped copy of it,
+    as LoRA on a fused projection does; each projection's output is still W x + s B A dropped(x)."""
+    model = lora_model(dropout=0.5).train()
+    seen = {}
+
+    def record(name):
+        def hook(linear, args, out):
+            shared = linear.lora.shared_input
+            seen[name] = shared
+            if shared is not None:
+                assert shared[0] is args[0]
+                expected = F.linear(args[0], linear.weight) + \
+                    F.linear(F.linear(shared[1], linear.lora.A) * linear.lora.scaling * 2, linear.lora.B)
+                torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+        return hook
+
+    layer = model.layers[0]
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        getattr(layer.attn, name).register_forward_hook(record(name))
+    for name in ("w1", "w3", "w2"):
+        getattr(layer.mlp, name).register_forward_hook(record(name))
+    model(IDS)
+    x, dropped = seen["q_proj"]
+    assert seen["k_proj"][1] is dropped and seen["v_proj"][1] is dropped and seen["w3"][1] is seen["w1"][1]
+    assert seen["o_proj"] is None and seen["w2"] is None  # each reads an input of its own: its own mask
+    kept = dropped != 0
+    assert 0.35 < kept.float().mean() < 0.65 and torch.equal(dropped[kept], x[kept])  # the 1/(1-p): above
+    assert all(a.shared_input is None for _, a in adapters(model) if isinstance(a, LoRA))  # nothing kept after
+    rng = torch.get_rng_state()
+    with torch.no_grad(), disable_adapters(model):  # DPO's reference: no adapter, no draw
+        model(IDS)
+    assert torch.equal(rng, torch.get_rng_state())
+
+
+def test_expert_w1_w3_adapters_share_one_dropout_mask():
+    """GroupedLoRA against a loop over experts: one mask on the rows for w1 and w3, one on the hidden rows
+    for w2, drawn in that order from torch's RNG."""
+    from floe.layer import GroupedExperts
+
+    torch.manual_seed(0)
+    experts = GroupedExperts(3, 16, 24)
+    for w in ("w1", "w3", "w2"):
+        torch.nn.init.normal_(getattr(experts, w), std=0.2)
+    experts.lora = GroupedLoRA(experts, rank=4, scaling=1.5, dropout=0.5)
+    experts.lora.reset_parameters(0, "experts.lora", 0)
+    with torch.no_grad():
+        for w in ("w1", "w3", "w2"):
+            getattr(experts.lora, f"{w}_B").normal_(std=0.2)
+    experts.train()
+    sizes, x = [4, 0, 6], torch.randn(10, 16)
+    torch.manual_seed(7)
+    y = experts(x, torch.tensor(sizes))
+    def dropout(t):  # the draw floe.lora.Dropout documents: 31-bit integers against p * 2^31, then 1/(1-p)
+        return t * (torch.empty(t.shape, dtype=torch.int32).random_() >= 2**30) / 0.5
+
+    torch.manual_seed(7)
+    dx = dropout(x)
+    lo, ref, dh_draws = 0, [], []
+    hidden = []
+    lora = experts.lora
+
+    def proj(w, e, inp, dropped):
+        return inp @ getattr(experts, w)[e].t() + 1.5 * (dropped @ getattr(lora, f"{w}_A")[e].t()) @ \
+            getattr(lora, f"{w}_B")[e].t()
+
+    for e, n in enumerate(sizes):
+        rows = slice(lo, lo + n)
+        hidden.append(F.silu(proj("w1", e, x[rows], dx[rows])) * proj("w3", e, x[rows], dx[rows]))
+        lo += n
+    h = torch.cat(hidden)
+    dh = dropout(h)
+    lo = 0
+    for e, n in enumerate(sizes):
+        rows = slice(lo, lo + n)
+        ref.append(proj("w2", e, h[rows], dh[rows]))
+        lo += n
+    torch.testing.assert_close(y, torch.cat(ref), rtol=1e-5, atol=1e-5)
 
 
 def test_sharding_slices_the_expert_adapters():

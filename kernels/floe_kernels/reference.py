@@ -9,18 +9,15 @@ import torch
 import torch.nn.functional as F
 
 
-def _group_bounds(group_sizes: torch.Tensor, num_rows: int) -> list[int]:
-    """Row offsets [G + 1] of each group, on the host."""
+def _group_sizes(group_sizes: torch.Tensor, num_rows: int) -> list[int]:
+    """The groups' row counts [G], on the host."""
     # NOTE: device-to-host sync; the per-group loop needs Python ints.
     sizes = group_sizes.tolist()
     if any(s < 0 for s in sizes) or sum(sizes) != num_rows:
         raise ValueError(
             f"grouped_mm: group_sizes must be >= 0 and sum to x.shape[0]={num_rows}, got sum {sum(sizes)}"
         )
-    bounds = [0]
-    for s in sizes:
-        bounds.append(bounds[-1] + s)
-    return bounds
+    return sizes
 
 
 class _GroupedMM(torch.autograd.Function):
@@ -28,46 +25,43 @@ class _GroupedMM(torch.autograd.Function):
 
     Autograd through `w[g]` inside a loop would build a full-size zero gradient per
     group (O(G^2) memory traffic); here each group writes its own slice of dW once.
+    The groups' views come from one split/unbind each, not two slices and a select per group.
     """
 
     @staticmethod
-    def forward(ctx, x_NK, w_GKM, group_sizes):
-        bounds = _group_bounds(group_sizes, x_NK.shape[0])
+    def forward(ctx, x_NK, w_GKM, sizes: list[int]):
         out_NM = x_NK.new_empty(x_NK.shape[0], w_GKM.shape[2])
-        for g in range(w_GKM.shape[0]):
-            lo, hi = bounds[g], bounds[g + 1]
-            if hi > lo:
-                torch.mm(x_NK[lo:hi], w_GKM[g], out=out_NM[lo:hi])
+        for x_g, w_g, out_g in zip(x_NK.split(sizes), w_GKM.unbind(0), out_NM.split(sizes)):
+            if x_g.shape[0]:
+                torch.mm(x_g, w_g, out=out_g)
         ctx.save_for_backward(x_NK, w_GKM)
-        ctx.bounds = bounds
+        ctx.sizes = sizes
         return out_NM
 
     @staticmethod
     def backward(ctx, dy_NM):
         x_NK, w_GKM = ctx.saved_tensors
-        bounds = ctx.bounds
-        dy_NM = dy_NM.contiguous()
+        sizes = ctx.sizes
+        dy_g = dy_NM.contiguous().split(sizes)
         dx_NK = dw_GKM = None
         if ctx.needs_input_grad[0]:
             dx_NK = x_NK.new_empty(x_NK.shape)
+            for dy, w, dx in zip(dy_g, w_GKM.unbind(0), dx_NK.split(sizes)):
+                if dy.shape[0]:
+                    torch.mm(dy, w.t(), out=dx)
         if ctx.needs_input_grad[1]:
             # dW in the weight's own memory layout (the layer passes transposed views of its
-            # [G, out, in] parameters), so autograd accumulates it without a strided copy.
+            # [G, out, in] parameters), so autograd accumulates it without a strided copy;
+            # each group's dW is then written as a contiguous [M, K] product.
             dw_GKM = torch.empty_like(w_GKM)
-        # Write each group's dW as a contiguous [M, K] product when the layout is transposed.
-        dw_transposed = dw_GKM is not None and dw_GKM.stride(1) < dw_GKM.stride(2)
-        for g in range(w_GKM.shape[0]):
-            lo, hi = bounds[g], bounds[g + 1]
-            if hi == lo:
-                if dw_GKM is not None:
-                    dw_GKM[g].zero_()  # an expert with no rows has a zero gradient
-                continue
-            if dx_NK is not None:
-                torch.mm(dy_NM[lo:hi], w_GKM[g].t(), out=dx_NK[lo:hi])
-            if dw_transposed:
-                torch.mm(dy_NM[lo:hi].t(), x_NK[lo:hi], out=dw_GKM[g].t())
-            elif dw_GKM is not None:
-                torch.mm(x_NK[lo:hi].t(), dy_NM[lo:hi], out=dw_GKM[g])
+            transposed = dw_GKM.stride(1) < dw_GKM.stride(2)
+            for dy, x, dw in zip(dy_g, x_NK.split(sizes), dw_GKM.unbind(0)):
+                if not dy.shape[0]:
+                    dw.zero_()  # an expert with no rows has a zero gradient
+                elif transposed:
+                    torch.mm(dy.t(), x, out=dw.t())
+                else:
+                    torch.mm(x.t(), dy, out=dw)
         return dx_NK, dw_GKM, None
 
 
@@ -78,7 +72,7 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor) -> t
             f"grouped_mm: expected x [N, K], w [G, K, M], group_sizes [G]; got "
             f"{tuple(x.shape)}, {tuple(w.shape)}, {tuple(group_sizes.shape)}"
         )
-    return _GroupedMM.apply(x, w, group_sizes)
+    return _GroupedMM.apply(x, w, _group_sizes(group_sizes, x.shape[0]))
 
 
 def grouped_swiglu(
