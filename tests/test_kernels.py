@@ -25,6 +25,8 @@ import subprocess
 import sys
 import types
 
+import itertools
+
 import pytest
 import torch
 
@@ -431,7 +433,7 @@ def test_reference_grouped_mm_matches_a_plain_loop(k, m, sizes):
     (y * dy).sum().backward()
     x2, w2 = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
     bounds = torch.tensor([0, *sizes]).cumsum(0).tolist()
-    y2 = torch.cat([x2[lo:hi] @ w2[g].t() for g, (lo, hi) in enumerate(zip(bounds, bounds[1:]))])
+    y2 = torch.cat([x2[lo:hi] @ w2[g].t() for g, (lo, hi) in enumerate(itertools.pairwise(bounds))])
     (y2 * dy).sum().backward()
     assert torch.allclose(y, y2, atol=1e-5)
     assert x.grad is not None and torch.allclose(x.grad, x2.grad, atol=1e-5) if sum(sizes) else True

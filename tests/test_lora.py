@@ -210,7 +210,7 @@ def test_expert_w1_w3_adapters_share_one_dropout_mask():
 
     torch.manual_seed(7)
     dx = dropout(x)
-    lo, ref, dh_draws = 0, [], []
+    lo, ref = 0, []
     hidden = []
     lora = experts.lora
 
