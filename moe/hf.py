@@ -140,15 +140,15 @@ def peft_target_modules(targets: list[str]) -> str:
 
 
 def to_peft(adapter_state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
-    """floe's trained tensors (adapters with every expert, `moe.gate.weight` when the router trained) ->
-    PEFT's adapter_model.safetensors names on Hugging Face Arctic: "<module>.lora_A.weight" [r, in] and
-    "<module>.lora_B.weight" [out, r] per adapted Linear, one per expert; a trained router as a
-    modules_to_save tensor under its own name."""
+    """floe's trained tensors (adapters with every expert; `moe.gate.weight`, `embed_tokens.weight` and
+    `lm_head.weight` when they trained in full) -> PEFT's adapter_model.safetensors names on Hugging Face
+    Arctic: "<module>.lora_A.weight" [r, in] and "<module>.lora_B.weight" [out, r] per adapted Linear, one
+    per expert; a fully trained tensor as a modules_to_save tensor under its own name."""
     names = {name: hf for hf, (name, e) in hf_names(config).items() if e is None}
     out = {}
     for name, t in adapter_state.items():
         module, found, leaf = name.rpartition(".lora.")
-        if not found:  # a fully trained tensor (the router)
+        if not found:  # a fully trained tensor (the router, the embedding, lm_head)
             if name not in names:
                 raise ValueError(f"to_peft: {name} has no Hugging Face name")
             out[PEFT_PREFIX + names[name]] = t

@@ -14,8 +14,8 @@ at zero, so the adapted model computes exactly what its base computes until the 
     rows), and checkpoints store its rows by global expert id (GroupedExperts.expert_tensors).
     w1 and w3 read the same rows, so their adapters share one dropout mask (as PEFT's LoRA on a fused
     gate/up projection does; separate nn.Linear's in PEFT draw one each) and one product with both A's.
-Every other parameter gets requires_grad False (the router too, unless `train_router`), so DeepSpeed
-creates no gradient, optimizer state or ZeRO partition for it.
+Every other parameter gets requires_grad False (the router too, unless `train_router`; the embedding and
+lm_head, unless `train_embeddings`), so DeepSpeed creates no gradient, optimizer state or ZeRO partition for it.
 
 A is drawn like torch's nn.Linear default (kaiming-uniform with a = sqrt(5): U(-1/sqrt(in), 1/sqrt(in)),
 PEFT's default too) from a generator keyed by (seed, parameter name, global expert id), so a shard holds
@@ -51,6 +51,9 @@ class LoRAConfig:
     targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
     rslora: bool = False  # scaling alpha / sqrt(rank) instead of alpha / rank
     train_router: bool = False  # also train the router (gate.weight) in full
+    # also train the input embedding and lm_head in full (PEFT's modules_to_save=["embed_tokens", "lm_head"]):
+    # what an answer in tokens the base never produced needs (BENCHMARKS.md "Learning")
+    train_embeddings: bool = False
     quantize_base: str = "none"  # none | int8 | nf4: the frozen weights of lora.targets stored quantized (floe.quantize)
 
     def __post_init__(self):
@@ -81,6 +84,18 @@ class LoRAConfig:
     @property
     def enabled(self) -> bool:
         return self.rank > 0
+
+    @property
+    def base_is_adapters_off(self) -> bool:
+        """Whether disabling the adapters gives the starting model back (nothing else trains), as
+        DPO's reference policy needs."""
+        return self.enabled and not (self.train_router or self.train_embeddings)
+
+    def fully_trained(self, model: nn.Module) -> list[str]:
+        """The names of `model`'s parameters that train in full beside the adapters."""
+        return [name for name, _ in model.named_parameters()
+                if (self.train_router and name.endswith("moe.gate.weight"))
+                or (self.train_embeddings and name in ("embed_tokens.weight", "lm_head.weight"))]
 
     @property
     def scaling(self) -> float:
@@ -231,8 +246,9 @@ class GroupedLoRA(nn.Module):
 
 def apply_lora(model: nn.Module, cfg: LoRAConfig, seed: int = 0) -> nn.Module:
     """Give every targeted projection of `model` (an ArcticForCausalLM with its weights in place,
-    expert-parallel or not) an adapter and freeze everything but the adapters (and the router with
-    train_router); in place. rank 0: the model is returned untouched. Adapter A is keyed by `seed`.
+    expert-parallel or not) an adapter and freeze everything but the adapters (and cfg.fully_trained:
+    the router, the embedding and lm_head on request); in place. rank 0: the model is returned
+    untouched. Adapter A is keyed by `seed`.
     On a model of the meta device (the memory plan, floe.plan) the adapters are built there too,
     shapes only: a model whose weights are loaded afterwards would lose them, so training adapts after."""
     if not cfg.enabled:
@@ -257,10 +273,8 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, seed: int = 0) -> nn.Module:
                 _share_dropout(module, loras)
     if not meta:
         reset_adapters(model, cfg.targets, seed)
-    if cfg.train_router:
-        for name, p in model.named_parameters():
-            if name.endswith("moe.gate.weight"):
-                p.requires_grad_(True)
+    for name in cfg.fully_trained(model):
+        model.get_parameter(name).requires_grad_(True)
     return model
 
 
@@ -309,8 +323,9 @@ def is_adapter_name(name: str) -> bool:
 
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module):
-    """Inside the block `model` computes its base (e.g. DPO's reference policy); merged adapters
-    stay merged (unmerge first to get the base from a merged model)."""
+    """Inside the block `model` computes without its adapters: its base (e.g. DPO's reference policy)
+    when nothing else trained (LoRAConfig.base_is_adapters_off); merged adapters stay merged (unmerge
+    first to get the base from a merged model)."""
     found = adapters(model)
     before = [a.enabled for _, a in found]
     for _, a in found:

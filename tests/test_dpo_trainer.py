@@ -112,15 +112,17 @@ def test_simpo_needs_no_reference_and_activation_checkpointing_changes_nothing(t
     assert runs["none"][0]["loss"] != pytest.approx(math.log(2))  # simpo: -log sigmoid(r_c - r_r - gamma)
 
 
-def test_with_lora_the_reference_is_the_base_with_adapters_disabled(tmp_path, pairs):
+@pytest.mark.parametrize("full_trained", [None, "lora.train_router=true", "lora.train_embeddings=true"])
+def test_with_lora_the_reference_is_the_base_with_adapters_disabled(tmp_path, pairs, full_trained):
     """LoRA: nothing cached; step 1 at ln 2 (B starts at zero); at every step the reference log-probs
-    (logps - rewards / beta) are those of the starting weights, as the full run's cache has them."""
+    (logps - rewards / beta) are those of the starting weights, as the full run's cache has them.
+    With a router or embeddings trained in full, disabling the adapters is no longer the start: cached."""
     from launch.train import train
 
     full, lora = tmp_path / "full", tmp_path / "lora"
     train(make_cfg(full, *dpo_overrides(pairs, 3, "optim.lr=0")))
-    train(make_cfg(lora, *dpo_overrides(pairs, 3, "lora.rank=4", "optim.lr=3e-2")))
-    assert not os.path.exists(lora / dpo_trainer.REFERENCE_FILE)
+    train(make_cfg(lora, *dpo_overrides(pairs, 3, "lora.rank=4", "optim.lr=3e-2", *filter(None, [full_trained]))))
+    assert os.path.exists(lora / dpo_trainer.REFERENCE_FILE) == bool(full_trained)
     a, b = read_metrics(full), read_metrics(lora)
     assert b[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and b[-1]["rewards/margins"] != 0
     for ra, rb in zip(a, b, strict=True):

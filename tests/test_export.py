@@ -288,14 +288,15 @@ def _hf_base(out_dir, seed):
 
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory):
-    """A LoRA run from an Arctic base, adapters on everything and the router trained, lr high enough
-    that every B has left zero after 3 steps."""
+    """A LoRA run from an Arctic base, adapters on everything and the router, embedding and lm_head
+    trained in full, lr high enough that every B has left zero after 3 steps."""
     from launch.train import train
 
     tmp = tmp_path_factory.mktemp("lora")
     base = _hf_base(tmp / "base", seed=4)
     run = tmp / "run"
-    train(make_cfg(run, *LORA_RUN, f"train.init_from={base}", "lora.train_router=true", "optim.lr=3e-2",
+    train(make_cfg(run, *LORA_RUN, f"train.init_from={base}", "lora.train_router=true",
+                   "lora.train_embeddings=true", "optim.lr=3e-2",
                    "optim.warmup_ratio=0", "train.max_steps=3"))
     return run, base
 
@@ -334,6 +335,7 @@ def test_lora_adapter_export_loads_in_peft(lora_run, tmp_path):
     saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     assert "base_model.model.model.layers.1.block_sparse_moe.experts.7.w2.lora_B.weight" in saved
     assert "base_model.model.model.layers.0.block_sparse_moe.gate.weight" in saved  # lora.train_router
+    assert {"base_model.model.model.embed_tokens.weight", "base_model.model.lm_head.weight"} <= saved.keys()
     ref = ArcticReference(json.loads((base / "config.json").read_text()))
     ref.load_state_dict(load_file(base / "model.safetensors"), strict=True)
     with torch.no_grad():

@@ -19,13 +19,13 @@ ALL = list(LORA_TARGETS)
 
 
 def lora_model(seed=3, rank=4, alpha=8.0, rslora=False, targets=ALL, dropout=0.0, train_router=False,
-               random_b=True, **model_changes):
+               random_b=True, train_embeddings=False, **model_changes):
     """A dropless tiny floe model with adapters; B drawn at random (as after training) unless random_b=False."""
     cfg = PRESETS["tiny"].replace(capacity_factor=None, **model_changes)
     model = ArcticForCausalLM(cfg)
     model.reset_parameters(seed=seed)
     apply_lora(model, LoRAConfig(rank=rank, alpha=alpha, rslora=rslora, targets=list(targets), dropout=dropout,
-                                 train_router=train_router), seed=seed + 1)
+                                 train_router=train_router, train_embeddings=train_embeddings), seed=seed + 1)
     if random_b:
         g = torch.Generator().manual_seed(seed + 2)
         with torch.no_grad():
@@ -98,6 +98,9 @@ def test_only_adapters_train_and_router_on_request():
     routed = lora_model(train_router=True)
     assert {n for n in trainable_parameters(routed) if not is_adapter_name(n)} == {
         f"layers.{i}.moe.gate.weight" for i in range(2)}
+    embedded = lora_model(train_embeddings=True)
+    assert {n for n in trainable_parameters(embedded) if not is_adapter_name(n)} == {
+        "embed_tokens.weight", "lm_head.weight"}
     attn_only = lora_model(targets=["attention"])
     assert all(".attn." in n for n in trainable_parameters(attn_only))
 

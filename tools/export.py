@@ -143,7 +143,9 @@ def save_peft_adapter(model: ArcticForCausalLM, run_cfg: dict, out_dir: str, dty
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": run_cfg["train"].get("init_from"),
         "r": lora.rank, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout, "use_rslora": lora.rslora,
         "target_modules": peft_target_modules(lora.targets), "bias": "none", "fan_in_fan_out": False,
-        "modules_to_save": ["block_sparse_moe.gate"] if lora.train_router else None, "inference_mode": True,
+        "modules_to_save": ([*(["block_sparse_moe.gate"] if lora.train_router else []),
+                             *(["embed_tokens", "lm_head"] if lora.train_embeddings else [])] or None),
+        "inference_mode": True,
         "init_lora_weights": True,
     }
     tensors = to_peft({n: p.detach() for n, p in trainable_parameters(model).items()}, model.config)

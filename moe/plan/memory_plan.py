@@ -343,8 +343,10 @@ def _lora_notes(spec: EstimateSpec, model: nn.Module) -> list[str]:
     if not spec.lora.enabled:
         return []
     lora, p_bytes = spec.lora, 2 if spec.precision == "bf16" else 4
+    full = [*(["the router"] if lora.train_router else []), *(["the embedding and lm_head"] if lora.train_embeddings
+                                                              else [])]
     notes = [f"lora: rank {lora.rank} on {', '.join(lora.targets)}; base {lora.quantize_base}; only the adapters"
-             f"{' and the router' if lora.train_router else ''} have gradients and optimizer state"]
+             f"{''.join(' and ' + f for f in full)} have gradients and optimizer state"]
     if lora.quantize_base != "none":
         owners: dict[str, int] = {}
         for name, q in quantized_weights(model).items():

@@ -12,7 +12,8 @@ Layout under <run.dir>/checkpoints/:
         optim/expert_00005.safetensors        weights, only when the weights are not fp32), same split as model/
     latest                                the name of the newest complete checkpoint
 A LoRA run (floe.lora) writes only what trains: the adapters (the experts' by global id, as the experts)
-and the router under lora.train_router, with their optimizer state; floe.json says "adapters_only", and
+and what trains in full beside them (lora.train_router, lora.train_embeddings), with their optimizer
+state; floe.json says "adapters_only", and
 the trainer's client state in state.json names the frozen base (floe.run.init_from.base_identity).
 
 Who writes what, in parallel, with no gather of the model on one rank:
@@ -67,7 +68,7 @@ def _tag(step: int) -> str:
 
 def saved_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """What a checkpoint of `model` holds: every parameter, or for a model with LoRA adapters only what
-    trains (the adapters, and the router with lora.train_router); its frozen base is re-created from
+    trains (the adapters, and the router, embedding and lm_head on request); its frozen base is re-created from
     train.init_from or the seed (the checkpoint records which: `base` in state.json)."""
     return trainable_parameters(model) if adapters(model) else dict(model.named_parameters())
 

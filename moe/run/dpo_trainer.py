@@ -4,7 +4,8 @@ Before the first step, one pass of the run's own model (the starting weights; a 
 second copy) computes every sequence's reference log-probability, train and eval sets, each rank its
 share of the rows, summed over ranks; rank 0 caches them in run_dir/reference_logps.npz, keyed by
 the data fingerprints and the starting point. A relaunch reuses the cache; a resume requires it
-(the starting weights are gone), checked before any process group exists. With LoRA (lora.rank > 0)
+(the starting weights are gone), checked before any process group exists. With LoRA (lora.rank > 0,
+nothing but the adapters training: not lora.train_router or lora.train_embeddings)
 the frozen base IS the starting point: each micro-batch's reference is the same model with its
 adapters disabled (floe.lora.disable_adapters), one extra forward without gradients, nothing cached.
 
@@ -63,7 +64,7 @@ def save_reference(run_dir: str, key: dict, arrays: dict[str, np.ndarray]) -> No
 
 def check_resumed_reference(c, dataset, eval_dataset) -> None:
     """A resumed DPO run needs its cached reference (files only: before any process group)."""
-    if not c.dpo.needs_reference or c.lora.enabled:
+    if not c.dpo.needs_reference or c.lora.base_is_adapters_off:
         return
     found = load_reference(c.run_dir)
     want = json.loads(json.dumps(reference_key(c, dataset, eval_dataset), sort_keys=True))
@@ -79,8 +80,9 @@ class DPOTrainer(Trainer):
 
     def __init__(self, c, resolved: dict, dataset, device: torch.device, eval_dataset=None, run=None):
         super().__init__(c, resolved, dataset, device, eval_dataset, run=run)
-        # With LoRA the reference is the frozen base itself (adapters disabled), computed on the fly.
-        cached = c.dpo.needs_reference and not c.lora.enabled
+        # With LoRA the reference is the frozen base itself (adapters disabled), computed on the fly,
+        # unless something beside the adapters trains (lora.train_router, train_embeddings): then the cache.
+        cached = c.dpo.needs_reference and not c.lora.base_is_adapters_off
         self.reference = self._reference(dataset, eval_dataset) if cached else None
 
     def _reference(self, dataset, eval_dataset) -> dict[str, torch.Tensor]:
@@ -137,7 +139,7 @@ class DPOTrainer(Trainer):
         """The preference loss and rewards of one micro-batch's pairs, against its reference log-probs:
         the cache (from the starting weights), or with LoRA the base with adapters disabled, now."""
         ref = None
-        if self.c.lora.enabled and self.c.dpo.needs_reference:
+        if self.c.lora.base_is_adapters_off and self.c.dpo.needs_reference:
             with torch.no_grad(), disable_adapters(self.engine.model):
                 _, ref, _ = self._logps(self.engine.model, mb, local, len(examples))
         elif self.reference is not None:
