@@ -120,6 +120,7 @@ def _checked_lora_worker(rank, world_size, run_dir, base_dir, overrides):
 
     from floe.hf import from_hf
     from floe.layer import expert_tensors
+    from floe.quantize import quantized_weights
     from floe.run import trainer
     from tests.test_parallel_train import _compose
 
@@ -135,6 +136,7 @@ def _checked_lora_worker(rank, world_size, run_dir, base_dir, overrides):
             torch.equal(p, files[n][experts[n][0]:experts[n][0] + p.shape[0]] if n in experts else files[n])
             for n, p in frozen.items())
         seen["frozen"] = len(frozen)
+        seen["quantized"] = sorted({n.split(".")[-2] for n in quantized_weights(model)})  # e.g. experts, q_proj
         seen["frozen_with_grad"] = [n for n, p in frozen.items() if p.grad is not None]
         seen["optimizer_numel"] = self.engine.optimizer_numel()
         seen["trainable_numel"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -155,16 +157,21 @@ def lora_base_dir(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_two_processes_ep2_zero2_equal_one_process(tmp_path, lora_base_dir):
+@pytest.mark.parametrize("base", ["none", "nf4"])
+def test_two_processes_ep2_zero2_equal_one_process(tmp_path, lora_base_dir, base):
+    """nf4: QLoRA's block-by-block load (floe.run.init_from.load_quantized) on each rank quantizes its own
+    experts' slice; the ranks together compute what one process does."""
     from floe.testing.distributed import run_distributed
     from tests.test_parallel_train import metrics
 
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    [seen1] = run_distributed(_checked_lora_worker, 1, args=(one, lora_base_dir, PARALLEL), timeout=120)
+    common = [*PARALLEL, f"lora.quantize_base={base}"]
+    [seen1] = run_distributed(_checked_lora_worker, 1, args=(one, lora_base_dir, common), timeout=120)
     seen2 = run_distributed(_checked_lora_worker, 2, args=(two, lora_base_dir, [
-        *PARALLEL, "parallel.ep_size=2", "parallel.zero_stage=2"]), timeout=180)
+        *common, "parallel.ep_size=2", "parallel.zero_stage=2"]), timeout=180)
     for seen in (seen1, *seen2):
         assert seen["base_equal"] and seen["frozen"] > 0 and not seen["frozen_with_grad"], seen
+        assert ("experts" in seen["quantized"]) == (base != "none"), seen
         assert seen["trainable_numel"] < 0.3 * seen["total_numel"], seen
     assert seen1["optimizer_numel"] == seen1["trainable_numel"]  # ZeRO-0: the adapters themselves
     for seen in seen2:  # ZeRO-2: this rank's partition of the adapters (dense halved, its 4 experts' whole)

@@ -6,7 +6,9 @@
     python tools/bench_step.py --experts 128 --zero 0 --lora 8 --no-naive --no-floor   # LoRA rank 8 (lora=default)
 
 Each configuration reports the process's peak resident memory (VmHWM on a CPU, the allocator's peak on
-CUDA) and the bytes of weights, gradients and optimizer state after its last step; run one configuration
+CUDA), on a CPU also that peak less the process's resident set before the run is built (what the run
+itself added: the interpreter, torch and DeepSpeed take ~0.9 GiB before it), and the bytes of weights,
+gradients and optimizer state after its last step; run one configuration
 per process (--no-floor, --no-naive) to compare the peaks of two runs, e.g. full fine-tuning vs --lora.
 
 The launcher side is the real thing: the config is composed by Hydra from conf/ exactly as
@@ -285,6 +287,7 @@ def run_config(args, experts: int, zero: int, procs: int, rank: int) -> dict:
     from floe.run.metrics import mem_peak_gb
 
     run_dir = os.path.join(args.run_root, f"e{experts}_zero{zero}")  # one directory for all ranks
+    start_gb = resident_gb()  # the process before the run: interpreter, torch, DeepSpeed (~0.9 GiB on a CPU)
     trainer, c, device = build_trainer(args, experts, zero, procs, run_dir)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     timer = PhaseTimer(sync)
@@ -360,6 +363,7 @@ def run_config(args, experts: int, zero: int, procs: int, rank: int) -> dict:
               "step_cpu_s": statistics.median(cpu["step"][args.warmup:]), "lora_rank": args.lora,
               "checkpoint_mb": ckpt_bytes / 1e6, "trainable_params": trainable, "state_gb": state_gb,
               "peak_gb": mem_peak_gb(device)}
+    result["peak_above_start_gb"] = result["peak_gb"] - (start_gb if device.type == "cpu" else 0.0)
     if "naive" in med:
         result["naive_s"], result["naive_allocator"] = med["naive"], args.naive_allocator
         result["speedup_vs_naive"] = med["naive"] / med["step"]
@@ -374,6 +378,15 @@ def run_config(args, experts: int, zero: int, procs: int, rank: int) -> dict:
 
         shutil.rmtree(run_dir, ignore_errors=True)
     return result
+
+
+def resident_gb() -> float:
+    """The process's resident set now (VmRSS), GiB; 0 where /proc is not there."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(ln.split()[1]) * 1024 / 1024**3 for ln in f if ln.startswith("VmRSS:"))
+    except (OSError, StopIteration):
+        return 0.0
 
 
 def training_state_gb(engine) -> tuple[float, int]:
@@ -395,7 +408,8 @@ def report(r: dict) -> None:
     print(head)
     print("    " + "  ".join(f"{k} {v:.3f}" for k, v in r["phases_s"].items()), flush=True)
     print(f"    lora rank {r['lora_rank']}: CPU time {r['step_cpu_s']:.3f} s/step; {r['trainable_params'] / 1e6:.2f}M trainable parameters; weights + "
-          f"gradients + optimizer state {r['state_gb']:.3f} GiB; peak memory {r['peak_gb']:.3f} GiB; checkpoint "
+          f"gradients + optimizer state {r['state_gb']:.3f} GiB; peak memory {r['peak_gb']:.3f} GiB "
+          f"({r['peak_above_start_gb']:.3f} above the process before the run); checkpoint "
           f"{r['checkpoint_mb']:.1f} MB", flush=True)
     print("    minor page faults per step: " + "  ".join(f"{k} {v}" for k, v in r["page_faults"].items()), flush=True)
 
