@@ -11,8 +11,9 @@ Three parts, each from the code that really runs:
   - model states: the optimizer groups training builds (floe.optim.param_groups, then
     split_moe_param_groups), partitioned by DeepSpeed 0.19.8's rules (`state_bytes`);
     the optimizer step's temporaries are measured by running torch's AdamW on fake tensors;
-  - activations: one and two blocks of the real model (embedding, head and loss included)
-    run forward and backward under FakeTensorMode (moe/plan/fake_run.py), their peak live bytes
+  - activations: one and two blocks (two and three with a quantized base) of the real model
+    (embedding, head and loss included) run forward and backward under FakeTensorMode
+    (moe/plan/fake_run.py), their peak live bytes
     measured with PeakMemoryTracker and extrapolated linearly to all layers and to other
     micro-batch sizes.
 
@@ -369,12 +370,19 @@ def estimate(spec: EstimateSpec) -> Estimate:
         states = state_bytes(spec, model, groups)
         extra = transient_bytes(spec, model, groups)
         mbs = (spec.micro_batch_size, spec.micro_batch_size + 1)
-        act = {(n, mb): measure_activations(spec, n, mb) for n in (1, 2) for mb in mbs}
+        # Measured at n and n + 1 blocks, extrapolated linearly. A quantized base's one dequantized module
+        # moves the peak: with one block it falls in that block's backward, from two on in the same place
+        # every time; so 2 and 3 there (measured on a 32-expert nf4 model: 68 MB from 1 to 2 blocks, then
+        # 20 MB per block; 1 and 2 overstated Arctic's nf4 plan by ~0.27 GiB a layer).
+        n = 2 if spec.lora.quantize_base != "none" else 1
+        act = {(k, mb): measure_activations(spec, k, mb) for k in (n, n + 1) for mb in mbs}
     layers = spec.model.num_layers
 
+    def per_layer(mb_index: int) -> int:
+        return act[n + 1, mbs[mb_index]] - act[n, mbs[mb_index]]
+
     def activations(mb_index: int) -> int:
-        per_layer = act[2, mbs[mb_index]] - act[1, mbs[mb_index]]
-        return act[1, mbs[mb_index]] + (layers - 1) * per_layer
+        return act[n, mbs[mb_index]] + (layers - n) * per_layer(mb_index)
 
     a0, a1 = activations(0), activations(1)
     persistent = states["weights"] + states["grads"] + states["master"] + states["adam"]
@@ -401,7 +409,7 @@ def estimate(spec: EstimateSpec) -> Estimate:
         quantized_base_gb=gb(sum(q.nbytes() for q in quantized_weights(model).values())),
         master_gb=gb(states["master"]), adam_gb=gb(states["adam"]),
         optimizer_gb=gb(states["master"] + states["adam"]), buffers_gb=gb(states["buckets"]),
-        activations_gb=gb(a0), activations_per_layer_gb=gb(act[2, mbs[0]] - act[1, mbs[0]]),
+        activations_gb=gb(a0), activations_per_layer_gb=gb(per_layer(0)),
         step_extra_gb=gb(extra["step"]), reduce_extra_gb=gb(extra["reduce"]), reserve_gb=spec.reserve_gb,
         total_gb=gb(total(a0)), gpu_mem_gb=spec.gpu_mem_gb, fits=total(a0) <= budget, max_micro_batch=max_mb,
         notes=[f"routing plan: {spec.routing}", f"expert kernel footprint: {spec.kernels}", *_lora_notes(spec, model)],
