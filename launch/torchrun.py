@@ -6,15 +6,25 @@ When a worker exits non-zero, torchrun raises ChildFailedError and prints its tr
 failure table after the worker's own message; for a refused launch (a config error: exit code 2,
 one line printed by rank 0) or a stop on a signal (128 + the signal, a checkpoint written) that is
 noise. This wrapper runs torchrun's own `run` and, when its workers failed, exits with the exit code
-of the lowest failed rank, silently: the workers have said what happened. Everything else (a crash
-of torchrun itself) keeps its traceback.
+of the lowest failed rank that ended on its own, silently: the workers have said what happened. (When
+one worker fails, torchrun SIGTERMs the others, which then end with 143: the code of a worker that
+failed first, e.g. 2 for a config error rank 1 found before rank 0, is the run's. All ending by SIGTERM,
+as on a preemption: 143.) Everything else (a crash of torchrun itself) keeps its traceback.
 """
 from __future__ import annotations
 
+import signal
 import sys
 
-from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 from torch.distributed.run import get_args_parser, run
+
+
+def exit_code(failures: dict[int, ProcessFailure]) -> int:
+    """The run's exit code from its workers' failures (by global rank): the lowest rank's among those
+    that did not end by SIGTERM, else the lowest rank's."""
+    codes = [f.exitcode if f.exitcode > 0 else 128 - f.exitcode for _, f in sorted(failures.items())]
+    return next((c for c in codes if c != 128 + signal.SIGTERM), codes[0])  # killed by a signal: 128 + it
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,8 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(args)
     except ChildFailedError as e:
-        first = min(e.failures.items())[1]  # failures by global rank
-        return first.exitcode if first.exitcode > 0 else 128 - first.exitcode  # killed by a signal: 128 + it
+        return exit_code(e.failures)
     return 0
 
 

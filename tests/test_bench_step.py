@@ -70,5 +70,5 @@ def test_lora_option_trains_adapters_only(tmp_path):
     assert lora["trainable_params"] < full["trainable_params"] / 5
     assert lora["state_gb"] < full["state_gb"] / 2 and lora["checkpoint_mb"] < full["checkpoint_mb"] / 3
     assert lora["step_cpu_s"] > 0 and lora["peak_gb"] > 0
-    for r in (full, lora):  # the process before the run (torch, DeepSpeed) is most of a tiny run's peak
-        assert 0 < r["peak_above_start_gb"] < r["peak_gb"] - 0.2
+    for r in (full, lora):  # the process before the run: the interpreter and imported libraries
+        assert 0 < r["peak_above_start_gb"] < r["peak_gb"] - 0.1

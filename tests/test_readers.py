@@ -77,5 +77,33 @@ def test_bad_stores_name_the_file(tmp_path):
     read = read_files([str(tmp_path / "nulls.json")], strict=False)
     assert dict(read.skipped) == {"not a JSON object": 1} and read.first_skips[0].endswith("record 2: not a JSON "
                                                                                          "object: got null")
-    with pytest.raises(ValueError, match=r"data.hf_dataset=.*nowhere: datasets.load_dataset failed"):
-        rows_of(tmp_path, hf_dataset=str(tmp_path / "nowhere"))
+    for streaming in ("auto", False):
+        with pytest.raises(ValueError, match=r"data.hf_dataset=.*nowhere: datasets.load_dataset(_builder)? failed"):
+            rows_of(tmp_path, hf_dataset=str(tmp_path / "nowhere"), hf_streaming=streaming)
+    with pytest.raises(ValueError, match=r"data.hf_streaming must be true, false or auto, got 'sometimes'"):
+        DataConfig(name="jsonl", hf_dataset="x", hf_streaming="sometimes")
+
+
+def test_auto_streams_a_dataset_whose_card_declares_a_large_download(stores, monkeypatch):
+    """data.hf_streaming=auto asks the dataset card (datasets.load_dataset_builder: its README's
+    dataset_info) for the download size: over data.hf_stream_above_gb, streamed (the cache key is then the
+    name), else downloaded; without sizes on the card, downloaded. The rows are the same either way."""
+    from floe.data import readers
+
+    hub = stores / "hub"
+    card = ("---\ndataset_info:\n  splits:\n  - name: train\n    num_bytes: 4000\n    num_examples: 12\n"
+            "  download_size: 3000000\n  dataset_size: 4000\n---\n")
+    (hub / "README.md").write_text(card)
+    streamed, read = [], readers.iter_hub
+    monkeypatch.setattr(readers, "iter_hub", lambda *a: streamed.append(a[3]) or read(*a))
+    want = rows_of(stores, paths=[str(stores / "chats.jsonl")])
+    results = {}
+    for above_gb, expect in ((0.001, True), (10.0, False)):  # 3 MB declared: over 1 MiB, under 10 GiB
+        readers.hub_streams.cache_clear()
+        results[expect] = rows_of(stores, hf_dataset=str(hub), hf_stream_above_gb=above_gb)
+        assert streamed[-1] is expect and same_rows(results[expect], want)
+    assert results[True].path != results[False].path  # the cache key: the name, or datasets' own fingerprint
+    (hub / "README.md").unlink()
+    readers.hub_streams.cache_clear()
+    assert not readers.hub_streams(str(hub), None, "auto", 0.0)  # no size on the card: downloaded
+    assert readers.hub_streams(str(hub), None, True, 10.0) and not readers.hub_streams(str(hub), None, False, 0.0)

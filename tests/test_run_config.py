@@ -111,6 +111,24 @@ def test_a_refusal_under_torchrun_is_one_line_and_exit_code_2(tmp_path):
         in out.stderr and "optim.lr must be >= 0" in out.stderr, out.stderr[-3000:]
 
 
+@pytest.mark.parametrize("codes, expected", [
+    ({0: 143, 1: 2}, 2),      # rank 1 refused the config first; torchrun then SIGTERMed rank 0 (its handler: 143)
+    ({0: -15, 1: 2}, 2),      # the same, rank 0 killed before its handler was installed
+    ({0: 143, 1: 143}, 143),  # a preemption: every rank stopped on SIGTERM
+    ({0: 1, 1: 2}, 1),        # two failures of their own: the lowest rank's
+    ({0: -9, 1: -15}, 137),   # SIGKILL: 128 + 9
+])
+def test_torchrun_wrapper_ends_with_the_code_of_the_worker_that_failed_first(codes, expected):
+    """Found by this suite: the refusal test under torchrun ended 143 when rank 1 refused before rank 0."""
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    from launch.torchrun import exit_code
+
+    failures = {rank: ProcessFailure(local_rank=rank, pid=1000 + rank, exitcode=code, error_file="/nonexistent")
+                for rank, code in codes.items()}
+    assert exit_code(failures) == expected
+
+
 def test_each_ending_is_one_line_with_its_exit_code(tmp_path):
     """NonFiniteTraining ended inside Hydra's "Error executing job" block; SIGINT before training in
     a KeyboardInterrupt traceback; a read-only mount in an OSError traceback."""

@@ -7,7 +7,7 @@
 
 Each configuration reports the process's peak resident memory (VmHWM on a CPU, the allocator's peak on
 CUDA), on a CPU also that peak less the process's resident set before the run is built (what the run
-itself added: the interpreter, torch and DeepSpeed take ~0.9 GiB before it), and the bytes of weights,
+itself added; the interpreter and the imported libraries hold ~0.2 GiB before it), and the bytes of weights,
 gradients and optimizer state after its last step; run one configuration
 per process (--no-floor, --no-naive) to compare the peaks of two runs, e.g. full fine-tuning vs --lora.
 
@@ -287,7 +287,7 @@ def run_config(args, experts: int, zero: int, procs: int, rank: int) -> dict:
     from floe.run.metrics import mem_peak_gb
 
     run_dir = os.path.join(args.run_root, f"e{experts}_zero{zero}")  # one directory for all ranks
-    start_gb = resident_gb()  # the process before the run: interpreter, torch, DeepSpeed (~0.9 GiB on a CPU)
+    start_gb = resident_gb()  # the process before the run: the interpreter and imported libraries (~0.2 GiB)
     trainer, c, device = build_trainer(args, experts, zero, procs, run_dir)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     timer = PhaseTimer(sync)

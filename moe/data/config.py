@@ -46,7 +46,10 @@ class DataConfig:
     hf_dataset: str | None = None
     hf_config: str | None = None       # the dataset's config (subset) name
     hf_split: str = "train"
-    hf_streaming: bool = False         # true: stream rows without a local copy (the cache key is then the name)
+    # auto: stream (no local copy; the cache key is then the name) when the Hub's dataset card gives a download
+    # larger than hf_stream_above_gb, else download into the Hub cache; true / false force one.
+    hf_streaming: bool | str = "auto"
+    hf_stream_above_gb: float = 10.0
     # assistant: loss on assistant turns only (completion-only); all: on every token of the conversation,
     # user turns and template markers included (a model that should write user questions: tools/magpie.py).
     # Preference pairs (data=preference) always train the answers only.
@@ -69,6 +72,10 @@ class DataConfig:
         embedded = self.name in EMBEDDED
         if self.name == "jsonl" and not self.paths and not self.hf_dataset:
             problems.append("data.paths must list at least one data file or glob for data=jsonl (or set data.hf_dataset)")
+        if self.hf_streaming not in (True, False, "auto"):
+            problems.append(f"data.hf_streaming must be true, false or auto, got {self.hf_streaming!r}")
+        if not self.hf_stream_above_gb >= 0:
+            problems.append(f"data.hf_stream_above_gb must be >= 0, got {self.hf_stream_above_gb}")
         if self.name == "preference" and not self.paths:
             problems.append("data.paths must list at least one JSONL file or glob for data=preference")
         if self.name == "preference" and self.hf_dataset:

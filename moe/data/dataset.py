@@ -194,7 +194,8 @@ def _is_saved_dataset(path: str) -> bool:
 
 def _read_hub(cfg: DataConfig) -> ReadResult:
     out = ReadResult(files=[cfg.hf_source], units=["record"])
-    formats.read_iter(out, 0, readers.iter_hub(cfg.hf_dataset, cfg.hf_split, cfg.hf_config, cfg.hf_streaming),
+    streams = readers.hub_streams(cfg.hf_dataset, cfg.hf_config, cfg.hf_streaming, cfg.hf_stream_above_gb)
+    formats.read_iter(out, 0, readers.iter_hub(cfg.hf_dataset, cfg.hf_split, cfg.hf_config, streams),
                       cfg.strict, cfg.layout())
     return out
 
@@ -430,7 +431,8 @@ def _cache_key(cfg: DataConfig, seed: int, tok: Tokenizer, files: list[list[str]
                         for block in iter(lambda: fh.read(1 << 20), b""):
                             h.update(block)
     if cfg.hf_dataset and not (split == "eval" and cfg.eval_paths):
-        h.update(readers.hub_fingerprint(cfg.hf_dataset, cfg.hf_split, cfg.hf_config, cfg.hf_streaming).encode())
+        streams = readers.hub_streams(cfg.hf_dataset, cfg.hf_config, cfg.hf_streaming, cfg.hf_stream_above_gb)
+        h.update(readers.hub_fingerprint(cfg.hf_dataset, cfg.hf_split, cfg.hf_config, streams).encode())
     return f"{cfg.name}{'-eval' if split == 'eval' else ''}-{h.hexdigest()[:20]}"
 
 

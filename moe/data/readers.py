@@ -7,15 +7,21 @@
     *.arrow                     Arrow IPC file or stream (what datasets' save_to_disk writes)
     a directory                 written by datasets' save_to_disk (a DatasetDict: its "train" split)
     data.hf_dataset=<name>      datasets.load_dataset(name, split=data.hf_split), memory-mapped from the
-                                Hub cache, or streamed without a local copy (data.hf_streaming=true)
+                                Hub cache, or streamed without a local copy: data.hf_streaming=auto
+                                (the default) streams when the dataset card's download size exceeds
+                                data.hf_stream_above_gb (hub_streams), true / false force it
 
 Every reader yields plain dicts; floe.data.layouts reads them. Positions are 1-based.
 """
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import os
 from collections.abc import Iterator
+
+log = logging.getLogger(__name__)
 
 BATCH_ROWS = 1024  # rows per Arrow batch turned into Python records
 
@@ -124,6 +130,28 @@ def iter_file(path: str, kind: str, jsonl_iter) -> Iterator[tuple[int, object]]:
     readers = {"dataset": iter_saved_dataset, "parquet": iter_parquet, "arrow": iter_arrow,
                "json_array": iter_json_array, "jsonl": jsonl_iter}
     return readers[kind](path)
+
+
+@functools.lru_cache(maxsize=None)
+def hub_streams(name: str, config: str | None, setting: bool | str, above_gb: float) -> bool:
+    """Whether data.hf_dataset is streamed: `setting` when true or false; for "auto", whether the
+    download the dataset's card declares (datasets.load_dataset_builder(...).info.download_size, else
+    dataset_size) is larger than `above_gb` GiB. A card without sizes: downloaded. Decided once per
+    process (the reader and the cache key ask the same question)."""
+    if setting != "auto":
+        return bool(setting)
+    datasets = _datasets()
+    try:
+        info = datasets.load_dataset_builder(name, config).info
+    except Exception as e:  # as load_dataset: not found, no network, a bad config name
+        raise ValueError(f"data.hf_dataset={name}: datasets.load_dataset_builder failed: {type(e).__name__}: {e}") \
+            from None
+    size = info.download_size or info.dataset_size
+    streams = size is not None and size > above_gb * 2**30
+    log.info("data.hf_dataset=%s: %s (%s; data.hf_streaming=auto, above %g GiB)", name,
+             "streamed" if streams else "downloaded",
+             "size not on its card" if size is None else f"{size / 2**30:.2f} GiB", above_gb)
+    return streams
 
 
 def iter_hub(name: str, split: str, config: str | None, streaming: bool) -> Iterator[tuple[int, dict]]:
