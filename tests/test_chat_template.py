@@ -100,7 +100,65 @@ def test_export_carries_the_template_the_run_trained_with(tmp_path):
     from tools.export import run_chat_template
 
     own = write_config(tmp_path, ZEPHYR)
-    assert run_chat_template({"data": {"chat_template": own}}) == ZEPHYR
+    # the bos/eos strings training rendered with, set inside it: the export's eos_token is floe's <|im_end|>
+    exported = run_chat_template({"data": {"chat_template": own}})
+    assert exported == '{% set bos_token = "<s>" %}{% set eos_token = "</s>" %}' + ZEPHYR
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
+    trained, _ = render_jinja_template(conversations=[messages], chat_template=ZEPHYR, bos_token="<s>",
+                                       eos_token="</s>")
+    there, _ = render_jinja_template(conversations=[messages], chat_template=exported, eos_token="<|im_end|>")
+    assert there == trained
     assert run_chat_template({"data": {"chat_template": None}}) == CHAT_TEMPLATE == run_chat_template({})
     with pytest.raises(ValueError, match="gone"):
         run_chat_template({"data": {"chat_template": str(tmp_path / "moved.json")}})
+
+
+@pytest.mark.slow
+def test_generate_writes_prompts_in_the_template_the_run_trained_with(tmp_path, capsys):
+    """A run from an imported model with its own template (Zephyr-style, eos </s>): tools/generate.py and
+    tools/evaluate.py render the prompt with that template as transformers does and stop at its end of
+    turn, where floe's ChatML prompt would be other ids the model never saw."""
+    from launch.train import train
+    from tests.test_generate import recompute
+    from tests.test_train import make_cfg
+    from tools.evaluate import evaluate
+    from tools.export import export
+    from tools.generate import Chat, chat_for, chat_prompt_ids, load_model_for_inference
+    from tools.generate import main as generate_main
+    from floe.config import PRESETS
+    from floe.hf import save_hf
+    from floe.model import ArcticForCausalLM
+
+    base = tmp_path / "base"
+    model = ArcticForCausalLM(PRESETS["tiny"])
+    model.reset_parameters(seed=2)
+    save_hf(model.state_dict(), model.config, str(base), Tokenizer())
+    config = json.loads((base / "tokenizer_config.json").read_text())
+    (base / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": ZEPHYR, "bos_token": "<s>",
+                                                             "eos_token": "</s>"}))
+    run = tmp_path / "run"
+    train(make_cfg(run, f"train.init_from={base}", "train.max_steps=2", "train.global_batch_size=4",
+                   "train.micro_batch_size=4"))
+    model, tok = load_model_for_inference(str(run))
+    chat = chat_for(str(run), tok)
+    question = "What is 2 + 3?"
+    want, _ = render_jinja_template(conversations=[[{"role": "user", "content": question}]], chat_template=ZEPHYR,
+                                    add_generation_prompt=True, bos_token="<s>", eos_token="</s>")
+    ids = chat.prompt_ids([("user", question)])
+    assert ids == tok.encode(want[0]) != chat_prompt_ids(tok, [("user", question)])
+    assert chat.end == "</s>" and chat.stop == tok.encode("</s>")
+    turns = (("user", "Hi"), ("assistant", "Hello."), ("user", question))  # a later turn: training's stretches
+    rendered, _ = render_jinja_template(conversations=[[{"role": r, "content": c} for r, c in turns]],
+                                        chat_template=ZEPHYR, add_generation_prompt=True, bos_token="<s>",
+                                        eos_token="</s>")
+    assert tok.decode(chat.prompt_ids(turns)) == rendered[0]
+    expected = chat.text(recompute(model, ids, 6, chat.stop))
+    assert generate_main([str(run), "--prompt", question, "--max-new-tokens", "6"]) == 0
+    assert capsys.readouterr().out == expected + "\n"
+    items = [{"turns": (("user", question),), "reference": "5", "source": "math"}]
+    assert evaluate(model, tok, items, max_new_tokens=6, chat=chat)[0]["prediction"] == expected
+    assert Chat(tok).stop == tok.im_end  # floe's ChatML, as before
+    export(str(run), str(tmp_path / "hf"))  # the export carries the template and generates the same reply
+    assert chat_for(str(tmp_path / "hf"), tok).prompt_ids([("user", question)]) == ids
+    assert generate_main([str(tmp_path / "hf"), "--prompt", question, "--max-new-tokens", "6"]) == 0
+    assert capsys.readouterr().out == expected + "\n"

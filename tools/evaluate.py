@@ -27,7 +27,7 @@ from floe.data import synthetic
 import floe.data.readers as readers
 from floe.data.formats import BadRecord, iter_jsonl, parse_record
 from floe.data.formats import where as where_in
-from tools.generate import load_model_for_inference, reply
+from tools.generate import chat_for, load_model_for_inference, reply
 
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 HELDOUT_PER_SOURCE = 25
@@ -103,12 +103,14 @@ def summarize(rows: list[dict]) -> dict:
             "numeric_match": numeric, "num_examples": len(rows)}
 
 
-def evaluate(model, tokenizer, items: list[dict], batch_size: int = 16, max_new_tokens: int = 128) -> list[dict]:
-    """One row per item: prompt (rendered turns), reference, prediction, scores, source."""
+def evaluate(model, tokenizer, items: list[dict], batch_size: int = 16, max_new_tokens: int = 128,
+             chat=None) -> list[dict]:
+    """One row per item: prompt (rendered turns), reference, prediction, scores, source. `chat`: how the
+    model's conversations are written (tools/generate.py's Chat; default floe's ChatML)."""
     rows = []
     for i in range(0, len(items), batch_size):
         batch = items[i:i + batch_size]
-        predictions = reply(model, tokenizer, [it["turns"] for it in batch], max_new_tokens)
+        predictions = reply(model, tokenizer, [it["turns"] for it in batch], max_new_tokens, chat)
         for it, pred in zip(batch, predictions, strict=True):
             prompt = it["turns"][-1][1] if len(it["turns"]) == 1 else [list(t) for t in it["turns"]]
             rows.append({"prompt": prompt, "reference": it["reference"], "prediction": pred,
@@ -130,7 +132,8 @@ def main(argv=None) -> int:
     try:
         items = read_eval_records(args.data) if args.data else heldout_items(args.num_per_source, args.seed)
         model, tokenizer = load_model_for_inference(args.run_dir)
-        rows = evaluate(model, tokenizer, items, args.batch_size, args.max_new_tokens)
+        rows = evaluate(model, tokenizer, items, args.batch_size, args.max_new_tokens,
+                        chat_for(args.run_dir, tokenizer))
     except ValueError as e:
         print(f"evaluate: {e}", file=sys.stderr)
         return 2

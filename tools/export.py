@@ -119,7 +119,9 @@ def export(path: str, out_dir: str, dtype: str = "float32", max_shard_gb: float 
 
 
 def run_chat_template(run_cfg: dict) -> str:
-    """The template the run trained with: data.chat_template's (e.g. train.init_from's own), else floe's ChatML."""
+    """The template the run trained with: data.chat_template's (e.g. train.init_from's own) with the
+    bos/eos strings it was rendered with set inside it (the export's eos_token is floe's end-of-turn
+    token), else floe's ChatML."""
     from floe.data.chat_template import ChatTemplate
     from floe.data.template import CHAT_TEMPLATE
 
@@ -129,7 +131,7 @@ def run_chat_template(run_cfg: dict) -> str:
     if not os.path.isfile(path):
         raise ValueError(f"the run trained with data.chat_template={path}, which is gone: the export would carry "
                          "another template than the one the model learned")
-    return ChatTemplate(path).source
+    return ChatTemplate(path).standalone_source()
 
 
 def save_peft_adapter(model: ArcticForCausalLM, run_cfg: dict, out_dir: str, dtype: torch.dtype) -> list[str]:

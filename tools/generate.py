@@ -1,10 +1,13 @@
-"""Generate a reply from a trained run or a Hugging Face export, with the ChatML template.
+"""Generate a reply from a trained run or a Hugging Face export, in the chat format it trained with.
 
     python tools/generate.py runs/tiny/default --prompt "What is 3 + 4?"            # the run's latest checkpoint
     python tools/generate.py exported/tiny --prompt "Who are you?" --temperature 0.8 --top-p 0.9 --seed 1
 
 The prompt becomes a user turn followed by the assistant header, tokenised exactly as training
-tokenised it (floe.data.template); generation stops at <|im_end|>. Greedy unless --temperature > 0.
+tokenised it: floe's ChatML (floe.data.template), stopping at <|im_end|>; or, for a run that trained
+with a model's own template (data.chat_template, which train.init_from sets from an imported model) and
+an export of it (its tokenizer_config.json), that template (floe.data.chat_template), stopping at what
+it writes after an assistant's turn. Greedy unless --temperature > 0.
 """
 from __future__ import annotations
 
@@ -51,11 +54,56 @@ def chat_prompt_ids(tokenizer: Tokenizer, turns) -> list[int]:
     return encoded.tokens.tolist() + tokenizer.im_start + tokenizer.encode("assistant\n")
 
 
-def reply(model, tokenizer: Tokenizer, prompts: list, max_new_tokens: int = 128, **sampling) -> list[str]:
-    """The assistant's reply to each prompt (a user message, or a tuple of (role, content) turns)."""
-    ids = [chat_prompt_ids(tokenizer, [("user", p)] if isinstance(p, str) else p) for p in prompts]
-    out = generate(model, ids, max_new_tokens, stop=tokenizer.im_end, pad_id=tokenizer.pad_id, **sampling)
-    return [tokenizer.decode(row) for row in out]
+class Chat:
+    """How a model's conversations are written: floe's ChatML, or `template` (a ChatTemplate) when the
+    model trained with its own. prompt_ids(turns): the generation prompt as training tokenised it;
+    stop: the token ids of the end of an assistant turn; end: that marker as text (None: ChatML's)."""
+
+    def __init__(self, tokenizer: Tokenizer, template=None):
+        self.tokenizer, self.template = tokenizer, template
+        self.end = None if template is None else template.end_of_turn()
+        if template is None:
+            self.stop = tokenizer.im_end
+        else:
+            self.stop = tokenizer.encode(self.end) if self.end else [tokenizer.eos_id]
+
+    def prompt_ids(self, turns) -> list[int]:
+        if self.template is None:
+            return chat_prompt_ids(self.tokenizer, turns)
+        return [i for text in self.template.prompt(tuple(turns)) for i in self.tokenizer.encode(text)]
+
+    def text(self, ids: list[int]) -> str:
+        """A reply's text; with a template, cut at its end marker (its ids may be written otherwise inside
+        a reply than alone, so the token-level stop can miss it)."""
+        text = self.tokenizer.decode(ids)
+        return text.split(self.end, 1)[0] if self.end else text
+
+
+def chat_for(path: str, tokenizer: Tokenizer) -> Chat:
+    """The Chat a run, checkpoint or export at `path` trained with (module docstring)."""
+    from floe.data.chat_template import ChatTemplate
+    from floe.run.init_from import own_chat_template
+
+    if os.path.isfile(os.path.join(path, CONFIG_FILE)):  # an export: its tokenizer_config.json, unless floe's
+        own = own_chat_template(path, None)
+    else:
+        from tools.export import read_run_config, resolve_checkpoint
+
+        own = read_run_config(resolve_checkpoint(path)[1])[1].get("data", {}).get("chat_template")
+        if own and not os.path.isfile(own):
+            raise ValueError(f"{path} trained with data.chat_template={own}, which is gone: without it the "
+                             "prompts would not be written as the model learned them")
+    return Chat(tokenizer, ChatTemplate(own) if own else None)
+
+
+def reply(model, tokenizer: Tokenizer, prompts: list, max_new_tokens: int = 128, chat: Chat | None = None,
+          **sampling) -> list[str]:
+    """The assistant's reply to each prompt (a user message, or a tuple of (role, content) turns), written
+    as `chat` says (default: floe's ChatML)."""
+    chat = chat or Chat(tokenizer)
+    ids = [chat.prompt_ids([("user", p)] if isinstance(p, str) else p) for p in prompts]
+    out = generate(model, ids, max_new_tokens, stop=chat.stop, pad_id=tokenizer.pad_id, **sampling)
+    return [chat.text(row) for row in out]
 
 
 def main(argv=None) -> int:
@@ -69,8 +117,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         model, tokenizer = load_model_for_inference(args.path)
-        texts = reply(model, tokenizer, args.prompt, args.max_new_tokens, temperature=args.temperature,
-                      top_p=args.top_p, seed=args.seed)
+        texts = reply(model, tokenizer, args.prompt, args.max_new_tokens, chat_for(args.path, tokenizer),
+                      temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     except ValueError as e:
         print(f"generate: {e}", file=sys.stderr)
         return 2

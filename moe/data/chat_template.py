@@ -55,6 +55,14 @@ class ChatTemplate:
         self.tokens = {k: _token_text(config.get(k)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
         self.template = _compile(_GENERATION_TAG.sub("", source))
 
+    def standalone_source(self) -> str:
+        """The template with the special-token strings it was rendered with set inside it, for a tokenizer
+        whose own bos/eos differ (an export: floe's eos_token is the end-of-turn token): rendered there it
+        writes what training wrote."""
+        sets = "".join("{%% set %s = %s %%}" % (k, json.dumps(v)) for k, v in self.tokens.items()
+                       if v and re.search(r"\b%s\b" % k, self.source))
+        return sets + self.source
+
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt, **self.tokens)
 
@@ -78,6 +86,28 @@ class ChatTemplate:
             pos = end
         out.append((full[pos:], False))
         return [(text, trained) for text, trained in out if text]
+
+
+    def prompt(self, turns: Example) -> list[str]:
+        """A generation prompt for conversation `turns` as the stretches training would tokenise one by one:
+        those of the conversation up to its last assistant turn (spans), then the rest of the render with
+        the generation prompt (the following turns and the assistant header) as one."""
+        stretches = self.spans(turns) if any(role == "assistant" for role, _ in turns) else []
+        if stretches and not stretches[-1][1]:
+            stretches.pop()  # what follows the last assistant turn: re-rendered below with the header
+        done = "".join(text for text, _ in stretches)
+        head = self.render([{"role": r, "content": c} for r, c in turns], add_generation_prompt=True)
+        if not head.startswith(done):
+            raise ValueError(f"data.chat_template: {self.path} renders the generation prompt as something that "
+                             "does not start with the conversation it continues")
+        return [text for text, _ in stretches] + [head[len(done):]]
+
+    def end_of_turn(self) -> str:
+        """What the template writes after an assistant's content (its end-of-turn marker, e.g. </s> or
+        <|eot_id|>; trailing whitespace left out, as in training): what the model learned to stop with."""
+        content = "\u2063floe\u2063"  # text no template writes itself
+        trained = [text for text, is_trained in self.spans((("user", "?"), ("assistant", content))) if is_trained]
+        return trained[0][trained[0].index(content) + len(content):] if trained and content in trained[0] else ""
 
 
 def _token_text(value) -> str:
