@@ -59,8 +59,8 @@ class ChatTemplate:
         """The template with the special-token strings it was rendered with set inside it, for a tokenizer
         whose own bos/eos differ (an export: floe's eos_token is the end-of-turn token): rendered there it
         writes what training wrote."""
-        sets = "".join("{%% set %s = %s %%}" % (k, json.dumps(v)) for k, v in self.tokens.items()
-                       if v and re.search(r"\b%s\b" % k, self.source))
+        sets = "".join(f"{{% set {k} = {json.dumps(v)} %}}" for k, v in self.tokens.items()
+                       if v and re.search(rf"\b{k}\b", self.source))
         return sets + self.source
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
