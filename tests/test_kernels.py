@@ -142,7 +142,7 @@ def _interpreter_and_backend(request, monkeypatch):
 
 # The tests of this module that run (and must pass) under the interpreter: all but the GPU-only ones
 # and test_kernels_in_fresh_interpreter_process. Change it with the tests, in the same commit.
-INTERPRETER_TESTS = 48
+INTERPRETER_TESTS = 52
 GPU_ONLY_SKIPS = ("bf16 needs a GPU (the Triton interpreter has no bf16 dot)",
                   "the tests of this module run in this process")
 
