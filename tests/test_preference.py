@@ -113,3 +113,24 @@ def test_preference_config_errors():
         DataConfig(name="preference", paths=["x.jsonl"], columns={"prompt": "question"})
     with pytest.raises(ValueError, match="data.loss_on must be one of assistant, all"):
         DataConfig(loss_on="users")
+
+
+def test_pairs_in_a_models_own_template_train_only_the_answer(tmp_path):
+    """data.chat_template (train.init_from sets it from an imported model; a DPO run from such a model was
+    refused before): both sequences rendered as transformers renders them with that template; trained,
+    only the answer's content and end of turn, not the prompt's own assistant turn."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    from tests.test_chat_template import ZEPHYR, write_config
+
+    template = write_config(tmp_path, ZEPHYR)
+    prompt = Q + [{"role": "assistant", "content": "Ask me."}, {"role": "user", "content": "Capital of Italy?"}]
+    tok, ds, _ = build(tmp_path, [{"prompt": prompt, "chosen": [{"role": "assistant", "content": "Rome."}],
+                                   "rejected": [B]}], chat_template=template, seq_len=512)
+    ids = ds.example_ids([0])[0].numpy()
+    tokens, trained = ds.tokens[0], ds.trained[0].astype(bool)
+    for seq, answer in ((0, "Rome."), (1, "Lyon.")):
+        want, _ = render_jinja_template(conversations=[prompt + [{"role": "assistant", "content": answer}]],
+                                        chat_template=ZEPHYR, bos_token="<s>", eos_token="</s>")
+        assert tok.decode(tokens[ids == seq].tolist()) == want[0]
+        assert tok.decode(tokens[(ids == seq) & trained].tolist()) == answer + "</s>"  # not "Ask me."

@@ -133,10 +133,16 @@ def _compile(source: str):
 
 
 def encode_with_template(tok: Tokenizer, examples: list[Example], template: ChatTemplate, num_threads: int = 1,
-                         loss_on: str = "assistant") -> Encoded:
-    """encode_examples with the conversations rendered by `template`; plain text as encode_examples does."""
+                         loss_on: str = "assistant", untrained_turns: list[int] | None = None) -> Encoded:
+    """encode_examples with the conversations rendered by `template`; plain text as encode_examples does.
+    untrained_turns[i]: how many of example i's first assistant turns get no loss (a preference pair's
+    prompt: floe.data.preference)."""
     eos = [tok.eos_id] if tok.eos_id >= 0 else []
     pieces = [[(ex[0][1], True)] if ex[0][0] == TEXT else template.spans(ex) for ex in examples]
+    for spans, skip in zip(pieces, untrained_turns or [], strict=False):
+        trained_at = [i for i, (_, trained) in enumerate(spans) if trained][:skip]
+        for i in trained_at:
+            spans[i] = (spans[i][0], False)
     ids = tok.encode_batch([text for spans in pieces for text, _ in spans], num_threads)
     tokens: list[int] = []
     trained: list[bool] = []

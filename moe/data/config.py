@@ -135,8 +135,6 @@ class DataConfig:
 
         if not os.path.isfile(self.chat_template):
             return [f"data.chat_template: no file {self.chat_template}"]
-        if self.name == "preference":
-            return ["data.chat_template is for data=jsonl and the embedded sources; data=preference renders floe's ChatML"]
         try:
             ChatTemplate(self.chat_template)
         except Exception as e:  # a Jinja syntax error, a file without a template

@@ -7,8 +7,10 @@ documented preference layouts:
     {"chosen": [messages], "rejected": [messages]}                        conversational, implicit prompt:
                                                                            the turns both lists share
 Each pair becomes two sequences, prompt + chosen and prompt + rejected, rendered with floe's chat
-template (moe/data/template.py). Only the answers' assistant tokens are trained: the prompt's tokens
-(its assistant turns too) are not, so a sequence's log-probability is that of its answer.
+template (moe/data/template.py), or with the model's own (data.chat_template, which train.init_from sets
+from an imported model's tokenizer_config.json; floe.data.chat_template). Only the answers' assistant
+tokens are trained: the prompt's tokens (its assistant turns too) are not, so a sequence's
+log-probability is that of its answer.
 
 Layout of the packed rows (the same arrays as PackedDataset's): pair p of the epoch's mixture is
 the two examples 2p (chosen) and 2p + 1 (rejected), written side by side in ONE row, chosen first,
@@ -117,12 +119,20 @@ class EncodedPairs:
 def encode_pairs(cfg, tok, src: formats.ReadResult, threads: int) -> EncodedPairs:
     """Tokenise both sequences of every pair; untrain the prompt; apply data.overlong to the pair."""
     pairs = src.examples
-    full = encode_examples(tok, [p[0] + p[1] for p in pairs] + [p[0] + p[2] for p in pairs], threads)
-    prompts = [p[0] for p in pairs]
-    has_prompt = [i for i, p in enumerate(prompts) if p]
+    sequences = [p[0] + p[1] for p in pairs] + [p[0] + p[2] for p in pairs]
     prompt_len = np.zeros(len(pairs), np.int64)
-    if has_prompt:  # the template renders turn by turn, so a prompt's tokens are a prefix of both sequences
-        prompt_len[has_prompt] = encode_examples(tok, [prompts[i] for i in has_prompt], threads).lengths
+    if cfg.chat_template:  # a model's own template: its prompt's assistant turns untrained by the encoder
+        from floe.data.chat_template import ChatTemplate, encode_with_template
+
+        in_prompt = [sum(role == "assistant" for role, _ in p[0]) for p in pairs]
+        full = encode_with_template(tok, sequences, ChatTemplate(cfg.chat_template), threads,
+                                    untrained_turns=in_prompt * 2)
+    else:
+        full = encode_examples(tok, sequences, threads)
+        prompts = [p[0] for p in pairs]
+        has_prompt = [i for i, p in enumerate(prompts) if p]
+        if has_prompt:  # floe's template renders turn by turn: a prompt's tokens are a prefix of both sequences
+            prompt_len[has_prompt] = encode_examples(tok, [prompts[i] for i in has_prompt], threads).lengths
     out = EncodedPairs([], [], [], 0)
     n = len(pairs)
     for i in range(n):
