@@ -10,6 +10,7 @@ import pytest
 
 from floe.data import DataConfig, Tokenizer, build_dataset
 from tools import magpie
+from tools.generate import Chat
 
 
 @pytest.fixture
@@ -36,6 +37,7 @@ def scripted(monkeypatch):
 
     monkeypatch.setattr(magpie, "generate", fake_generate)
     monkeypatch.setattr(magpie, "load_model_for_inference", lambda path: (None, tok))
+    monkeypatch.setattr(magpie, "chat_for", lambda path, tokenizer: Chat(tokenizer))
     return seeds
 
 
@@ -124,3 +126,16 @@ def test_magpie_end_to_end_on_a_model_trained_with_loss_on_all(tmp_path):
     assert share >= 0.75, questions
     _, ds = build_dataset(DataConfig(name="jsonl", paths=[str(out)], seq_len=256, cache_dir=str(tmp_path / "c")), 0)
     assert ds.stats["examples"] == 16 and ds.stats["skipped"] == {}
+
+
+def test_a_model_with_its_own_template_is_refused(tmp_path, scripted, monkeypatch, capsys):
+    """Magpie samples from floe's ChatML user prefix; a model that trained with its own template never saw
+    it: one line, exit 2, nothing written."""
+    from tests.test_chat_template import ZEPHYR, write_config
+    from floe.data.chat_template import ChatTemplate
+
+    template = ChatTemplate(write_config(tmp_path, ZEPHYR))
+    monkeypatch.setattr(magpie, "chat_for", lambda path, tokenizer: Chat(tokenizer, template))
+    out = tmp_path / "synth.jsonl"
+    assert magpie.main(["model", "--num", "5", "--out", str(out)]) == 2
+    assert "trained with its own chat template" in capsys.readouterr().err and not out.exists()

@@ -37,7 +37,7 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from floe.generate import generate
-from tools.generate import chat_prompt_ids, load_model_for_inference
+from tools.generate import chat_for, chat_prompt_ids, load_model_for_inference
 
 MARKERS = ("<|im_start|>", "<|im_end|>")
 EMPTY, TRUNCATED, MARKER, REPEATED = "empty", "truncated", "template markers", "repeated question"
@@ -152,7 +152,14 @@ def main(argv=None) -> int:
     if existing and os.path.exists(state_path):
         with open(state_path) as f:
             k = int(json.load(f)["batches"])
-    model, tok = load_model_for_inference(args.model)
+    try:
+        model, tok = load_model_for_inference(args.model)
+        if chat_for(args.model, tok).template is not None:
+            raise ValueError(f"{args.model} trained with its own chat template (data.chat_template); Magpie here "
+                             "samples from floe's ChatML user prefix only, which that model never saw")
+    except ValueError as e:
+        print(f"magpie: {e}", file=sys.stderr)
+        return 2
     seen = {normalise(q) for q in existing}
     rejected, written, tokens = Counter(), len(existing), 0
     max_batches = args.max_batches or 10 * args.num // args.batch_size + 10
