@@ -265,3 +265,35 @@ def test_qlora_run_from_init_from_loads_block_by_block(tmp_path, monkeypatch):
     want = {n: t for n, t in (*want.named_parameters(), *want.named_buffers())}
     assert loaded.keys() == want.keys()
     assert all(torch.equal(loaded[n], t) for n, t in want.items())
+
+
+def test_tokens_the_directory_redefines_are_named_in_a_warning(tmp_path, caplog):
+    """Snowflake's arctic-instruct gives ids 31998/31999 other texts in tokenizer_config.json's
+    added_tokens_decoder than tokenizer.model has; floe tokenises with tokenizer.model alone, so it says so
+    (the added tokens that agree with tokenizer.model, like its own chat markers, are not named)."""
+    import json
+    import logging
+
+    from floe.data import DataConfig
+    from floe.data.tokenizer import Tokenizer
+    from floe.hf import save_hf
+    from floe.run.init_from import init_data_config, redefined_tokens
+
+    hf = tmp_path / "hf"
+    save_hf(ArcticForCausalLM(PRESETS["tiny"]).state_dict(), PRESETS["tiny"], str(hf), Tokenizer())
+    tok = Tokenizer()
+    config = json.loads((hf / "tokenizer_config.json").read_text())
+    config["added_tokens_decoder"] = {str(tok.im_start[0]): {"content": "<|im_start|>", "special": True},
+                                      "1000": {"content": "<|im_sep|>", "special": True}}
+    (hf / "tokenizer_config.json").write_text(json.dumps(config))
+    assert redefined_tokens(str(hf), str(hf / "tokenizer.model")) == [(1000, "<|im_sep|>", tok.piece(1000))]
+    with caplog.at_level(logging.WARNING, logger="floe"):
+        data = init_data_config(DataConfig(), str(hf))
+    assert data.tokenizer == str(hf / "tokenizer.model")
+    assert "gives 1 id(s) another text" in caplog.text and "1000: '<|im_sep|>'" in caplog.text
+    caplog.clear()
+    del config["added_tokens_decoder"]
+    (hf / "tokenizer_config.json").write_text(json.dumps(config))
+    with caplog.at_level(logging.WARNING, logger="floe"):
+        init_data_config(DataConfig(), str(hf))
+    assert "another text" not in caplog.text

@@ -47,7 +47,38 @@ def init_data_config(data: DataConfig, init_from: str) -> DataConfig:
     if data.tokenizer is not None and os.path.isfile(data.tokenizer) and not filecmp.cmp(data.tokenizer, carried, shallow=False):
         raise ValueError(f"data.tokenizer={data.tokenizer} differs from train.init_from's {carried} (the "
                          "tokenizer the model was trained with); drop data.tokenizer to use the directory's")
+    if redefined := redefined_tokens(init_from, carried):
+        shown = ", ".join(f"{i}: {content!r} (tokenizer.model: {piece!r})" for i, content, piece in redefined[:6])
+        log.warning("train.init_from=%s: tokenizer_config.json's added_tokens_decoder gives %d id(s) another text "
+                    "than tokenizer.model has (%s%s). floe tokenises with tokenizer.model alone, so those texts "
+                    "become other ids than transformers gives them (Snowflake's arctic-instruct redefines 31998 and "
+                    "31999 this way); check a conversation's ids against AutoTokenizer before a long run",
+                    init_from, len(redefined), shown, ", ..." if len(redefined) > 6 else "")
     return dataclasses.replace(data, tokenizer=carried, chat_template=own_chat_template(init_from, data.chat_template))
+
+
+def redefined_tokens(init_from: str, model_path: str) -> list[tuple[int, str, str]]:
+    """(id, text, tokenizer.model's piece) of every added token of the directory's tokenizer_config.json
+    whose text is not what the SentencePiece model has at that id (or whose id is beyond it)."""
+    import json
+
+    import sentencepiece as spm
+
+    try:
+        with open(os.path.join(init_from, "tokenizer_config.json"), encoding="utf-8") as f:
+            added = json.load(f).get("added_tokens_decoder") or {}
+    except (OSError, ValueError, AttributeError):
+        return []
+    sp = spm.SentencePieceProcessor(model_file=model_path)
+    out = []
+    for key, token in added.items():
+        content = token.get("content") if isinstance(token, dict) else None
+        if not (isinstance(content, str) and str(key).isdigit()):
+            continue
+        piece = sp.id_to_piece(int(key)) if int(key) < sp.get_piece_size() else ""
+        if piece != content:
+            out.append((int(key), content, piece))
+    return sorted(out)
 
 
 def own_chat_template(init_from: str, configured: str | None) -> str | None:
