@@ -138,7 +138,7 @@ class Dropout(nn.Module):
 
 
 class LoRA(nn.Module):
-    """The adapter of one nn.Linear: forward(x [..., in]) -> scaling * B A dropout(x)  [..., out]."""
+    """The adapter of one nn.Linear: forward(x [..., in], out [..., out]) -> out + scaling * B A dropout(x)."""
 
     def __init__(self, linear: nn.Linear, rank: int, scaling: float, dropout: float):
         super().__init__()
@@ -155,12 +155,9 @@ class LoRA(nn.Module):
         seeded_uniform_(self.A, 1 / math.sqrt(self.A.shape[1]), seed, f"{key}.A")
         self.B.zero_()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # the scaling multiplies the rank-r product, not the [..., out] result (the same value, r/out the work)
-        return F.linear(F.linear(self.dropout(x), self.A) * (self.scaling * self.dropout.gain), self.B)
-
-    def add_to(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """out + forward(x), the second product and the sum in one addmm (no [..., out] temporary).
+    def forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out (the Linear's output for x) + scaling * B A dropout(x): the second product and the sum in
+        one addmm (no [..., out] temporary); the scaling multiplies the rank-r product, not the result.
         With a mask shared with its siblings (_share_dropout) the dropped input is theirs."""
         shared = self.shared_input
         dropped = shared[1] if shared is not None and shared[0] is x else self.dropout(x)
@@ -179,7 +176,7 @@ def _add_lora(linear: nn.Linear, args, out: torch.Tensor):
     """Forward hook of an adapted nn.Linear: its output plus the adapter's term."""
     lora = linear.lora
     if lora.enabled and not lora.merged:
-        return lora.add_to(out, args[0])
+        return lora(args[0], out)
     return None  # output unchanged
 
 
