@@ -118,20 +118,28 @@ def export(path: str, out_dir: str, dtype: str = "float32", max_shard_gb: float 
                    drop_expert_bias=drop_expert_bias, chat_template=run_chat_template(run_cfg))
 
 
-def run_chat_template(run_cfg: dict) -> str:
-    """The template the run trained with: data.chat_template's (e.g. train.init_from's own) with the
-    bos/eos strings it was rendered with set inside it (the export's eos_token is floe's end-of-turn
-    token), else floe's ChatML."""
+def run_template(run_cfg: dict):
+    """The model's own ChatTemplate the run trained with (data.chat_template, e.g. train.init_from's), or
+    None for floe's ChatML; ValueError when its file is gone."""
     from floe.data.chat_template import ChatTemplate
-    from floe.data.template import CHAT_TEMPLATE
 
     path = run_cfg.get("data", {}).get("chat_template")
     if not path:
-        return CHAT_TEMPLATE
+        return None
     if not os.path.isfile(path):
-        raise ValueError(f"the run trained with data.chat_template={path}, which is gone: the export would carry "
-                         "another template than the one the model learned")
-    return ChatTemplate(path).standalone_source()
+        raise ValueError(f"the run trained with data.chat_template={path}, which is gone: an export would carry "
+                         "another template than the one the model learned, and generation would write other "
+                         "prompts")
+    return ChatTemplate(path)
+
+
+def run_chat_template(run_cfg: dict) -> str:
+    """The template the run trained with: its own (run_template) with the bos/eos strings it was rendered
+    with set inside it (the export's eos_token is floe's end-of-turn token), else floe's ChatML."""
+    from floe.data.template import CHAT_TEMPLATE
+
+    template = run_template(run_cfg)
+    return CHAT_TEMPLATE if template is None else template.standalone_source()
 
 
 def save_peft_adapter(model: ArcticForCausalLM, run_cfg: dict, out_dir: str, dtype: torch.dtype) -> list[str]:

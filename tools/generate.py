@@ -86,14 +86,10 @@ def chat_for(path: str, tokenizer: Tokenizer) -> Chat:
 
     if os.path.isfile(os.path.join(path, CONFIG_FILE)):  # an export: its tokenizer_config.json, unless floe's
         own = own_chat_template(path, None)
-    else:
-        from tools.export import read_run_config, resolve_checkpoint
+        return Chat(tokenizer, ChatTemplate(own) if own else None)
+    from tools.export import read_run_config, resolve_checkpoint, run_template
 
-        own = read_run_config(resolve_checkpoint(path)[1])[1].get("data", {}).get("chat_template")
-        if own and not os.path.isfile(own):
-            raise ValueError(f"{path} trained with data.chat_template={own}, which is gone: without it the "
-                             "prompts would not be written as the model learned them")
-    return Chat(tokenizer, ChatTemplate(own) if own else None)
+    return Chat(tokenizer, run_template(read_run_config(resolve_checkpoint(path)[1])[1]))
 
 
 def reply(model, tokenizer: Tokenizer, prompts: list, max_new_tokens: int = 128, chat: Chat | None = None,
