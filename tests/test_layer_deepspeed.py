@@ -1,34 +1,25 @@
 """MoELayer against DeepSpeed's top-2 MoE (the gating that trained Arctic) on identical weights."""
-import os
 
 import pytest
 import torch
 import torch.distributed as dist
 
 from floe.parallel import teardown
-from floe.testing.distributed import free_port
 from tools.bench_moe import build_pair
 
 
 @pytest.fixture
 def single_process_group():
-    env = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    dist.init_process_group("gloo")
     import deepspeed
 
-    from floe.parallel.lifecycle import skip_shm_comm_build
+    from floe.parallel.lifecycle import patched_environ, single_process_env, skip_shm_comm_build
 
-    skip_shm_comm_build()
-    deepspeed.init_distributed(dist_backend="gloo")
-    yield
-    teardown()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with patched_environ(single_process_env()):
+        dist.init_process_group("gloo")
+        skip_shm_comm_build()
+        deepspeed.init_distributed(dist_backend="gloo")
+        yield
+        teardown()
 
 
 @pytest.mark.parametrize("capacity_factor", [8.0, 1.0, 0.5])

@@ -63,6 +63,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextlib.contextmanager
+def patched_environ(env: dict[str, str]):
+    """os.environ with `env` set for the body; each of its keys restored (or removed) afterwards."""
+    before = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def single_process_env() -> dict[str, str]:
     """The rendezvous environment of a group of one (a plain `python` launch, no torchrun): rank 0 of
     1 on a free local port. floe.run.context sets it for a run and restores the environment after."""

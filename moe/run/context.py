@@ -140,24 +140,17 @@ class RunContext:
         """Join torchrun's process group (or make a group of one: its environment is set here and
         restored afterwards) for the body; torn down afterwards if this call created it."""
         from floe.parallel import init_distributed, teardown
-        from floe.parallel.lifecycle import single_process_env
+        from floe.parallel.lifecycle import patched_environ, single_process_env
 
-        single = single_process_env()
-        env_before = {k: os.environ.get(k) for k in single}
-        if "RANK" not in os.environ:  # plain `python launch/train.py`: a group of one
-            os.environ.update(single)
-        created = False
-        try:
-            created = init_distributed(device)
-            yield
-        finally:
-            if created:
-                teardown()
-            for key, value in env_before.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+        # plain `python launch/train.py`: a group of one; under torchrun its environment as it is
+        with patched_environ(single_process_env() if "RANK" not in os.environ else {}):
+            created = False
+            try:
+                created = init_distributed(device)
+                yield
+            finally:
+                if created:
+                    teardown()
 
 
 def move_aside(path: str) -> str | None:
