@@ -72,3 +72,15 @@ def test_lora_option_trains_adapters_only(tmp_path):
     assert lora["step_cpu_s"] > 0 and lora["peak_gb"] > 0
     for r in (full, lora):  # the process before the run: the interpreter and imported libraries
         assert 0 < r["peak_above_start_gb"] < r["peak_gb"] - 0.1
+
+
+def test_bench_lora_parts_times_each_part(capsys):
+    """tools/bench_lora_parts.py (BENCHMARKS.md, LoRA on the CPU): a line per product and group count and
+    one for the two dropout masks, at a toy size."""
+    from tools.bench_lora_parts import main
+
+    assert main(["--rows", "256", "--hidden", "32", "--expert-ffn", "48", "--rank", "4", "--repeats", "2"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    products = [ln for ln in lines if " groups " in ln]
+    assert len(products) == 6 and all(float(ln.split()[-2]) > 0 for ln in products)
+    assert lines[-1].startswith("dropout p=0.05 over [256, 32]: F.dropout") and "floe.lora.Dropout" in lines[-1]
