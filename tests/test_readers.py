@@ -82,6 +82,8 @@ def test_bad_stores_name_the_file(tmp_path):
             rows_of(tmp_path, hf_dataset=str(tmp_path / "nowhere"), hf_streaming=streaming)
     with pytest.raises(ValueError, match=r"data.hf_streaming must be true, false or auto, got 'sometimes'"):
         DataConfig(name="jsonl", hf_dataset="x", hf_streaming="sometimes")
+    with pytest.raises(ValueError, match=r"data.hf_stream_above_gb must be >= 0, got -1.0"):
+        DataConfig(name="jsonl", hf_dataset="x", hf_stream_above_gb=-1)
 
 
 def test_auto_streams_a_dataset_whose_card_declares_a_large_download(stores, monkeypatch):
