@@ -60,7 +60,7 @@ def main(argv=None) -> int:
                   f"B product [{n}, {r}] -> {f}": (xa, torch.randn(groups, f, r)),
                   f"base product [{n}, {d}] -> {f}": (x, torch.randn(groups, f, d))}
         for name, (inp, w) in shapes.items():
-            ms = median_ms(lambda inp=inp, w=w: reference.grouped_mm(inp, w.transpose(1, 2), sizes), args.repeats)
+            ms = median_ms(lambda inp=inp, w=w, s=sizes: reference.grouped_mm(inp, w.transpose(1, 2), s), args.repeats)
             print(f"{groups:4d} groups  {name:32s} {ms:8.2f} ms")
     drop = Dropout(args.dropout).train()
     print(f"dropout p={args.dropout} over [{n}, {d}]: F.dropout "
